@@ -1,0 +1,29 @@
+# The two commands a new machine needs (README): `make run` and `make test`.
+# Both install what is missing first (scripts/bootstrap.sh: mosquitto + .venv).
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint unit bootstrap default-model bench clean
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+## run: the daemon on embedded defaults with simulated devices, against a local broker
+run: bootstrap
+	$(BIN)/anomalyd demo
+
+## test: lint, type-check and the whole test suite (what CI runs)
+test: bootstrap lint
+	$(BIN)/python -m pytest
+
+lint: bootstrap
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## default-model: re-train and re-export exported_models/default (a few minutes on 2 cores)
+default-model: bootstrap
+	$(BIN)/anomalyd-train train --config training/configs/default.toml --out exported_models/default
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

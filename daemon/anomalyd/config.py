@@ -1,0 +1,677 @@
+"""Configuration: declared once (pydantic models), checked once, with key paths in errors.
+
+Every section is a pydantic model with ``extra="forbid"``; defaults are the embedded
+defaults, so ``Config()`` is what ``anomalyd run`` uses without a file. Scalars are
+strict (``port = "1883"`` or ``enabled = "yes"`` in the TOML is an error, not a guess);
+paths accept strings. Relative paths in a file are relative to that file's directory
+(systemd starts services in ``/``); relative paths in overrides (the command line) are
+relative to the working directory.
+
+Secrets never live in the configuration: the MQTT password and the TLS key passphrase
+come from a file (``password_file``) or a systemd credential (``password_credential``,
+read from ``$CREDENTIALS_DIRECTORY``), and only ``read_secret`` ever reads them. A
+``password`` key in the TOML is rejected with a message that says where it belongs.
+
+``render_example_config()`` generates ``systemd/anomalyd.toml`` from these models, and a
+test checks the committed file against it, so the example cannot drift.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from anomalyd.errors import ConfigError
+from anomalyd.model import DEFAULT_MODEL_PATH
+
+__all__ = [
+    "BatchingConfig",
+    "Config",
+    "DetectorConfig",
+    "LoggingConfig",
+    "MetricsConfig",
+    "ModelSection",
+    "MqttConfig",
+    "OutputConfig",
+    "ShutdownConfig",
+    "StreamConfig",
+    "TlsConfig",
+    "config_errors",
+    "load_config",
+    "read_secret",
+    "render_example_config",
+]
+
+#: A path field: strings from TOML or the command line are welcome (strict mode would not take them).
+PathField = Annotated[Path, Field(strict=False)]
+
+_CREDENTIAL_NAME = re.compile(r"^[A-Za-z0-9_.@:\-]{1,255}$")
+
+#: Keys that would hold a secret in the TOML, and where the secret belongs instead.
+_FORBIDDEN_SECRET_KEYS: dict[tuple[str, ...], str] = {
+    ("mqtt", "password"): (
+        "a password must not be written in the configuration file; put it in a file readable only "
+        "by anomalyd and set mqtt.password_file, or use systemd's LoadCredential= and set "
+        "mqtt.password_credential"
+    ),
+    ("mqtt", "tls", "key_passphrase"): (
+        "a key passphrase must not be written in the configuration file; set "
+        "mqtt.tls.key_passphrase_file, or use systemd's LoadCredential= and set "
+        "mqtt.tls.key_passphrase_credential"
+    ),
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, frozen=True)
+
+
+def _existing_file(v: Path | None, info: ValidationInfo) -> Path | None:
+    if v is not None and not v.is_file():
+        raise ValueError(f"expected an existing readable file, {str(v)!r} is not one")
+    return v
+
+
+def _credential_name(v: str | None) -> str | None:
+    if v is not None and (not _CREDENTIAL_NAME.match(v) or v in {".", ".."}):
+        raise ValueError(
+            "expected the name of a systemd credential (a file name in $CREDENTIALS_DIRECTORY, "
+            f"no '/'), got {v!r}"
+        )
+    return v
+
+
+def _check_topic_template(v: str, placeholders: int) -> str:
+    """MQTT topics: ``{device}`` must be a whole level (it becomes ``+`` when subscribing)."""
+    levels = v.split("/")
+    if any(ch in v for ch in "+#\x00"):
+        raise ValueError(f"expected a topic without the wildcards '+' or '#', got {v!r}")
+    if not v or v.startswith("$"):
+        raise ValueError(f"expected a non-empty topic not starting with '$', got {v!r}")
+    n = v.count("{device}")
+    if n != placeholders:
+        want = "exactly one '{device}'" if placeholders == 1 else "no '{device}'"
+        raise ValueError(f"expected {want} in the topic, got {v!r}")
+    if placeholders and "{device}" not in levels:
+        raise ValueError(f"expected '{{device}}' to be a whole topic level (between '/'), got {v!r}")
+    stripped = v.replace("{device}", "")
+    if "{" in stripped or "}" in stripped:
+        raise ValueError(f"expected no placeholder other than '{{device}}', got {v!r}")
+    return v
+
+
+class TlsConfig(_Section):
+    """TLS to the broker. Present (even empty) means TLS on."""
+
+    ca_file: PathField | None = Field(
+        default=None,
+        description="CA bundle that signs the broker's certificate (unset: the system's trust store)",
+        examples=["/etc/anomalyd/ca.pem"],
+    )
+    cert_file: PathField | None = Field(
+        default=None,
+        description="client certificate for mutual TLS (needs key_file)",
+        examples=["/etc/anomalyd/client.pem"],
+    )
+    key_file: PathField | None = Field(
+        default=None,
+        description="private key of the client certificate (needs cert_file)",
+        examples=["/etc/anomalyd/client.key"],
+    )
+    key_passphrase_file: PathField | None = Field(
+        default=None,
+        description="file holding the private key's passphrase, if the key is encrypted",
+        examples=["/etc/anomalyd/client.key.pass"],
+    )
+    key_passphrase_credential: str | None = Field(
+        default=None,
+        description="systemd credential (LoadCredential=) holding the key passphrase; "
+        "exclusive with key_passphrase_file",
+        examples=["mqtt-key-passphrase"],
+    )
+    insecure: bool = Field(
+        default=False,
+        description="skip verification of the broker's certificate and host name (testing only)",
+    )
+
+    _files = field_validator("ca_file", "cert_file", "key_file", "key_passphrase_file")(_existing_file)
+
+    @field_validator("key_file")
+    @classmethod
+    def _key_needs_cert(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if "cert_file" in info.data and (v is None) != (info.data["cert_file"] is None):
+            raise ValueError("expected cert_file and key_file together (mutual TLS needs both)")
+        return v
+
+    @field_validator("key_passphrase_credential")
+    @classmethod
+    def _one_passphrase_source(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("key_passphrase_file") is not None:
+            raise ValueError("expected key_passphrase_file or key_passphrase_credential, not both")
+        return _credential_name(v)
+
+
+class MqttConfig(_Section):
+    """Connection to the MQTT broker and the telemetry subscription."""
+
+    host: str = Field(default="127.0.0.1", min_length=1, description="broker host name or address")
+    port: int = Field(default=1883, ge=1, le=65535, description="broker TCP port (8883 is usual for TLS)")
+    protocol: Literal["5", "3.1.1"] = Field(default="5", description='MQTT version: "5" or "3.1.1"')
+    client_id: str = Field(
+        default="",
+        max_length=128,
+        description='MQTT client id; empty: "anomalyd-<hostname>-<pid>"',
+    )
+    username: str | None = Field(default=None, description="user name for the broker", examples=["anomalyd"])
+    password_file: PathField | None = Field(
+        default=None,
+        description="file holding the broker password (first line); never put the password here",
+        examples=["/etc/anomalyd/mqtt-password"],
+    )
+    password_credential: str | None = Field(
+        default=None,
+        description="systemd credential (LoadCredential=) holding the broker password; "
+        "exclusive with password_file",
+        examples=["mqtt-password"],
+    )
+    tls: TlsConfig | None = Field(default=None, description="TLS settings; absent: plain TCP")
+    keepalive_s: int = Field(default=30, ge=1, le=65535, description="MQTT keep-alive interval, seconds")
+    reconnect_min_s: float = Field(
+        default=0.5, gt=0, description="first reconnect delay, seconds (doubles per attempt, jittered)"
+    )
+    reconnect_max_s: float = Field(default=30.0, gt=0, description="cap on the reconnect delay, seconds")
+    topic_in: str = Field(
+        default="sensors/{device}/telemetry",
+        description="telemetry topic template; exactly one '{device}' level, subscribed as '+'",
+    )
+    qos_in: Literal[0, 1, 2] = Field(default=0, description="QoS of the telemetry subscription")
+    clean_start: bool = Field(
+        default=True, description="start a fresh session on connect (false: broker keeps our session)"
+    )
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_as_text(cls, v: object) -> object:
+        # `protocol = 5` is the natural thing to write in TOML.
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    _password_file = field_validator("password_file")(_existing_file)
+
+    @field_validator("password_credential")
+    @classmethod
+    def _one_password_source(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("password_file") is not None:
+            raise ValueError("expected password_file or password_credential, not both")
+        return _credential_name(v)
+
+    @field_validator("reconnect_max_s")
+    @classmethod
+    def _max_not_below_min(cls, v: float, info: ValidationInfo) -> float:
+        lo = info.data.get("reconnect_min_s")
+        if lo is not None and v < lo:
+            raise ValueError(f"expected reconnect_max_s >= reconnect_min_s ({lo}), got {v}")
+        return v
+
+    @field_validator("topic_in")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        return _check_topic_template(v, 1)
+
+    def effective_client_id(self) -> str:
+        """``client_id``, or ``anomalyd-<hostname>-<pid>`` when it is empty."""
+        return self.client_id or f"anomalyd-{socket.gethostname()}-{os.getpid()}"
+
+
+class ModelSection(_Section):
+    """The ONNX model and how ONNX Runtime runs it."""
+
+    path: PathField = Field(
+        default=DEFAULT_MODEL_PATH,
+        description="exported model file (default: the model shipped with anomalyd, "
+        "exported_models/default/model.onnx)",
+        examples=["/var/lib/anomalyd/model.onnx"],
+    )
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description='"auto": CUDA if it really works, else CPU; "cuda": CUDA or refuse to start; "cpu"',
+    )
+    intra_op_threads: int = Field(default=1, ge=1, le=256, description="ONNX Runtime intra-op threads")
+    allow_spinning: bool = Field(
+        default=False,
+        description="let idle ONNX Runtime threads busy-wait (steals CPU from MQTT on small machines)",
+    )
+
+
+class StreamConfig(_Section):
+    """Validation limits and per-device rolling windows."""
+
+    max_devices: int = Field(
+        default=10000, ge=1, le=10_000_000, description="devices tracked at once; the least recent goes"
+    )
+    max_gap_s: float = Field(
+        default=60.0, gt=0, description="a gap longer than this between readings restarts the device's window"
+    )
+    idle_evict_s: float = Field(default=3600.0, gt=0, description="forget a device silent for this long")
+    hop: int = Field(default=1, ge=1, description="score a device every `hop` new readings (1: every one)")
+    warmup: Literal["wait", "pad"] = Field(
+        default="wait",
+        description='"wait": score once a device has a full window; "pad": score early, edge-padded',
+    )
+    max_payload_bytes: int = Field(
+        default=65536, ge=16, le=256 * 1024 * 1024, description="larger messages are rejected unread"
+    )
+    max_readings_per_message: int = Field(
+        default=1000, ge=1, description="arrays / SenML packs with more readings are rejected"
+    )
+    intake_queue_size: int = Field(
+        default=100000, ge=1, description="messages waiting for the pipeline; overflow is dropped, counted"
+    )
+    device_id_pattern: str = Field(
+        default=r"^[A-Za-z0-9_.:\-]{1,64}$", description="regular expression a device id must match"
+    )
+    max_future_skew_s: float = Field(
+        default=300.0, gt=0, description="reject readings stamped further than this in the future"
+    )
+
+    @field_validator("device_id_pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"expected a regular expression, {v!r} does not compile: {exc}") from None
+        return v
+
+
+class BatchingConfig(_Section):
+    """Dynamic batching of ready windows (like Triton's dynamic batcher)."""
+
+    max_batch: int = Field(default=64, ge=1, le=4096, description="a batch goes when it holds this many")
+    max_delay_ms: float = Field(
+        default=20.0, ge=0, description="... or when its oldest window has waited this long, milliseconds"
+    )
+    warmup_batch_sizes: list[int] | None = Field(
+        default=None,
+        description="batch sizes to run once before ready; unset: every size from 1 to max_batch",
+        examples=[[1, 8, 64]],
+    )
+
+    @field_validator("warmup_batch_sizes")
+    @classmethod
+    def _sizes_fit(cls, v: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        top = info.data.get("max_batch")
+        if v is not None:
+            if not v:
+                raise ValueError("expected at least one batch size (or leave the key out)")
+            bad = [b for b in v if b < 1 or (top is not None and b > top)]
+            if bad:
+                raise ValueError(f"expected sizes between 1 and max_batch ({top}), got {bad}")
+        return v
+
+    def warmup_sizes(self) -> list[int]:
+        """Batch sizes to warm up: the configured ones, else every size the batcher can emit."""
+        return sorted(set(self.warmup_batch_sizes or range(1, self.max_batch + 1)))
+
+
+class DetectorConfig(_Section):
+    """Per-device smoothing, threshold and alert hysteresis."""
+
+    threshold: float | None = Field(
+        default=None,
+        description="score threshold; unset: the model contract's calibrated threshold",
+        examples=[2.5],
+    )
+    smoothing: Literal["none", "ewma"] = Field(default="none", description='"ewma" smooths scores per device')
+    ewma_alpha: float = Field(default=0.3, gt=0, le=1, description="EWMA weight of the newest score")
+    k_enter: int = Field(default=3, ge=1, description="consecutive anomalous windows that raise an alert")
+    k_exit: int = Field(default=5, ge=1, description="consecutive normal windows that clear it")
+
+    @field_validator("threshold")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"expected a finite number, got {v}")
+        return v
+
+
+class OutputConfig(_Section):
+    """What is published, where, and with which QoS."""
+
+    score_topic: str = Field(default="anomaly/{device}/score", description="per-window score topic")
+    alert_topic: str = Field(default="anomaly/{device}/alert", description="alert state changes (retained)")
+    status_topic: str = Field(default="anomaly/status", description="online / offline (last will) / stopped")
+    batch_topic: str = Field(default="anomaly/scores", description="one message per batch (batched_scores)")
+    publish_scores: bool = Field(default=True, description="publish a message per scored window")
+    batched_scores: bool = Field(default=False, description="publish one message per batch to batch_topic")
+    include_contributions: bool = Field(default=True, description="add per-feature contributions to scores")
+    score_qos: Literal[0, 1, 2] = Field(default=0, description="QoS of score messages")
+    alert_qos: Literal[0, 1, 2] = Field(default=1, description="QoS of alert messages")
+    status_qos: Literal[0, 1, 2] = Field(default=1, description="QoS of status messages")
+
+    @field_validator("score_topic", "alert_topic")
+    @classmethod
+    def _device_topic(cls, v: str) -> str:
+        return _check_topic_template(v, 1)
+
+    @field_validator("status_topic", "batch_topic")
+    @classmethod
+    def _plain_topic(cls, v: str) -> str:
+        return _check_topic_template(v, 0)
+
+
+class MetricsConfig(_Section):
+    """The Prometheus endpoint."""
+
+    enabled: bool = Field(default=True, description="serve /metrics over HTTP")
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=9847, ge=0, le=65535, description="TCP port (0: any free port)")
+
+
+class LoggingConfig(_Section):
+    """Log level and format (logs go to stderr: the journal under systemd)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
+    format: Literal["text", "json"] = Field(default="text", description='"text" or "json" lines')
+    rejection_log_interval_s: float = Field(
+        default=10.0, ge=0, description="log rejected input at most once per interval (all are counted)"
+    )
+
+
+class ShutdownConfig(_Section):
+    """Stopping on SIGTERM / SIGINT."""
+
+    drain_timeout_s: float = Field(
+        default=10.0, gt=0, description="score and publish pending windows for at most this long"
+    )
+
+
+class Config(_Section):
+    """The whole configuration; ``Config()`` is the embedded default."""
+
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker and subscription")
+    model: ModelSection = Field(default_factory=ModelSection, description="the ONNX model")
+    stream: StreamConfig = Field(default_factory=StreamConfig, description="input limits and windows")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="dynamic batching")
+    detector: DetectorConfig = Field(default_factory=DetectorConfig, description="thresholds and alerts")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="published topics")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="logging")
+    shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig, description="shutdown")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _section_model(model: type[BaseModel], name: str) -> type[BaseModel] | None:
+    """The model class of a sub-section field (unwrapping ``X | None``), or None for scalars."""
+    ann = model.model_fields[name].annotation
+    for cand in (ann, *get_args(ann)):
+        if isinstance(cand, type) and issubclass(cand, BaseModel):
+            return cand
+    return None
+
+
+def _is_path_field(model: type[BaseModel], name: str) -> bool:
+    ann = model.model_fields[name].annotation
+    # Optional fields keep the Annotated wrapper inside the union: unwrap one level more.
+    return ann is Path or any(a is Path or Path in get_args(a) for a in get_args(ann))
+
+
+def _resolve_paths(raw: dict[str, Any], model: type[BaseModel], base: Path) -> None:
+    """Make relative path strings in a file's tables relative to the file's directory."""
+    for key, value in raw.items():
+        if key not in model.model_fields:
+            continue  # reported as unknown by validation
+        sub = _section_model(model, key)
+        if sub is not None and isinstance(value, dict):
+            _resolve_paths(value, sub, base)
+        elif _is_path_field(model, key) and isinstance(value, str) and not Path(value or "/").is_absolute():
+            raw[key] = str(base / value)
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {str(p)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"configuration file {str(p)!r} is not UTF-8 text") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{str(p)!r} is not valid TOML: {exc}") from None
+    _resolve_paths(raw, Config, p.resolve().parent)
+    return raw
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: dict[str, object]) -> None:
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError("is not a table, cannot set a key inside it", ".".join(parts[: i + 1]))
+            node = child
+        node[parts[-1]] = value
+
+
+def _pop_secrets(raw: dict[str, Any]) -> list[ConfigError]:
+    errors = []
+    for keys, message in _FORBIDDEN_SECRET_KEYS.items():
+        node: Any = raw
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and keys[-1] in node:
+            del node[keys[-1]]  # so that its value never reaches an error message
+            errors.append(ConfigError(message, ".".join(keys)))
+    return errors
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in part or "(" in part:
+            continue  # pydantic's union/function tags, not keys
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return model
+        model = _section_model(model, part)
+    return model
+
+
+def _describe(err: Any) -> str:
+    loc: tuple[int | str, ...] = tuple(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1]) or Config
+        allowed = sorted(parent.model_fields)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        what = "section" if len(loc) == 1 else "key"
+        return f"unknown {what} (expected one of: {', '.join(allowed)}){hint}"
+    msg = str(err["msg"])
+    msg = msg.removeprefix("Value error, ")
+    msg = re.sub(r"^Input should be ", "expected ", msg)
+    if kind == "missing":
+        return "required key is missing"
+    if kind != "value_error" and msg.startswith("expected") and "input" in err:
+        got = repr(err["input"])
+        msg += f", got {got if len(got) <= 80 else got[:77] + '...'}"
+    return msg
+
+
+def _validate(raw: dict[str, Any]) -> tuple[Config | None, list[ConfigError]]:
+    errors = _pop_secrets(raw)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        errors += [ConfigError(_describe(e), _key_path(tuple(e["loc"]))) for e in exc.errors()]
+        return None, errors
+    return (cfg, errors) if not errors else (None, errors)
+
+
+def config_errors(
+    path: str | os.PathLike[str] | None, overrides: dict[str, object] | None = None
+) -> list[ConfigError]:
+    """Every problem with a configuration file (and overrides), for ``anomalyd check-config``.
+
+    Returns an empty list when the configuration is valid. File-level problems (unreadable,
+    not TOML) come back as a single error without a key path.
+    """
+    try:
+        raw = _read_toml(path) if path is not None else {}
+        _apply_overrides(raw, overrides or {})
+    except ConfigError as exc:
+        return [exc]
+    return _validate(raw)[1]
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: dict[str, object] | None = None
+) -> Config:
+    """Read, merge and validate: the embedded defaults, then ``path`` (TOML), then ``overrides``.
+
+    ``overrides`` use dotted keys (``{"mqtt.port": 1884, "model.path": "x.onnx"}``).
+    Raises ``ConfigError`` naming the key path of the first problem (and how many more
+    there are).
+    """
+    raw = _read_toml(path) if path is not None else {}
+    _apply_overrides(raw, overrides or {})
+    cfg, errors = _validate(raw)
+    if errors:
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more; run `anomalyd check-config`)" if len(errors) > 1 else ""
+        msg = str(first)
+        if first.key_path:
+            msg = msg.removeprefix(f"{first.key_path}: ")
+        raise ConfigError(msg + more, first.key_path)
+    assert cfg is not None
+    return cfg
+
+
+def read_secret(file: Path | None, credential: str | None, what: str) -> str | None:
+    """Read a secret from ``file`` or from systemd credential ``credential``; None if neither.
+
+    The first line is the secret (a trailing newline is not part of it). Raises
+    ``ConfigError`` (with ``what`` as key path) if the source cannot be read; the value is
+    never logged nor put in a message.
+    """
+    if file is None and credential is None:
+        return None
+    if credential is not None:
+        base = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not base:
+            raise ConfigError(
+                f"credential {credential!r} requested but $CREDENTIALS_DIRECTORY is not set "
+                "(it is set by systemd's LoadCredential=)",
+                what,
+            )
+        source = Path(base) / credential
+    else:
+        assert file is not None
+        source = file
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret from {str(source)!r}: {exc.strerror}", what) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"secret file {str(source)!r} is not UTF-8 text", what) from None
+    secret = text.splitlines()[0] if text else ""
+    if not secret:
+        raise ConfigError(f"secret file {str(source)!r} is empty", what)
+    return secret
+
+
+# --------------------------------------------------------------------------- example file
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Path):
+        return json.dumps(str(value))
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML rendering for {value!r}")
+
+
+def _render_section(
+    model: type[BaseModel], name: str, commented: bool, out: list[str], intro: str | None = None
+) -> None:
+    out.append("")
+    if intro:
+        out.append(f"# {intro}")
+    out.append(f"{'#' if commented else ''}[{name}]")
+    if model.__doc__:
+        out.append(f"# {model.__doc__.strip().splitlines()[0]}")
+    subsections = []
+    for field_name, info in model.model_fields.items():
+        sub = _section_model(model, field_name)
+        if sub is not None:
+            subsections.append((field_name, sub, info))
+            continue
+        out.append(f"# {info.description}")
+        default = info.get_default(call_default_factory=True)
+        if default is None or default == DEFAULT_MODEL_PATH:
+            # No TOML spelling for "unset", and the shipped model's absolute path is
+            # machine-specific: show an example instead, to be uncommented and edited.
+            example = (info.examples or [None])[0]
+            said = "unset" if default is None else "the shipped model"
+            out.append(f"#{field_name} = {_toml_value(example)}  # example; default: {said}")
+        else:
+            out.append(f"#{field_name} = {_toml_value(default)}")
+    for field_name, sub, info in subsections:
+        # Only TLS is an optional sub-table; its presence switches TLS on, so it stays commented.
+        _render_section(sub, f"{name}.{field_name}", True, out, intro=f"{field_name}: {info.description}")
+
+
+def render_example_config() -> str:
+    """The commented example configuration (``systemd/anomalyd.toml``), generated from the models."""
+    out = [
+        "# anomalyd configuration (TOML). Generated from anomalyd.config: every key, commented",
+        "# out, with its default. Uncomment a key to change it; leave the rest as they are.",
+        "# Relative paths are relative to this file's directory. Check with:",
+        "#     anomalyd check-config /etc/anomalyd/anomalyd.toml",
+        "# Secrets (MQTT password, TLS key passphrase) never go in this file: use the *_file",
+        "# keys or systemd credentials (LoadCredential= in anomalyd.service, *_credential keys).",
+    ]
+    for name in Config.model_fields:
+        sub = _section_model(Config, name)
+        assert sub is not None
+        _render_section(sub, name, False, out)
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":  # python -m anomalyd.config > systemd/anomalyd.toml
+    print(render_example_config(), end="")

@@ -1,0 +1,354 @@
+"""Decoding raw MQTT messages into readings, in bulk, on the pipeline thread.
+
+The network thread only stamps arrival times (``RawMessage``); this module turns a list
+of them into one ``DecodedBatch`` of numpy arrays (built once per batch, not per
+message) plus a ``Rejection`` per bad message or reading. Nothing a device sends can
+make ``decode`` raise: every failure is a ``Rejection`` with a ``Reason``.
+
+Accepted payloads (field names are the model's feature names; other fields are ignored):
+
+* a JSON object ``{"ts": 1732440000.5, "temperature": 71.2, ...}``;
+* a JSON array of such objects (a batch; each reading is accepted or rejected alone);
+* a SenML pack (RFC 8428): an array of records with ``bn``/``bt``/``n``/``v``/``t``;
+  records are grouped by resolved time into readings, the record name (after the base
+  name) is the feature name.
+
+``ts`` is epoch seconds (number) or an ISO 8601 string (no zone: UTC); absent or null
+means the arrival time. Booleans are not numbers here (``true`` is not a reading), and
+numbers must fit float32, the model's input type.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+__all__ = ["MIN_TIMESTAMP", "DecodedBatch", "Decoder", "RawMessage", "Reason", "Rejection"]
+
+#: Readings stamped before 2000-01-01 are rejected: a device that sends seconds since boot
+#: (no real-time clock) would otherwise look like a valid, very old, reading.
+MIN_TIMESTAMP = 946_684_800.0
+#: SenML (RFC 8428 §4.5.3): a resolved time below 2**28 is relative to "now".
+_SENML_RELATIVE = 2.0**28
+_F32_MAX = float(np.finfo(np.float32).max)
+_DETAIL_MAX = 160
+_TOPIC_MAX = 256
+# Characters that can never be part of a device id, whatever the configured pattern says:
+# the id becomes a level of the output topics, where they are wildcards or separators.
+_NEVER_IN_ID = re.compile(r"[+#/\x00]")
+_TOPIC_CACHE_MAX = 65536
+
+
+class Reason(StrEnum):
+    """Why a message or reading was rejected (the ``reason`` label of the rejection metric)."""
+
+    MALFORMED_JSON = "malformed_json"
+    MISSING_FEATURE = "missing_feature"
+    NON_NUMERIC = "non_numeric"
+    NON_FINITE = "non_finite"
+    BAD_TIMESTAMP = "bad_timestamp"
+    OVERSIZED = "oversized"
+    BAD_DEVICE_ID = "bad_device_id"
+    BAD_TOPIC = "bad_topic"
+    OUT_OF_ORDER = "out_of_order"
+    DUPLICATE = "duplicate"
+    DEVICE_LIMIT = "device_limit"
+    QUEUE_FULL = "queue_full"
+
+
+@dataclass(slots=True)
+class RawMessage:
+    """One MQTT message as the network thread hands it over (it does nothing else)."""
+
+    topic: str
+    payload: bytes
+    arrival: float  # time.time(): fallback timestamp and future-skew reference
+    arrival_mono: float  # time.monotonic(): latency measurement and batching deadlines
+
+
+@dataclass
+class Rejection:
+    """A rejected message or reading; ``detail`` is short, for a rate-limited log line."""
+
+    reason: Reason
+    topic: str
+    detail: str
+
+
+@dataclass
+class DecodedBatch:
+    """Accepted readings of a list of messages, in arrival order, as numpy arrays."""
+
+    devices: list[str]
+    ts: npt.NDArray[np.float64]
+    values: npt.NDArray[np.float32]
+    arrival_mono: npt.NDArray[np.float64]
+    rejections: list[Rejection] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    @classmethod
+    def empty(cls, n_features: int) -> DecodedBatch:
+        return cls(
+            [],
+            np.empty(0, np.float64),
+            np.empty((0, n_features), np.float32),
+            np.empty(0, np.float64),
+        )
+
+
+class _RejectError(Exception):
+    """Internal: a reading or message is bad. Never leaves this module."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(value: object, what: str) -> float:
+    """A JSON number as float, or ``_RejectError``. Booleans and strings are not numbers."""
+    # `type() is` on purpose: bool is a subclass of int, and True is not a reading.
+    t = type(value)
+    if t is float or t is int:
+        x = float(value)  # type: ignore[arg-type]
+        if not math.isfinite(x) or abs(x) > _F32_MAX:
+            raise _RejectError(Reason.NON_FINITE, f"{what} {_short(value)} does not fit float32")
+        return x
+    raise _RejectError(Reason.NON_NUMERIC, f"{what} is {type(value).__name__} {_short(value)}, not a number")
+
+
+class Decoder:
+    """Turns ``RawMessage`` lists into ``DecodedBatch`` es for one model's feature list."""
+
+    def __init__(  # noqa: PLR0917 - positional signature fixed by DAEMON_API.md
+        self,
+        feature_names: list[str],
+        topic_template: str,
+        max_payload_bytes: int,
+        max_readings_per_message: int,
+        device_id_pattern: str,
+        max_future_skew_s: float,
+    ) -> None:
+        if topic_template.count("{device}") != 1:
+            raise ValueError(f"topic template needs exactly one '{{device}}': {topic_template!r}")
+        self.feature_names = list(feature_names)
+        self.n_features = len(self.feature_names)
+        self._features = tuple(self.feature_names)
+        self._prefix, self._suffix = topic_template.split("{device}")
+        self.max_payload_bytes = max_payload_bytes
+        self.max_readings = max_readings_per_message
+        self._id_pattern = re.compile(device_id_pattern)
+        self.max_future_skew_s = max_future_skew_s
+        # topic -> device id, or the rejection for it: devices repeat, regexes are not free.
+        self._topics: dict[str, str | _RejectError] = {}
+
+    # ------------------------------------------------------------------ topics
+
+    def _device_of(self, topic: str) -> str:
+        """The device id in ``topic``, or raise ``_RejectError`` (BAD_TOPIC / BAD_DEVICE_ID)."""
+        hit = self._topics.get(topic)
+        if hit is None:
+            hit = self._parse_topic(topic)
+            if len(self._topics) >= _TOPIC_CACHE_MAX:
+                self._topics.clear()  # bounded: a flood of distinct topics must not grow memory
+            self._topics[topic] = hit
+        if isinstance(hit, _RejectError):
+            raise hit
+        return hit
+
+    def _parse_topic(self, topic: str) -> str | _RejectError:
+        p, s = self._prefix, self._suffix
+        if len(topic) <= len(p) + len(s) or not topic.startswith(p) or not topic.endswith(s):
+            return _RejectError(Reason.BAD_TOPIC, "topic does not match the template")
+        device = topic[len(p) : len(topic) - len(s)]
+        if "/" in device:
+            return _RejectError(Reason.BAD_TOPIC, "device level spans several topic levels")
+        if _NEVER_IN_ID.search(device) or not self._id_pattern.search(device):
+            return _RejectError(
+                Reason.BAD_DEVICE_ID, f"device id {_short(device)} does not match the pattern"
+            )
+        return device
+
+    # ------------------------------------------------------------------ payloads
+
+    def _timestamp(self, value: object, arrival: float) -> float:
+        if value is None:
+            return arrival
+        if isinstance(value, str):
+            try:
+                dt = datetime.fromisoformat(value)
+            except ValueError:
+                raise _RejectError(Reason.BAD_TIMESTAMP, f"ts {_short(value)} is not ISO 8601") from None
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=UTC)
+            try:
+                ts = dt.timestamp()
+            except (OverflowError, OSError, ValueError):
+                raise _RejectError(Reason.BAD_TIMESTAMP, f"ts {_short(value)} is out of range") from None
+        else:
+            t = type(value)
+            if t is not float and t is not int:
+                raise _RejectError(Reason.BAD_TIMESTAMP, f"ts is {t.__name__}, not a number or ISO 8601 text")
+            ts = float(value)  # type: ignore[arg-type]
+        return self._check_time(ts, arrival)
+
+    def _check_time(self, ts: float, arrival: float) -> float:
+        if not math.isfinite(ts) or ts < MIN_TIMESTAMP:
+            raise _RejectError(Reason.BAD_TIMESTAMP, f"ts {ts!r} is before 2000 (not epoch seconds?)")
+        if ts > arrival + self.max_future_skew_s:
+            hint = " (milliseconds?)" if ts > arrival * 100 else ""
+            raise _RejectError(Reason.BAD_TIMESTAMP, f"ts {ts!r} is {ts - arrival:.0f} s in the future{hint}")
+        return ts
+
+    def _object(self, obj: dict[str, Any], arrival: float, out: list[float]) -> float:
+        """Append the features of a reading object to ``out``; return its timestamp."""
+        ts = self._timestamp(obj.get("ts"), arrival)
+        row = []
+        for name in self._features:
+            if name not in obj:
+                raise _RejectError(Reason.MISSING_FEATURE, f"no field {name!r}")
+            row.append(_number(obj[name], name))
+        out.extend(row)
+        return ts
+
+    def _senml(self, records: list[Any], arrival: float) -> list[tuple[float, list[float] | _RejectError]]:
+        """Group a SenML pack's records by resolved time; one entry per reading, time-ordered."""
+        base_name, base_time = "", 0.0
+        groups: dict[float, dict[str, Any]] = {}
+        for rec in records:
+            if not isinstance(rec, dict):
+                raise _RejectError(Reason.MALFORMED_JSON, "SenML record is not an object")
+            if "bn" in rec:
+                if not isinstance(rec["bn"], str):
+                    raise _RejectError(Reason.MALFORMED_JSON, "SenML 'bn' is not a string")
+                base_name = rec["bn"]
+            if "bt" in rec:
+                base_time = self._senml_time(rec["bt"], "bt")
+            name = rec.get("n", "")
+            if not isinstance(name, str):
+                raise _RejectError(Reason.MALFORMED_JSON, "SenML 'n' is not a string")
+            if not name:
+                # A full name in "bn" ("urn:dev:x:temperature"): the feature is its last part.
+                name = re.split(r"[:/]", base_name)[-1]
+            if name not in self._features:
+                continue  # not one of ours (extra fields are ignored)
+            t = base_time + (self._senml_time(rec["t"], "t") if "t" in rec else 0.0)
+            if abs(t) < _SENML_RELATIVE:
+                t += arrival
+            value: Any = rec["v"] if "v" in rec else rec.get("vb", rec.get("vs", rec.get("vd")))
+            groups.setdefault(t, {})[name] = value
+        if not groups:
+            raise _RejectError(Reason.MISSING_FEATURE, "SenML pack has no record for any feature")
+        if len(groups) > self.max_readings:
+            raise _RejectError(Reason.OVERSIZED, f"{len(groups)} readings > {self.max_readings}")
+        result: list[tuple[float, list[float] | _RejectError]] = []
+        for t in sorted(groups):
+            fields = groups[t]
+            try:
+                ts = self._check_time(t, arrival)
+                missing = [n for n in self._features if n not in fields]
+                if missing:
+                    raise _RejectError(Reason.MISSING_FEATURE, f"no record for {missing[0]!r} at t={t!r}")
+                result.append((ts, [_number(fields[n], n) for n in self._features]))
+            except _RejectError as rej:
+                result.append((t, rej))
+        return result
+
+    @staticmethod
+    def _senml_time(value: object, what: str) -> float:
+        t = type(value)
+        if (t is not float and t is not int) or not math.isfinite(float(value)):  # type: ignore[arg-type]
+            raise _RejectError(Reason.BAD_TIMESTAMP, f"SenML {what!r} is not a finite number")
+        return float(value)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ bulk
+
+    def decode(self, messages: list[RawMessage]) -> DecodedBatch:
+        """Decode many messages at once. Never raises on message content."""
+        devices: list[str] = []
+        ts: list[float] = []
+        flat: list[float] = []
+        arrivals: list[float] = []
+        rejections: list[Rejection] = []
+        for msg in messages:
+            topic = msg.topic
+            try:
+                device = self._device_of(topic)
+                if len(msg.payload) > self.max_payload_bytes:
+                    raise _RejectError(
+                        Reason.OVERSIZED, f"payload {len(msg.payload)} bytes > {self.max_payload_bytes}"
+                    )
+                doc = self._parse(msg.payload)
+                if isinstance(doc, dict):
+                    ts.append(self._object(doc, msg.arrival, flat))
+                    devices.append(device)
+                    arrivals.append(msg.arrival_mono)
+                    continue
+                if not isinstance(doc, list) or not doc:
+                    raise _RejectError(
+                        Reason.MALFORMED_JSON, "payload is not a JSON object or non-empty array"
+                    )
+                if any(isinstance(r, dict) and ("n" in r or "bn" in r) for r in doc):
+                    if len(doc) > self.max_readings * (self.n_features + 1):
+                        raise _RejectError(Reason.OVERSIZED, f"SenML pack of {len(doc)} records")
+                    readings = self._senml(doc, msg.arrival)
+                else:
+                    if len(doc) > self.max_readings:
+                        raise _RejectError(Reason.OVERSIZED, f"{len(doc)} readings > {self.max_readings}")
+                    readings = [self._array_item(item, msg.arrival) for item in doc]
+                for t, row in readings:
+                    if isinstance(row, _RejectError):
+                        rejections.append(Rejection(row.reason, topic[:_TOPIC_MAX], row.detail[:_DETAIL_MAX]))
+                        continue
+                    ts.append(t)
+                    flat.extend(row)
+                    devices.append(device)
+                    arrivals.append(msg.arrival_mono)
+            except _RejectError as rej:
+                rejections.append(Rejection(rej.reason, topic[:_TOPIC_MAX], rej.detail[:_DETAIL_MAX]))
+            except Exception as exc:  # pragma: no cover - belt and braces: input must never kill us
+                rejections.append(
+                    Rejection(Reason.MALFORMED_JSON, topic[:_TOPIC_MAX], f"unexpected: {exc!r}"[:_DETAIL_MAX])
+                )
+        n = len(devices)
+        return DecodedBatch(
+            devices,
+            np.array(ts, dtype=np.float64),
+            np.array(flat, dtype=np.float32).reshape(n, self.n_features),
+            np.array(arrivals, dtype=np.float64),
+            rejections,
+        )
+
+    def _array_item(self, item: object, arrival: float) -> tuple[float, list[float] | _RejectError]:
+        if not isinstance(item, dict):
+            return arrival, _RejectError(Reason.MALFORMED_JSON, "array item is not a JSON object")
+        row: list[float] = []
+        try:
+            return self._object(item, arrival, row), row
+        except _RejectError as rej:
+            return arrival, rej
+
+    @staticmethod
+    def _parse(payload: bytes) -> Any:
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            # orjson refuses NaN/Infinity literals as invalid JSON; say what they were.
+            if b"NaN" in payload or b"Infinity" in payload:
+                raise _RejectError(Reason.NON_FINITE, "NaN or Infinity literal") from None
+            raise _RejectError(Reason.MALFORMED_JSON, str(exc)) from None

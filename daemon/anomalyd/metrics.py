@@ -1,0 +1,218 @@
+"""Every Prometheus metric the daemon exports, declared in one place.
+
+``Metrics(registry)`` builds them all on the registry it is given (tests pass a fresh
+``CollectorRegistry``; the daemon builds its own, never the global default one, so two
+services in one process never collide). Names follow the Prometheus conventions:
+``anomalyd_`` prefix, counters end in ``_total``, durations in ``_seconds``, base units.
+No metric has a per-device label: device ids are unbounded and come from the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+log = logging.getLogger(__name__)
+
+#: Rejection reasons are a closed set (``anomalyd.decode.Reason``); model reload results too.
+RELOAD_RESULTS = ("success", "failure")
+ALERT_DIRECTIONS = ("raised", "cleared")
+EVICTION_CAUSES = ("idle", "capacity")
+PUBLISH_KINDS = ("score", "batch", "alert", "status")
+
+# Inference of one batch: ~0.1 ms (batch 1, CPU) to tens of ms (batch 256) or more on a
+# busy machine; end to end adds batching delay (max_delay_ms) and queueing.
+_INFERENCE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+_E2E_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _batch_buckets(max_batch: int) -> tuple[float, ...]:
+    """Powers of two up to ``max_batch`` (and max_batch itself): a full batch is its own bucket."""
+    out: list[float] = []
+    b = 1
+    while b < max_batch:
+        out.append(float(b))
+        b *= 2
+    out.append(float(max_batch))
+    return tuple(out)
+
+
+class Metrics:
+    """The daemon's metrics, all registered on ``registry``.
+
+    Stages receive this object (or nothing) and update the attributes directly; the
+    pipeline thread updates in bulk (``inc(n)``), never once per reading where it can help it.
+    """
+
+    def __init__(self, registry: CollectorRegistry, max_batch: int = 64, *, process: bool = False) -> None:
+        self.registry = registry
+        r = registry
+        if process:
+            # process_cpu_seconds_total, process_resident_memory_bytes, python_info ...
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        self.messages_received = Counter(
+            "anomalyd_messages_received", "MQTT telemetry messages received (before validation)", registry=r
+        )
+        self.rejected = Counter(
+            "anomalyd_rejected",
+            "Messages or readings rejected, by reason (one reading or one whole message each)",
+            ["reason"],
+            registry=r,
+        )
+        self.readings_accepted = Counter(
+            "anomalyd_readings_accepted", "Readings written into device windows", registry=r
+        )
+        self.windows_scored = Counter("anomalyd_windows_scored", "Windows scored by the model", registry=r)
+        self.anomalous_windows = Counter(
+            "anomalyd_anomalous_windows", "Scored windows above the threshold", registry=r
+        )
+        self.alert_transitions = Counter(
+            "anomalyd_alert_transitions",
+            "Alert state changes (raised: normal to anomalous, cleared: back to normal)",
+            ["direction"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "anomalyd_batch_size",
+            "Windows per model batch",
+            buckets=_batch_buckets(max_batch),
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "anomalyd_inference_seconds",
+            "Time in ONNX Runtime per batch",
+            buckets=_INFERENCE_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "anomalyd_end_to_end_seconds",
+            "Time from the arrival of a window's newest reading to the publication of its score",
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.intake_queue_depth = Gauge(
+            "anomalyd_intake_queue_depth", "Messages waiting in the intake queue", registry=r
+        )
+        self.intake_queue_capacity = Gauge(
+            "anomalyd_intake_queue_capacity", "Size limit of the intake queue", registry=r
+        )
+        self.pending_windows = Gauge(
+            "anomalyd_pending_windows", "Ready windows waiting in the batcher", registry=r
+        )
+        self.devices_tracked = Gauge("anomalyd_devices_tracked", "Devices with a rolling window", registry=r)
+        self.devices_evicted = Counter(
+            "anomalyd_devices_evicted",
+            "Devices forgotten (idle: silent for stream.idle_evict_s; capacity: max_devices reached)",
+            ["cause"],
+            registry=r,
+        )
+        self.buffer_resets = Counter(
+            "anomalyd_buffer_resets", "Device windows restarted after a gap longer than max_gap_s", registry=r
+        )
+        self.mqtt_connected = Gauge(
+            "anomalyd_mqtt_connected", "1 while connected to the broker (CONNACK accepted)", registry=r
+        )
+        self.mqtt_reconnects = Counter(
+            "anomalyd_mqtt_reconnects", "Successful connections to the broker after the first", registry=r
+        )
+        self.mqtt_connect_failures = Counter(
+            "anomalyd_mqtt_connect_failures",
+            "Failed connection attempts (network: no TCP/TLS session; refused: CONNACK refused)",
+            ["kind"],
+            registry=r,
+        )
+        self.published = Counter(
+            "anomalyd_published", "Messages handed to the MQTT client, by kind", ["kind"], registry=r
+        )
+        self.publish_failures = Counter(
+            "anomalyd_publish_failures",
+            "Messages that could not be published (not connected, queue full), by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.pipeline_errors = Counter(
+            "anomalyd_pipeline_errors",
+            "Unexpected errors caught in the pipeline loop (the batch is lost, the daemon goes on)",
+            ["stage"],
+            registry=r,
+        )
+        self.ready = Gauge("anomalyd_ready", "1 once started (model warm, broker connected)", registry=r)
+        self.model_info = Info(
+            "anomalyd_model", "The model being served and the ONNX Runtime provider running it", registry=r
+        )
+        self.model_threshold = Gauge(
+            "anomalyd_model_threshold", "Score threshold in use (contract or configuration)", registry=r
+        )
+        self.model_reloads = Counter(
+            "anomalyd_model_reloads", "Model reloads (SIGHUP), by result", ["result"], registry=r
+        )
+        # Pre-create the labelled children so that every series exists (at 0) from the
+        # first scrape: rate() and absent() work, and dashboards do not show "no data".
+        for direction in ALERT_DIRECTIONS:
+            self.alert_transitions.labels(direction=direction)
+        for cause in EVICTION_CAUSES:
+            self.devices_evicted.labels(cause=cause)
+        for result in RELOAD_RESULTS:
+            self.model_reloads.labels(result=result)
+        for kind in PUBLISH_KINDS:
+            self.published.labels(kind=kind)
+            self.publish_failures.labels(kind=kind)
+        for kind in ("network", "refused"):
+            self.mqtt_connect_failures.labels(kind=kind)
+
+    def declare_reasons(self, reasons: list[str]) -> None:
+        """Create ``anomalyd_rejected_total{reason=...}`` at 0 for every known reason."""
+        for reason in reasons:
+            self.rejected.labels(reason=reason)
+
+    def set_model(
+        self, version: str, *, kind: str, window: int, features: list[str], provider: str, threshold: float
+    ) -> None:
+        """Publish which model runs where (``anomalyd_model_info``) and its threshold."""
+        self.model_info.info(
+            {
+                "version": version,
+                "kind": kind,
+                "window": str(window),
+                "features": ",".join(features),
+                "provider": provider,
+            }
+        )
+        self.model_threshold.set(threshold)
+
+    def track_queue(self, depth: Callable[[], int], capacity: int) -> None:
+        """Read the intake queue depth at scrape time (no per-message gauge updates)."""
+        self.intake_queue_depth.set_function(lambda: float(depth()))
+        self.intake_queue_capacity.set(capacity)
+
+
+class MetricsServer:
+    """The ``/metrics`` HTTP endpoint (prometheus_client's threaded WSGI server)."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._server: WSGIServer
+        self._thread: threading.Thread
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.host = host
+        self.port = int(self._server.server_address[1])
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)

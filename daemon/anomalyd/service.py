@@ -1,0 +1,562 @@
+"""The daemon: wires the stages together and owns the lifecycle.
+
+Start, in order (a failure stops the start with one line and its exit code):
+config → logging (both done by the CLI) → secrets → model load, contract check, warm-up
+of every batch shape → metrics server → pipeline thread → MQTT (a broker that is down
+delays readiness; it does not kill the start) → ``READY=1``.
+
+Threads: the paho network thread (``intake``) only enqueues; ``_run_pipeline_loop`` owns
+decoder, buffers, batcher, model and detector (no locks); the main thread only waits for
+signals, pings the watchdog while the pipeline makes progress, and starts reloads;
+a short-lived reload thread loads and warms a new model beside the serving one.
+
+Stop (SIGTERM/SIGINT; a second one forces): ``STOPPING=1`` → unsubscribe (intake stops)
+→ the pipeline scores everything queued and pending and publishes it, within
+``shutdown.drain_timeout_s`` → ``stopped`` (retained) → disconnect → exit 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from anomalyd.batcher import Batch, Batcher
+from anomalyd.buffers import DeviceBuffers
+from anomalyd.config import Config, read_secret
+from anomalyd.decode import Decoder, RawMessage, Reason, Rejection
+from anomalyd.detector import Detector
+from anomalyd.errors import AnomalydError, ConfigError
+from anomalyd.intake import IntakeQueue, MqttLink
+from anomalyd.logsetup import RateLimitedLog
+from anomalyd.metrics import Metrics, MetricsServer
+from anomalyd.model import LoadedModel, SessionOptions, load_model
+from anomalyd.publisher import Publisher, last_will
+from anomalyd.sdnotify import Notifier, watchdog_interval
+
+log = logging.getLogger(__name__)
+
+#: Exit codes besides the errors' own (anomalyd.errors): a forced stop (second signal) and
+#: an internal failure of the pipeline thread (EX_SOFTWARE; systemd restarts it).
+EXIT_OK = 0
+EXIT_FORCED = 130
+EXIT_INTERNAL = 70
+
+#: Longest the pipeline thread sleeps with nothing to do: bounds the watchdog heartbeat age.
+_IDLE_TICK_S = 0.25
+#: Messages taken from the intake queue per pass (keeps batches flowing under a flood).
+_DRAIN_MAX = 4096
+#: How often the pipeline evicts idle devices and refreshes gauges.
+_HOUSEKEEPING_S = 1.0
+#: How often the start re-announces itself to systemd while waiting for the broker.
+_BROKER_WAIT_TICK_S = 5.0
+
+
+class Service:
+    """One anomalyd instance. ``start()`` then ``run_forever()``; ``request_stop()`` /
+    ``request_reload()`` from signal handlers or tests."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.notifier = notifier if notifier is not None else Notifier()
+        self.metrics = Metrics(self.registry, config.batching.max_batch, process=registry is None)
+        self.metrics.declare_reasons([r.value for r in Reason])
+        self.ready = threading.Event()
+        self.metrics_server: MetricsServer | None = None
+        self.model: LoadedModel | None = None
+        self._stop = threading.Event()
+        self._force = threading.Event()
+        self._reload = threading.Event()
+        self._wake = threading.Event()  # wakes the main loop (signals)
+        self._draining = threading.Event()
+        self._abort = threading.Event()
+        self._pipeline_done = threading.Event()
+        self._pipeline_failed = False
+        self._queue = IntakeQueue(config.stream.intake_queue_size)
+        self.metrics.track_queue(lambda: len(self._queue), config.stream.intake_queue_size)
+        self._link: MqttLink | None = None
+        self._publisher: Publisher | None = None
+        self._pipeline: threading.Thread | None = None
+        self._reloader: threading.Thread | None = None
+        self._pending_model: LoadedModel | None = None
+        self._swapped = threading.Event()
+        self._reject_log = RateLimitedLog(log, config.logging.rejection_log_interval_s)
+        self.heartbeat = time.monotonic()
+        #: Windows scored since start (the pipeline thread writes it; tests and logs read it).
+        self.windows_scored = 0
+        self._last_housekeeping = 0.0
+        # Pipeline-owned stages; built in start() and on a model swap.
+        self._decoder: Decoder
+        self._buffers: DeviceBuffers
+        self._batcher: Batcher
+        self._detector: Detector
+
+    # ------------------------------------------------------------------ control
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop; a second request forces it (skip the drain)."""
+        if self._stop.is_set():
+            log.warning("second stop request: stopping now, pending windows are dropped")
+            self._force.set()
+            self._abort.set()
+            self._queue.wake()
+        self._stop.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        """Reload the model file (SIGHUP); the old model serves until the new one is warm."""
+        self._reload.set()
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop (twice: force), SIGHUP reloads. Handlers only set events."""
+
+        def on_stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            self.request_stop()
+
+        def on_hup(_signum: int, _frame: FrameType | None) -> None:
+            log.info("received SIGHUP: reloading the model")
+            self.request_reload()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    @property
+    def threshold(self) -> float | None:
+        """The score threshold in use (configured, else the model contract's)."""
+        return self._threshold(self.model) if self.model is not None else None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_server.port if self.metrics_server is not None else None
+
+    # ------------------------------------------------------------------ start
+
+    def _session_options(self) -> SessionOptions:
+        m = self.config.model
+        return SessionOptions(
+            providers=m.providers, intra_op_threads=m.intra_op_threads, allow_spinning=m.allow_spinning
+        )
+
+    def _load_warm(self) -> LoadedModel:
+        model = load_model(self.config.model.path, self._session_options())
+        sizes = self.config.batching.warmup_sizes()
+        t0 = time.perf_counter()
+        model.warm_up(sizes)
+        log.info(
+            "model %s warm: %d batch shapes in %.2f s on %s (ONNX Runtime providers %s)",
+            model.contract.model_version,
+            len(sizes),
+            time.perf_counter() - t0,
+            model.active_provider,
+            model.providers,
+        )
+        return model
+
+    def _threshold(self, model: LoadedModel) -> float:
+        t = self.config.detector.threshold
+        return t if t is not None else model.contract.threshold.value
+
+    def _announce_model(self, model: LoadedModel) -> None:
+        c = model.contract
+        self.metrics.set_model(
+            c.model_version,
+            kind=c.kind,
+            window=c.window_length,
+            features=c.feature_names,
+            provider=model.active_provider,
+            threshold=self._threshold(model),
+        )
+
+    def _build_stages(self, model: LoadedModel) -> None:
+        cfg = self.config
+        c = model.contract
+        self._decoder = Decoder(
+            c.feature_names,
+            cfg.mqtt.topic_in,
+            cfg.stream.max_payload_bytes,
+            cfg.stream.max_readings_per_message,
+            cfg.stream.device_id_pattern,
+            cfg.stream.max_future_skew_s,
+        )
+        self._buffers = DeviceBuffers(
+            cfg.stream.max_devices,
+            c.window_length,
+            c.n_features,
+            cfg.stream.hop,
+            cfg.stream.warmup,
+            cfg.stream.max_gap_s,
+        )
+        self._batcher = Batcher(
+            cfg.batching.max_batch, cfg.batching.max_delay_ms / 1000.0, c.window_length, c.n_features
+        )
+        d = cfg.detector
+        self._detector = Detector(self._threshold(model), d.smoothing, d.ewma_alpha, d.k_enter, d.k_exit)
+
+    def start(self) -> bool:
+        """Run the ordered start. True once ready; False if a stop was requested first.
+
+        Raises ``AnomalydError`` (with its exit code) if the start cannot finish.
+        """
+        cfg = self.config
+        password = read_secret(cfg.mqtt.password_file, cfg.mqtt.password_credential, "mqtt.password_file")
+        passphrase = None
+        if cfg.mqtt.tls is not None:
+            tls = cfg.mqtt.tls
+            passphrase = read_secret(
+                tls.key_passphrase_file, tls.key_passphrase_credential, "mqtt.tls.key_passphrase_file"
+            )
+        self.notifier.status("loading model")
+        model = self._load_warm()
+        self.model = model
+        self._announce_model(model)
+        if self._stop.is_set():
+            return False
+        if cfg.metrics.enabled:
+            try:
+                self.metrics_server = MetricsServer(self.registry, cfg.metrics.host, cfg.metrics.port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port}: {exc.strerror or exc}",
+                    "metrics.port",
+                ) from None
+        self._build_stages(model)
+        self._pipeline = threading.Thread(
+            target=self._run_pipeline_loop, name="anomalyd-pipeline", daemon=True
+        )
+        self._pipeline.start()
+
+        link = MqttLink(
+            cfg.mqtt,
+            queue=self._queue,
+            will=last_will(cfg.output),
+            password=password,
+            key_passphrase=passphrase,
+            metrics=self.metrics,
+            log_interval_s=max(cfg.logging.rejection_log_interval_s, 1.0),
+        )
+        self._publisher = Publisher(
+            link,
+            cfg.output,
+            self.metrics,
+            feature_names=model.contract.feature_names,
+            model_version=model.contract.model_version,
+            log_interval_s=cfg.logging.rejection_log_interval_s,
+        )
+        link.add_connect_listener(self._publisher.online)
+        self._link = link
+        link.start()
+        waited = 0.0
+        while not link.wait_connected(_BROKER_WAIT_TICK_S):  # raises BrokerError on bad credentials
+            if self._stop.is_set():
+                return False
+            waited += _BROKER_WAIT_TICK_S
+            # Under systemd the start would time out (TimeoutStartSec) while the broker is
+            # down; we are alive and trying, so ask for more time and say why.
+            self.notifier.extend_timeout(3 * _BROKER_WAIT_TICK_S)
+            self.notifier.status(f"waiting for MQTT broker {cfg.mqtt.host}:{cfg.mqtt.port} ({waited:.0f} s)")
+            log.warning(
+                "still waiting for MQTT broker %s:%d after %.0f s", cfg.mqtt.host, cfg.mqtt.port, waited
+            )
+        if self._stop.is_set():
+            return False
+        self.metrics.ready.set(1)
+        self.ready.set()
+        self.notifier.ready(self._status_line())
+        log.info("ready: scoring %s", self._status_line())
+        return True
+
+    def _status_line(self) -> str:
+        m = self.model
+        if m is None:
+            return "starting"
+        return (
+            f"model {m.contract.model_version} on {m.active_provider}, "
+            f"subscribed to {self.config.mqtt.topic_in} at {self.config.mqtt.host}:{self.config.mqtt.port}"
+        )
+
+    # ------------------------------------------------------------------ main loop
+
+    def run_forever(self) -> int:
+        """Wait for stop/reload requests and ping the watchdog; then stop. Returns the exit code."""
+        wd = watchdog_interval() if self.notifier.enabled else None
+        tick = wd / 2 if wd else 1.0
+        try:
+            while not self._stop.is_set():
+                self._wake.wait(tick)
+                self._wake.clear()
+                if self._pipeline_done.is_set() and not self._stop.is_set():
+                    log.error(
+                        "pipeline thread ended unexpectedly; exiting so that the supervisor restarts us"
+                    )
+                    self._pipeline_failed = True
+                    break
+                if self._reload.is_set() and (self._reloader is None or not self._reloader.is_alive()):
+                    self._reload.clear()
+                    self._reloader = threading.Thread(
+                        target=self._reload_model, name="anomalyd-reload", daemon=True
+                    )
+                    self._reloader.start()
+                if wd and self._progressing(wd / 2):
+                    self.notifier.watchdog()
+        finally:
+            code = self.shutdown()
+        return code
+
+    def _progressing(self, max_age_s: float) -> bool:
+        """The pipeline loop turned recently and the network thread lives."""
+        pipeline_ok = self._pipeline is not None and self._pipeline.is_alive()
+        link_ok = self._link is not None and self._link.alive
+        return pipeline_ok and link_ok and time.monotonic() - self.heartbeat < max_age_s
+
+    def shutdown(self) -> int:
+        """Stop in order; safe to call after a partial start. Returns the exit code."""
+        deadline = time.monotonic() + self.config.shutdown.drain_timeout_s
+        self.notifier.stopping("draining")
+        self.metrics.ready.set(0)
+        self.ready.clear()
+        link = self._link
+        if link is not None and link.connected and not self._force.is_set():
+            link.stop_intake(timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+        self._draining.set()
+        self._queue.wake()
+        if self._pipeline is not None and not self._pipeline_done.wait(max(0.0, deadline - time.monotonic())):
+            log.warning(
+                "drain deadline (%.1f s) passed: dropping %d queued messages and %d pending windows",
+                self.config.shutdown.drain_timeout_s,
+                len(self._queue),
+                self._batcher.pending,
+            )
+            self._abort.set()
+            self._queue.wake()
+            self._pipeline_done.wait(2.0)
+        if link is not None:
+            if self._publisher is not None and link.connected:
+                self._publisher.stopped(timeout=max(0.5, deadline - time.monotonic()))
+            link.close(timeout=max(0.5, deadline - time.monotonic()))
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        self.notifier.close()
+        if self._pipeline_failed:
+            return EXIT_INTERNAL
+        code = EXIT_FORCED if self._force.is_set() else EXIT_OK
+        log.info("stopped (exit %d)", code)
+        return code
+
+    # ------------------------------------------------------------------ reload
+
+    def _reload_model(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = self._load_warm()
+        except AnomalydError as exc:
+            self._reload_failed(str(exc))
+            return
+        except Exception as exc:  # anything ORT throws must not take the server down
+            log.exception("model reload failed")
+            self._reload_failed(repr(exc))
+            return
+        self._swapped.clear()
+        self._pending_model = new
+        self._queue.wake()
+        if not self._swapped.wait(30.0):
+            self._reload_failed("the pipeline did not take the new model within 30 s")
+            return
+        self.metrics.model_reloads.labels(result="success").inc()
+        self.notifier.ready(self._status_line())
+        log.info("model reloaded: now serving %s", new.contract.model_version)
+
+    def _reload_failed(self, why: str) -> None:
+        self.metrics.model_reloads.labels(result="failure").inc()
+        old = self.model.contract.model_version if self.model else "?"
+        log.error("model reload failed, still serving %s: %s", old, why)
+        self.notifier.ready(self._status_line())
+
+    def _swap_model(self, new: LoadedModel) -> None:
+        """On the pipeline thread: finish pending windows with the old model, then switch."""
+        old = self.model
+        self._flush(force=True)
+        assert old is not None
+        same_shape = (
+            old.contract.feature_names == new.contract.feature_names
+            and old.contract.window_length == new.contract.window_length
+        )
+        self.model = new
+        if same_shape:
+            self._detector.set_threshold(self._threshold(new))
+        else:
+            log.warning(
+                "new model has window %d and features %s (was %d, %s): every device's window restarts",
+                new.contract.window_length,
+                new.contract.feature_names,
+                old.contract.window_length,
+                old.contract.feature_names,
+            )
+            self._build_stages(new)
+        if self._publisher is not None:
+            self._publisher.set_model(new.contract.feature_names, new.contract.model_version)
+        self._announce_model(new)
+        self._swapped.set()
+
+    # ------------------------------------------------------------------ pipeline thread
+
+    def _run_pipeline_loop(self) -> None:
+        try:
+            while not self._abort.is_set():
+                self.heartbeat = now = time.monotonic()
+                pending = self._pending_model
+                if pending is not None:
+                    self._pending_model = None
+                    self._swap_model(pending)
+                if self._draining.is_set():
+                    self._drain_all()
+                    return
+                due = self._batcher.time_until_due(now)
+                timeout = _IDLE_TICK_S if due is None else min(due, _IDLE_TICK_S)
+                if timeout > 0:
+                    self._queue.wait(timeout)
+                messages = self._queue.drain(_DRAIN_MAX)
+                if messages:
+                    self._ingest(messages)
+                self._flush(force=False)
+                if now - self._last_housekeeping >= _HOUSEKEEPING_S:
+                    self._housekeeping(now)
+        except Exception:
+            log.exception("pipeline thread failed")
+            self._pipeline_failed = True
+            self._wake.set()
+        finally:
+            self._pipeline_done.set()
+
+    def _drain_all(self) -> None:
+        """Shutdown: ingest what is queued, score everything pending, publish."""
+        scored_before = self.windows_scored
+        while not self._abort.is_set():
+            self.heartbeat = time.monotonic()
+            messages = self._queue.drain(_DRAIN_MAX)
+            if not messages:
+                break
+            self._ingest(messages)
+            self._flush(force=False)
+        if not self._abort.is_set():
+            self._flush(force=True)
+        log.info("drained: %d windows scored during shutdown", self.windows_scored - scored_before)
+
+    def _ingest(self, messages: list[RawMessage]) -> None:
+        m = self.metrics
+        m.messages_received.inc(len(messages))
+        try:
+            batch = self._decoder.decode(messages)
+        except Exception:
+            m.pipeline_errors.labels(stage="decode").inc()
+            log.exception("decoder failed on %d messages (dropped)", len(messages))
+            return
+        self._count_rejections(batch.rejections)
+        if not len(batch.devices):
+            return
+        now = time.monotonic()
+        result = self._buffers.ingest(batch)
+        if result.accepted:
+            m.readings_accepted.inc(result.accepted)
+        self._count_rejections(result.rejections)
+        if result.evicted:
+            self._detector.forget(result.evicted)
+            m.devices_evicted.labels(cause="capacity").inc(len(result.evicted))
+        if result.resets:
+            m.buffer_resets.inc(result.resets)
+        if len(result.ready.devices):
+            # A batch's windows are views into the batcher's staging area, valid until the
+            # next add(): score what is due before adding more.
+            self._batcher.add(result.ready, now)
+            self._flush(force=False)
+
+    def _count_rejections(self, rejections: list[Rejection]) -> None:
+        if not rejections:
+            return
+        counts = collections.Counter(r.reason for r in rejections)
+        for reason, n in counts.items():
+            self.metrics.rejected.labels(reason=str(reason)).inc(n)
+        # One line per reason per interval (the first of each batch): hostile input
+        # cannot flood the journal, and every rejection is still counted above.
+        first = {r.reason: r for r in reversed(rejections)}
+        for reason, r in first.items():
+            self._reject_log.log(
+                logging.WARNING, str(reason), "rejected (%s) on %r: %s", reason, r.topic[:200], r.detail
+            )
+
+    def _flush(self, force: bool) -> None:
+        for batch in self._batcher.pop_due(time.monotonic(), force=force):
+            self._score(batch)
+
+    def _score(self, batch: Batch) -> None:
+        m = self.metrics
+        model = self.model
+        assert model is not None
+        n = len(batch.devices)
+        t0 = time.perf_counter()
+        try:
+            scores, contributions = model.run(batch.windows)
+        except Exception:
+            m.pipeline_errors.labels(stage="model").inc()
+            log.exception("model failed on a batch of %d windows (dropped)", n)
+            return
+        m.inference_seconds.observe(time.perf_counter() - t0)
+        m.batch_size.observe(n)
+        decisions = self._detector.update(batch.devices, batch.end_ts, scores, contributions, batch.padded)
+        m.windows_scored.inc(n)
+        self.windows_scored += n
+        anomalies = sum(1 for d in decisions if d.anomaly)
+        if anomalies:
+            m.anomalous_windows.inc(anomalies)
+        for d in decisions:
+            if d.alert_changed:
+                direction = "raised" if d.alert else "cleared"
+                m.alert_transitions.labels(direction=direction).inc()
+                log.info(
+                    "alert %s for %s (score %.4g, threshold %.4g)", direction, d.device, d.score, d.threshold
+                )
+        if self._publisher is not None:
+            try:
+                self._publisher.publish_decisions(decisions, np.asarray(batch.arrival_mono))
+            except Exception:
+                m.pipeline_errors.labels(stage="publish").inc()
+                log.exception("publishing %d decisions failed", n)
+
+    def _housekeeping(self, now: float) -> None:
+        self._last_housekeeping = now
+        evicted = self._buffers.evict_idle(now, self.config.stream.idle_evict_s)
+        if evicted:
+            self._detector.forget(evicted)
+            self.metrics.devices_evicted.labels(cause="idle").inc(len(evicted))
+            log.info("forgot %d idle devices", len(evicted))
+        self.metrics.devices_tracked.set(self._buffers.n_devices)
+        self.metrics.pending_windows.set(self._batcher.pending)
+
+
+def run_service(config: Config, registry: CollectorRegistry | None = None) -> int:
+    """Start and run until stopped (the ``anomalyd run`` command). Returns the exit code."""
+    service = Service(config, registry=registry)
+    service.install_signal_handlers()
+    try:
+        started = service.start()
+    except AnomalydError:
+        service.shutdown()
+        raise
+    if not started:
+        return service.shutdown()
+    return service.run_forever()

@@ -1,0 +1,441 @@
+"""Publish the synthetic fleet (``anomalyd.synthetic``) over MQTT, as devices would; and
+``anomalyd demo``, which runs the daemon, the simulator and a live view together.
+
+One JSON object per reading on ``sensors/<device>/telemetry`` (the daemon's default input
+topic), paced by the readings' timestamps divided by ``speed`` (``speed = inf``: as fast
+as the connection takes them).
+
+Timestamps are placed so that no reading is ever stamped in the future when it is sent
+(the daemon rejects readings more than ``stream.max_future_skew_s`` ahead): at
+``speed = 1`` the stream starts now, faster streams start far enough in the past to end
+about now.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from anomalyd.config import MqttConfig
+from anomalyd.errors import AnomalydError, BrokerError
+from anomalyd.intake import IntakeQueue, MqttLink, subscription_filter
+from anomalyd.synthetic import FEATURES, AnomalyEvent, DeviceSeries, FleetSpec, generate_fleet, interleave
+
+if TYPE_CHECKING:
+    from anomalyd.service import Service
+
+log = logging.getLogger(__name__)
+
+#: Decimals kept in published values: 1e-6 is far below every channel's sensor noise.
+_DECIMALS = 6
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """What to simulate and how fast."""
+
+    devices: int = 4
+    rate_hz: float = 1.0  # readings per second per device (data time)
+    duration_s: float = 3600.0  # data time
+    seed: int = 0
+    anomalies_per_device_hour: float = 2.0
+    speed: float = 1.0  # data seconds per wall-clock second; math.inf: no pacing
+    topic_template: str = "sensors/{device}/telemetry"
+    qos: int = 0
+    gaps_per_device_hour: float = 0.0  # gaps restart windows; off by default so scores flow
+    device_prefix: str = "machine-"
+
+    def __post_init__(self) -> None:
+        if not (self.speed > 0):
+            raise ValueError(f"speed: need a number > 0 (inf: as fast as possible), got {self.speed}")
+        if not (math.isfinite(self.rate_hz) and self.rate_hz > 0):
+            raise ValueError(f"rate_hz: need a finite number > 0, got {self.rate_hz}")
+
+    def start_ts(self, now: float) -> float:
+        """First timestamp such that the stream, sent at ``speed``, never runs ahead of ``now``."""
+        lag = 1.0 if math.isinf(self.speed) else 1.0 - 1.0 / max(self.speed, 1.0)
+        return now - self.duration_s * lag
+
+    def fleet_spec(self, start_ts: float) -> FleetSpec:
+        return FleetSpec(
+            n_devices=self.devices,
+            duration_s=self.duration_s,
+            period_s=1.0 / self.rate_hz,
+            seed=self.seed,
+            anomalies_per_device_hour=self.anomalies_per_device_hour,
+            gaps_per_device_hour=self.gaps_per_device_hour,
+            start_ts=start_ts,
+            device_prefix=self.device_prefix,
+        )
+
+
+@dataclass
+class Stream:
+    """The fleet and the time-ordered stream the simulator publishes."""
+
+    fleet: list[DeviceSeries]
+    device_index: npt.NDArray[np.int32]
+    ts: npt.NDArray[np.float64]
+    values: npt.NDArray[np.float32]
+    labels: npt.NDArray[np.bool_]
+
+    @property
+    def events(self) -> list[tuple[str, AnomalyEvent]]:
+        """Every injected anomaly with its device."""
+        return [(d.device, e) for d in self.fleet for e in d.events]
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+
+def build_stream(settings: SimulationSettings, start_ts: float) -> Stream:
+    """Generate the fleet (deterministic for given settings and ``start_ts``) and interleave it."""
+    fleet = generate_fleet(settings.fleet_spec(start_ts))
+    dev, ts, values, labels = interleave(fleet)
+    return Stream(fleet, dev, ts, values, labels)
+
+
+@dataclass
+class SimulationResult:
+    published: int = 0
+    failed: int = 0
+    elapsed_s: float = 0.0
+    events: list[tuple[str, AnomalyEvent]] = field(default_factory=list)
+
+
+def reading_payload(ts: float, values: list[float]) -> bytes:
+    """``{"ts": ..., "temperature": ..., "pressure": ..., "vibration": ...}`` as bytes."""
+    doc: dict[str, float] = {"ts": round(ts, 6)}
+    for name, v in zip(FEATURES, values, strict=True):
+        doc[name] = round(v, _DECIMALS)
+    return orjson.dumps(doc)
+
+
+def publish_stream(
+    link: MqttLink,
+    stream: Stream,
+    settings: SimulationSettings,
+    stop: threading.Event | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SimulationResult:
+    """Publish ``stream`` through a connected ``link``, paced by ``settings.speed``.
+
+    Returns early when ``stop`` is set. ``progress(sent, total)`` is called about once a
+    second of wall-clock time.
+    """
+    stop = stop or threading.Event()
+    result = SimulationResult(events=stream.events)
+    names = [d.device for d in stream.fleet]
+    pre, post = settings.topic_template.split("{device}")
+    topics = [pre + n + post for n in names]
+    ts_list = stream.ts.tolist()
+    values_list = stream.values.tolist()
+    dev_list = stream.device_index.tolist()
+    t0_wall = time.monotonic()
+    t0_data = ts_list[0] if ts_list else 0.0
+    paced = math.isfinite(settings.speed)
+    next_progress = t0_wall + 1.0
+    for i, ts in enumerate(ts_list):
+        if paced:
+            ahead = t0_wall + (ts - t0_data) / settings.speed - time.monotonic()
+            if ahead > 0.002 and stop.wait(ahead):
+                break
+        elif i % 1000 == 0 and stop.is_set():
+            break
+        payload = reading_payload(ts, values_list[i])
+        if link.publish(topics[dev_list[i]], payload, qos=settings.qos):
+            result.published += 1
+        else:
+            result.failed += 1
+        if progress is not None and i % 64 == 0 and time.monotonic() >= next_progress:
+            progress(i + 1, len(ts_list))
+            next_progress = time.monotonic() + 1.0
+    result.elapsed_s = time.monotonic() - t0_wall
+    if result.failed:
+        log.warning("%d readings could not be published (broker connection lost?)", result.failed)
+    return result
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _mqtt_config(host: str, port: int, topic_in: str = "sensors/{device}/telemetry") -> MqttConfig:
+    return MqttConfig(host=host, port=port, topic_in=topic_in)
+
+
+def simulate(
+    settings: SimulationSettings,
+    host: str,
+    port: int,
+    start_ts: float | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """The ``anomalyd simulate`` command: connect, publish the whole stream, disconnect."""
+    stop = stop or threading.Event()
+    first = settings.start_ts(time.time()) if start_ts is None else start_ts
+    stream = build_stream(settings, first)
+    link = MqttLink(_mqtt_config(host, port), client_id=f"anomalyd-simulator-{os.getpid()}", name="sim-mqtt")
+    link.start()
+    try:
+        while not link.wait_connected(5.0):
+            if stop.is_set():
+                return 130
+            log.warning("simulator: waiting for the MQTT broker at %s:%d", host, port)
+        log.info(
+            "simulating %d devices at %g Hz, %d readings, %d anomalies injected, speed %g",
+            settings.devices,
+            settings.rate_hz,
+            len(stream),
+            len(stream.events),
+            settings.speed,
+        )
+
+        def progress(sent: int, total: int) -> None:
+            log.info("published %d of %d readings", sent, total)
+
+        result = publish_stream(link, stream, settings, stop=stop, progress=progress)
+        log.info("published %d readings in %.1f s", result.published, result.elapsed_s)
+        return 0 if not result.failed else 1
+    finally:
+        # QoS 0 publishes are only queued in the client: closing sends DISCONNECT after
+        # them (one ordered stream), so give the queue time to go out.
+        link.close(timeout=60.0)
+
+
+class LiveView:
+    """Prints what the daemon publishes: alert changes at once, a summary every second."""
+
+    def __init__(self, out: TextIO, threshold_hint: float | None = None) -> None:
+        self._out = out
+        self._last: dict[str, dict[str, Any]] = {}
+        self._alerts: set[str] = set()
+        self.scores = 0
+        self.raised = 0
+        self._next_summary = time.monotonic() + 1.0
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Take one message from the output topics."""
+        if topic.endswith("/status") or "/" not in topic:
+            self._print(f"daemon status: {payload.decode(errors='replace')}")
+            return
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(doc, dict) or "device" not in doc:
+            return
+        device = str(doc["device"])
+        if topic.endswith("/alert"):
+            self._alert(device, doc)
+        else:
+            self.scores += 1
+            self._last[device] = doc
+
+    def _alert(self, device: str, doc: dict[str, Any]) -> None:
+        raised = bool(doc.get("alert"))
+        when = time.strftime("%H:%M:%S", time.gmtime(float(doc.get("ts", 0.0))))
+        contributions = doc.get("contributions") or {}
+        total = sum(contributions.values()) or 1.0
+        top = ", ".join(
+            f"{k} {100 * v / total:.0f}%" for k, v in sorted(contributions.items(), key=lambda kv: -kv[1])[:2]
+        )
+        if raised:
+            self.raised += 1
+            self._alerts.add(device)
+            score, threshold = doc.get("score", 0.0), doc.get("threshold", 0.0)
+            self._print(
+                f"ALERT   {device:<14} raised   score {score:8.3g} > {threshold:.3g}"
+                f"  [data time {when} UTC]  {top}"
+            )
+        else:
+            self._alerts.discard(device)
+            self._print(
+                f"ALERT   {device:<14} cleared  score {doc.get('score', 0):8.3g}  [data time {when} UTC]"
+            )
+
+    def tick(self) -> None:
+        """Print the summary line if a second has passed."""
+        if time.monotonic() < self._next_summary:
+            return
+        self._next_summary = time.monotonic() + 1.0
+        cells = []
+        for device in sorted(self._last):
+            d = self._last[device]
+            flag = "!" if d.get("anomaly") else " "
+            cells.append(f"{device} {d.get('score', 0):7.3g}{flag}")
+        alerts = ", ".join(sorted(self._alerts)) or "none"
+        self._print(f"scores  {self.scores:>7} | " + "  ".join(cells) + f" | alerts: {alerts}")
+
+    def _print(self, line: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')}  {line}", file=self._out, flush=True)
+
+
+def _broker_listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class PrivateBroker:
+    """A throwaway mosquitto on a free 127.0.0.1 port for ``anomalyd demo``."""
+
+    def __init__(self) -> None:
+        exe = shutil.which("mosquitto") or next(
+            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None
+        )
+        if exe is None:
+            raise BrokerError(
+                "no MQTT broker listens on 127.0.0.1:1883 and mosquitto is not installed: "
+                "install one (`apt install mosquitto`) or pass --broker HOST:PORT"
+            )
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self._dir = tempfile.TemporaryDirectory(prefix="anomalyd-demo-")
+        conf = Path(self._dir.name) / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            # Faster-than-real-time telemetry: do not drop QoS 0 messages at 1000 queued.
+            "max_queued_messages 1000000\n"
+        )
+        self._proc = subprocess.Popen(
+            [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10.0
+        while not _broker_listening("127.0.0.1", self.port):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise BrokerError(f"could not start a private mosquitto ({exe}) on port {self.port}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(10)
+        self._dir.cleanup()
+
+
+def run_demo(
+    settings: SimulationSettings,
+    broker: tuple[str, int] | None,
+    model_path: Path | None,
+    metrics_addr: tuple[str, int],
+    *,
+    out: TextIO | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """The ``anomalyd demo`` command: broker (found or started), daemon, simulator, live view."""
+    from anomalyd.config import load_config
+    from anomalyd.service import Service
+
+    out = out or sys.stdout
+    stop = stop or threading.Event()
+    private: PrivateBroker | None = None
+    if broker is None:
+        broker = ("127.0.0.1", 1883)
+        if not _broker_listening(*broker):
+            private = PrivateBroker()
+            broker = ("127.0.0.1", private.port)
+            print(f"started a private mosquitto on 127.0.0.1:{private.port}", file=out)
+    host, port = broker
+    overrides: dict[str, object] = {
+        "mqtt.host": host,
+        "mqtt.port": port,
+        "metrics.host": metrics_addr[0],
+        "metrics.port": metrics_addr[1],
+        "logging.level": "WARNING",
+    }
+    if model_path is not None:
+        overrides["model.path"] = str(model_path)
+    config = load_config(None, overrides)
+    service = Service(config)
+    previous = signal.signal(signal.SIGINT, lambda _s, _f: stop.set())
+    queue = IntakeQueue(100_000)
+    viewer = MqttLink(
+        _mqtt_config(host, port),
+        queue=queue,
+        client_id=f"anomalyd-demo-view-{os.getpid()}",
+        topics=[
+            subscription_filter(config.output.score_topic),
+            subscription_filter(config.output.alert_topic),
+            config.output.status_topic,
+        ],
+        name="view-mqtt",
+    )
+    runner = threading.Thread(target=_run_daemon, args=(service, stop), name="anomalyd-demo-daemon")
+    try:
+        runner.start()
+        while not service.ready.wait(0.2):
+            if stop.is_set() or not runner.is_alive():
+                return 1 if not stop.is_set() else 130
+        assert service.model is not None
+        c = service.model.contract
+        print(
+            f"anomalyd demo: broker {host}:{port}, model {c.model_version} "
+            f"({c.kind}, window {c.window_length}), threshold {service.threshold:.3g}, "
+            f"metrics http://{metrics_addr[0]}:{service.metrics_port}/metrics",
+            file=out,
+        )
+        span = settings.duration_s / settings.speed
+        first = c.window_length / settings.rate_hz / settings.speed
+        print(
+            f"simulating {settings.devices} devices at {settings.rate_hz:g} Hz, "
+            f"{settings.duration_s:.0f} s of data at {settings.speed:g}x ({span:.0f} s); "
+            f"the first scores come after one window ({first:.1f} s). Ctrl-C stops.",
+            file=out,
+            flush=True,
+        )
+        viewer.start()
+        viewer.wait_connected(10.0)
+        sim = threading.Thread(
+            target=simulate, args=(settings, host, port, None, stop), name="anomalyd-demo-sim", daemon=True
+        )
+        sim.start()
+        view = LiveView(out)
+        while not stop.is_set() and runner.is_alive():
+            queue.wait(0.2)
+            for msg in queue.drain(10_000):
+                view.handle(msg.topic, msg.payload)
+            view.tick()
+        print(f"stopping: {view.scores} scores and {view.raised} alerts seen", file=out, flush=True)
+        return 0
+    finally:
+        stop.set()
+        service.request_stop()
+        runner.join(30.0)
+        viewer.close(2.0)
+        signal.signal(signal.SIGINT, previous)
+        if private is not None:
+            private.close()
+
+
+def _run_daemon(service: Service, stop: threading.Event) -> None:
+    try:
+        if service.start():
+            # run_forever returns once request_stop() was called (by run_demo's finally).
+            service.run_forever()
+        else:
+            service.shutdown()
+    except AnomalydError as exc:
+        log.error("daemon failed to start: %s", exc)
+        service.shutdown()
+        stop.set()

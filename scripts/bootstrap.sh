@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs everything anomalyd needs on a fresh machine, idempotently:
+#   - the Mosquitto broker binary (tests start their own broker on a free port),
+#   - a virtual environment in .venv with the project (editable) and its train + dev extras.
+# Called by `make run` and `make test`; safe to run again (it skips what is already there).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+EXTRAS=${EXTRAS:-train,dev}
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "anomalyd needs Python >= 3.11 (found: $("$PYTHON" --version 2>&1))" >&2
+    exit 1
+fi
+
+# Mosquitto: Debian/Ubuntu package `mosquitto` (the binary lands in /usr/sbin).
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing mosquitto with apt-get" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
+    else
+        echo "bootstrap: the 'mosquitto' broker is required (tests and 'make run' start one)." >&2
+        echo "  Debian/Ubuntu: sudo apt-get install mosquitto   Fedora: sudo dnf install mosquitto" >&2
+        echo "  macOS: brew install mosquitto" >&2
+        exit 1
+    fi
+fi
+
+# Re-install only when pyproject.toml changed since the last successful install.
+stamp="$VENV/.anomalyd-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $EXTRAS"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/anomalyd" ]; then
+    exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet -e ".[$EXTRAS]"
+echo "$want" >"$stamp"
+echo "bootstrap: installed anomalyd into $VENV" >&2

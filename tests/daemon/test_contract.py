@@ -1,0 +1,124 @@
+"""The contract document: parsing, validation, and errors that name the field at fault."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+import pytest
+
+from anomalyd.contract import SCHEMA_VERSION, Contract
+from anomalyd.errors import ModelContractError
+
+
+def valid_contract_dict() -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "forecast",
+        "model_version": "test-000000000000",
+        "features": [
+            {"name": "temperature", "unit": "degC"},
+            {"name": "pressure", "unit": "kPa"},
+            {"name": "vibration", "unit": "g"},
+        ],
+        "window_length": 8,
+        "threshold": {
+            "value": 2.5,
+            "method": "pot",
+            "target_false_alarm_rate": 1e-3,
+            "n_calibration_windows": 1000,
+            "pot": {
+                "initial_quantile": 0.98,
+                "initial_threshold": 1.2,
+                "shape": 0.05,
+                "scale": 0.3,
+                "n_peaks": 20,
+            },
+        },
+        "normalisation": {"mean": [70.0, 100.0, 0.04], "std": [5.0, 2.0, 0.01]},
+        "training_data": {
+            "source": "unit test",
+            "sha256": "0" * 64,
+            "rows": 100,
+            "segments": 1,
+            "train_windows": 60,
+            "validation_windows": 10,
+        },
+        "created": "2026-11-24T00:00:00Z",
+    }
+
+
+def test_valid_contract_round_trips() -> None:
+    c = Contract.from_json(orjson.dumps(valid_contract_dict()))
+    assert c.feature_names == ["temperature", "pressure", "vibration"]
+    assert c.n_features == 3
+    again = Contract.from_json(c.to_json())
+    assert again == c
+    text = c.describe()
+    assert "temperature [degC]" in text
+    assert "pot" in text
+
+
+def _mutated(path: str, value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(valid_contract_dict())
+    node: Any = doc
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node[int(k)] if k.isdigit() else node[k]
+    last = keys[-1]
+    if value is _DELETE:
+        del node[last]
+    elif last.isdigit():
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return doc
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        ("schema_version", 99, "schema_version"),
+        ("kind", "transformer", "kind"),
+        ("window_length", 1, "window_length"),
+        ("window_length", _DELETE, "window_length"),
+        ("features", [], "features"),
+        ("features.0.name", "ts", "features.0.name"),
+        ("features.1.name", "bad name!", "features.1.name"),
+        ("threshold.value", "high", "threshold.value"),
+        ("threshold.method", "guess", "threshold.method"),
+        ("threshold.pot", None, "threshold"),
+        ("training_data.sha256", "xyz", "training_data.sha256"),
+        ("normalisation.std", [1.0], "normalisation"),
+        ("surprise", 1, "surprise"),
+    ],
+)
+def test_bad_contract_names_the_field(path: str, value: Any, field: str) -> None:
+    with pytest.raises(ModelContractError) as info:
+        Contract.from_json(orjson.dumps(_mutated(path, value)))
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+def test_non_json_and_non_object_are_rejected() -> None:
+    with pytest.raises(ModelContractError, match="not valid JSON"):
+        Contract.from_json(b"{not json")
+    with pytest.raises(ModelContractError, match="JSON object"):
+        Contract.from_json(b"[1, 2]")
+
+
+def test_duplicate_feature_names_are_rejected() -> None:
+    doc = valid_contract_dict()
+    doc["features"][1]["name"] = "temperature"
+    with pytest.raises(ModelContractError, match="duplicate"):
+        Contract.from_json(orjson.dumps(doc))
+
+
+def test_nan_threshold_is_rejected() -> None:
+    text = orjson.dumps(valid_contract_dict()).replace(b'"value":2.5', b'"value":NaN')
+    with pytest.raises(ModelContractError):
+        Contract.from_json(text)

@@ -1,0 +1,108 @@
+"""``anomalyd-train``: exit codes, one-line errors, and a real (tiny) training run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from anomalyd.model import read_contract
+from anomalyd_train.cli import build_parser, main
+
+TINY = """
+name = "cli-tiny"
+[data.synthetic]
+n_devices = 2
+duration_s = 1800.0
+seed = 5
+[window]
+length = 16
+[model]
+layers = 1
+units = 8
+[training]
+epochs = 2
+batch_size = 64
+max_train_windows = 1500
+[calibration]
+min_peaks = 10
+"""
+
+
+@pytest.mark.slow
+def test_train_writes_model_report_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY, encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--out", str(out)]) == 0
+    assert read_contract(out / "model.onnx").model_version.startswith("cli-tiny-")
+    for name in ("report.md", "loss.png", "scores.png", "series.png"):
+        assert (out / name).stat().st_size > 0, name
+    stdout = capsys.readouterr().out
+    assert "epoch   1/2" in stdout  # progress, one line per epoch
+    assert "threshold" in stdout
+    assert "parity ok" in stdout  # the summary names the checks
+    assert str(out / "model.onnx") in stdout
+
+
+def test_bad_config_exits_78_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[model]\nunits = 'many'\n", encoding="utf-8")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "out")]) == 78
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("anomalyd-train: error: model.units:")
+    assert captured.out == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_key_and_missing_file_are_config_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "typo.toml"
+    config.write_text("[training]\nepochz = 3\n", encoding="utf-8")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "o")]) == 78
+    assert "training.epochz" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "o")]) == 78
+    assert "nope.toml" in capsys.readouterr().err
+
+
+def test_unusable_data_exits_65_naming_the_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data.csv"
+    data.write_text(
+        "time,a\n" + "".join(f"{1_700_000_000 + i},{i % 7}\n" for i in range(200)), encoding="utf-8"
+    )
+    config = tmp_path / "csv.toml"
+    config.write_text(
+        '[data]\nsource = "csv"\n[data.csv]\npath = "data.csv"\ntimestamp_column = "time"\n'
+        'feature_columns = ["a", "b"]\n[window]\nlength = 10\n',
+        encoding="utf-8",
+    )
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "o")]) == 65
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "'b'" in err[0]
+
+
+def test_check_config_prints_the_resolved_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[model]\nkind = 'autoencoder'\n", encoding="utf-8")
+    assert main(["check-config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert '"kind": "autoencoder"' in out
+    assert '"window"' in out  # defaults filled in
+
+
+def test_subcommand_is_required() -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([])
+    assert info.value.code == 2
+
+
+def test_committed_configs_are_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    configs = Path(__file__).resolve().parents[2] / "training" / "configs"
+    names = sorted(p.name for p in configs.glob("*.toml"))
+    assert {"default.toml", "skab-example.toml"} <= set(names)
+    for name in names:
+        assert main(["check-config", str(configs / name)]) == 0, capsys.readouterr().err

@@ -1,0 +1,405 @@
+"""The training configuration: one TOML file, declared once here and checked once at load.
+
+Every table is a pydantic model with ``extra="forbid"`` so a misspelt key is an error, not a
+silently ignored default. Models are strict: a TOML string where a number belongs is an
+error, not a coercion. ``load_train_config`` turns every problem into one
+``anomalyd.errors.ConfigError`` whose ``key_path`` is the dotted path of the offending key.
+
+This module must stay light: no TensorFlow, no numpy (``anomalyd-train --validate-config``
+should answer in well under a second).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from anomalyd.contract import Feature
+from anomalyd.errors import ConfigError
+
+__all__ = [
+    "CalibrationConfig",
+    "CsvDataConfig",
+    "DataConfig",
+    "ExportConfig",
+    "ModelConfig",
+    "ReportConfig",
+    "SplitConfig",
+    "SyntheticDataConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "WindowConfig",
+    "config_to_dict",
+    "load_train_config",
+    "sanitise_feature_name",
+]
+
+
+class _Section(BaseModel):
+    # strict: TOML is typed, so "20" for an integer is a mistake worth reporting.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+class SyntheticDataConfig(_Section):
+    """The synthetic fleet of ``anomalyd.synthetic`` (the default training data)."""
+
+    n_devices: int = Field(default=8, ge=1, le=10_000, description="number of simulated devices")
+    duration_s: float = Field(default=6 * 3600, gt=0, description="simulated history per device, seconds")
+    period_s: float = Field(default=1.0, gt=0, description="nominal sample period, seconds")
+    seed: int = Field(default=0, ge=0, description="generator seed; same seed, same data")
+    anomalies_per_device_hour: float = Field(
+        default=0.0,
+        ge=0,
+        description="injected anomalies per device-hour; 0 keeps the training data normal",
+    )
+
+
+_SANITISE_CAMEL_LOWER = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_SANITISE_CAMEL_ACRONYM = re.compile(r"(?<=[A-Z])(?=[A-Z][a-z])")
+_SANITISE_BAD = re.compile(r"[^A-Za-z0-9_.\-]+")
+
+
+def sanitise_feature_name(column: str) -> str:
+    """Turn a CSV column name into a contract feature name.
+
+    ``"Volume Flow RateRMS"`` → ``"volume_flow_rate_rms"``, ``"Accelerometer1RMS"`` →
+    ``"accelerometer1_rms"``. The result satisfies ``anomalyd.contract.Feature``'s name rule
+    (letters, digits, ``_ . -``; starts with a letter or ``_``; at most 64 characters; not
+    ``ts``), because telemetry payloads must use it as a JSON key.
+    """
+    name = _SANITISE_CAMEL_ACRONYM.sub("_", _SANITISE_CAMEL_LOWER.sub("_", column.strip()))
+    name = _SANITISE_BAD.sub("_", name).lower()
+    name = re.sub(r"_+", "_", name).strip("_")
+    if not name:
+        name = "feature"
+    if not (name[0].isalpha() or name[0] == "_"):
+        name = "_" + name
+    name = name[:64]
+    return "ts_" if name == "ts" else name
+
+
+class CsvDataConfig(_Section):
+    """A CSV file of real history: a timestamp column plus chosen numeric feature columns."""
+
+    # Path is lax so that a TOML string converts; strictness would demand a Path object.
+    path: Annotated[Path, Field(strict=False)] = Field(
+        description="CSV file; a relative path is read relative to the training config file"
+    )
+    separator: str = Field(default=",", min_length=1, max_length=1, description="field separator")
+    timestamp_column: str = Field(min_length=1, description="name of the timestamp column")
+    timestamp_format: str | None = Field(
+        default=None,
+        description=(
+            "strptime format of the timestamps (e.g. '%Y-%m-%d %H:%M:%S'); unset: epoch seconds "
+            "or ISO 8601, detected from the first data row. Times without a zone are read as UTC"
+        ),
+    )
+    feature_columns: list[str] = Field(min_length=1, description="columns used as model inputs, in order")
+    feature_names: list[str] | None = Field(
+        default=None,
+        description=(
+            "contract names of the feature columns, same order (the names the daemon expects in "
+            "telemetry); unset: a sanitised column name ('Volume Flow RateRMS' → 'volume_flow_rate_rms')"
+        ),
+    )
+    units: dict[str, str] = Field(default_factory=dict, description="unit per feature name, for people")
+    label_column: str | None = Field(
+        default=None, description="0/1 anomaly label column: kept for reports, never used for training"
+    )
+    max_gap_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="a step longer than this starts a new segment; unset: 3 × the median sample period",
+    )
+    first_rows: int | None = Field(
+        default=None, ge=1, description="read only the first N data rows (SKAB's protocol trains on 400)"
+    )
+    encoding: str = Field(default="utf-8", description="text encoding of the file")
+
+    @field_validator("feature_columns")
+    @classmethod
+    def _unique_columns(cls, v: list[str]) -> list[str]:
+        dupes = sorted({c for c in v if v.count(c) > 1})
+        if dupes:
+            raise ValueError(f"each column may be used once; repeated: {dupes}")
+        return v
+
+    @field_validator("feature_names")
+    @classmethod
+    def _names_match_columns(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        columns = info.data.get("feature_columns")
+        if v is None or columns is None:
+            return v
+        if len(v) != len(columns):
+            raise ValueError(f"needs one name per feature column ({len(columns)}), got {len(v)}")
+        return v
+
+    @field_validator("units")
+    @classmethod
+    def _units_for_known_features(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        columns = info.data.get("feature_columns")
+        if columns is None:
+            return v
+        names = info.data.get("feature_names") or [sanitise_feature_name(c) for c in columns]
+        unknown = sorted(set(v) - set(names))
+        if unknown:
+            raise ValueError(f"keys must be feature names {names}; unknown: {unknown}")
+        return v
+
+    @model_validator(mode="after")
+    def _valid_contract_names(self) -> CsvDataConfig:
+        # Checked here, not at export, so a bad name fails in a second rather than after training.
+        names = self.resolved_feature_names()
+        for name in names:
+            try:
+                Feature(name=name)
+            except ValidationError as exc:
+                raise ValueError(
+                    f"feature name {name!r} is not usable in telemetry: {exc.errors()[0]['msg']}"
+                ) from None
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"feature names must be unique; repeated: {dupes} (set feature_names)")
+        if self.timestamp_column in self.feature_columns:
+            raise ValueError(f"timestamp column {self.timestamp_column!r} cannot also be a feature")
+        if self.label_column is not None and self.label_column in self.feature_columns:
+            raise ValueError(f"label column {self.label_column!r} cannot also be a feature")
+        return self
+
+    def resolved_feature_names(self) -> list[str]:
+        """Feature names for the contract: ``feature_names`` or the sanitised column names."""
+        if self.feature_names is not None:
+            return list(self.feature_names)
+        return [sanitise_feature_name(c) for c in self.feature_columns]
+
+
+class DataConfig(_Section):
+    """Where the training history comes from."""
+
+    source: Literal["synthetic", "csv"] = Field(default="synthetic", description="'synthetic' or 'csv'")
+    synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
+    csv: CsvDataConfig | None = Field(default=None, description="required when source = 'csv'")
+
+    @field_validator("csv")
+    @classmethod
+    def _csv_when_csv(cls, v: CsvDataConfig | None, info: ValidationInfo) -> CsvDataConfig | None:
+        # A field validator (not a model validator) so that the error's key path is "data.csv".
+        if info.data.get("source") == "csv" and v is None:
+            raise ValueError("source = 'csv' needs a [data.csv] table (path, timestamp_column, ...)")
+        return v
+
+
+# ------------------------------------------------------------------------------ windows, splits
+
+
+class WindowConfig(_Section):
+    """How series become (batch, L, F) windows."""
+
+    length: int = Field(default=50, ge=2, le=100_000, description="window length L in samples")
+    hop: int = Field(default=1, ge=1, description="samples between the ends of consecutive windows")
+    padding: Literal["none", "pre"] = Field(
+        default="none",
+        description=(
+            "'none': segments shorter than L are dropped and a segment's first L-1 samples get no "
+            "window; 'pre': every sample gets a window, edge-padded with the segment's first sample"
+        ),
+    )
+
+
+class SplitConfig(_Section):
+    """Time-ordered split of each series: train | validation | calibration."""
+
+    validation_fraction: float = Field(default=0.15, ge=0, le=0.5, description="share for early stopping")
+    calibration_fraction: float = Field(
+        default=0.15, ge=0, le=0.5, description="share held out to calibrate the threshold"
+    )
+
+    @model_validator(mode="after")
+    def _leave_training_data(self) -> SplitConfig:
+        if self.validation_fraction + self.calibration_fraction >= 0.9:
+            raise ValueError("validation_fraction + calibration_fraction must be below 0.9")
+        return self
+
+
+# ----------------------------------------------------------------------------- model, training
+
+
+class ModelConfig(_Section):
+    """The network."""
+
+    kind: Literal["forecast", "autoencoder"] = Field(
+        default="forecast",
+        description=(
+            "'forecast': LSTM over steps 1..L-1 predicts step L; 'autoencoder': reconstructs the window"
+        ),
+    )
+    layers: int = Field(default=2, ge=1, le=4, description="stacked LSTM layers")
+    units: int = Field(default=32, ge=4, le=512, description="units per LSTM layer")
+    dropout: float = Field(default=0.0, ge=0, le=0.5, description="dropout between layers")
+    latent_units: int | None = Field(
+        default=None, ge=1, le=512, description="autoencoder bottleneck width; unset: units"
+    )
+
+
+class TrainingConfig(_Section):
+    """The optimiser loop."""
+
+    epochs: int = Field(default=20, ge=1, le=10_000, description="maximum epochs")
+    batch_size: int = Field(default=128, ge=1, le=65_536, description="windows per batch")
+    learning_rate: float = Field(default=1e-3, gt=0, le=1, description="Adam learning rate")
+    patience: int = Field(
+        default=3, ge=0, description="early stopping on validation loss after this many epochs; 0 = off"
+    )
+    seed: int = Field(default=0, ge=0, description="seeds weights, shuffling and subsampling")
+    max_train_windows: int | None = Field(
+        default=20_000,
+        ge=1,
+        description="subsample (seeded, evenly over time) to this many training windows; unset: all",
+    )
+
+
+class CalibrationConfig(_Section):
+    """The alarm threshold (peaks over threshold, Siffer et al. 2017, with an empirical fallback)."""
+
+    target_false_alarm_rate: float = Field(
+        default=1e-3, gt=0, lt=1, description="wanted false alarms per normal window"
+    )
+    initial_quantile: float = Field(
+        default=0.98, gt=0, lt=1, description="quantile of calibration scores where the tail fit starts"
+    )
+    min_peaks: int = Field(
+        default=30, ge=1, description="fewer exceedances than this: use the empirical quantile instead"
+    )
+
+
+class ExportConfig(_Section):
+    """ONNX export and its parity check against Keras."""
+
+    opset: int = Field(default=17, ge=13, le=23, description="ONNX opset")
+    rtol: float = Field(default=1e-4, gt=0, description="relative tolerance of the Keras/ORT parity check")
+    atol: float = Field(default=1e-5, gt=0, description="absolute tolerance of the Keras/ORT parity check")
+    parity_windows: int = Field(default=256, ge=1, description="validation windows used for the check")
+
+
+class ReportConfig(_Section):
+    """The figures written next to the exported model."""
+
+    enabled: bool = Field(default=True, description="write the PNG report and its index page")
+
+
+class TrainConfig(_Section):
+    """The whole training configuration (one TOML file)."""
+
+    name: str = Field(
+        default="anomalyd-model", min_length=1, max_length=128, description="model name, for the contract"
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    window: WindowConfig = Field(default_factory=WindowConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """Keys of the table at ``loc`` (for "unknown key" messages); [] when not a table."""
+    model: Any = TrainConfig
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            return []
+        info = model.model_fields.get(part)
+        if info is None:
+            return []
+        model = next(
+            (t for t in (info.annotation, *getattr(info.annotation, "__args__", ())) if _is_model(t)),
+            None,
+        )
+    return sorted(model.model_fields) if model is not None else []
+
+
+def _is_model(t: object) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _error_from_validation(exc: ValidationError, where: str) -> ConfigError:
+    err = exc.errors(include_url=False)[0]
+    loc = tuple(err["loc"])
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        msg = "unknown key" + (f" (allowed here: {', '.join(allowed)})" if allowed else "")
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        if not isinstance(value, dict) and err["type"].endswith("_type"):
+            msg += f", got {type(value).__name__} {value!r}"
+    more = len(exc.errors()) - 1
+    if more:
+        msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return ConfigError(f"{msg} [{where}]", key_path=_key_path(loc) or None)
+
+
+def load_train_config(path: str | os.PathLike[str] | None) -> TrainConfig:
+    """Read and check a training config; ``None`` gives the embedded defaults.
+
+    Raises ``ConfigError``: for an unreadable file or bad TOML naming the file (and the
+    line, from ``tomllib``), for a bad value naming its dotted key path. A relative
+    ``data.csv.path`` is resolved against the config file's directory, so a config and its
+    data can move together.
+    """
+    if path is None:
+        return TrainConfig()
+    file = Path(path)
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read training config {file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"training config {file} is not UTF-8 ({exc.reason})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message ends with "(at line N, column M)".
+        raise ConfigError(f"training config {file} is not valid TOML: {exc}") from None
+    try:
+        cfg = TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _error_from_validation(exc, str(file)) from None
+    csv = cfg.data.csv
+    if csv is not None and not csv.path.is_absolute():
+        csv.path = (file.parent / csv.path).resolve()
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """A JSON-safe dict of the whole config (paths as strings), for the model contract."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,470 @@
+"""Export a trained network as one self-describing ONNX file, and check it.
+
+The exported graph is the whole model: it takes raw windows ``window (batch, L, F)``,
+normalises them, runs the network and computes the score (see ``score_definition``).
+The contract (``anomalyd.contract.Contract``) goes into ``metadata_props``.
+
+Every export is checked, and a failed check fails the export with
+``ExportCheckError`` naming the check; nothing is written then. The checks are
+plain functions so tests can feed them models that break them:
+
+- ``check_onnx_checker``: ``onnx.checker.check_model`` (full) passes;
+- ``check_fused_lstm``: exactly one fused ``LSTM`` op per Keras LSTM layer, and no
+  ``Loop`` / ``Scan`` anywhere (those are what unrolled, masked or cuDNN-only layers
+  turn into, and they run many times slower);
+- ``check_parity``: ONNX Runtime's ``score`` and ``contributions`` match the
+  TensorFlow scoring function on real windows within ``rtol``/``atol``;
+- ``check_loads``: the written file loads with the daemon's own loader
+  (``anomalyd.model.load_model``), which checks the contract against the graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from anomalyd.contract import (
+    CONTRIBUTIONS_OUTPUT,
+    INPUT_NAME,
+    METADATA_KEY,
+    SCHEMA_VERSION,
+    SCORE_OUTPUT,
+    Contract,
+)
+from anomalyd.errors import AnomalydError
+
+FloatArray = npt.NDArray[np.float32]
+
+#: Residual scales below this (normalised units) are raised to it, so that a feature
+#: the network predicts almost perfectly cannot turn rounding noise into huge scores.
+MIN_RESIDUAL_SCALE = 1e-3
+
+SCORE_DEFINITION = (
+    "mean over features of ((x - mean) / std residual / residual_scale)^2; "
+    "forecast: residual of step L predicted from steps 1..L-1; "
+    "autoencoder: reconstruction residual averaged over the L steps; "
+    "contributions = per-feature terms / F, they sum to the score"
+)
+
+_FORBIDDEN_OPS = ("Loop", "Scan")
+
+
+class ExportCheckError(AnomalydError):
+    """An export check failed; ``check`` names it. Nothing was written."""
+
+    exit_code = 70  # EX_SOFTWARE: the trained artefact is wrong, not the user's input
+
+    def __init__(self, check: str, message: str) -> None:
+        self.check = check
+        super().__init__(f"export check {check!r} failed: {message}")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One passed export check and what it measured, for the summary and the model card."""
+
+    name: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class ScoringFunction:
+    """The ``tf.function`` raw window → (score, contributions), with what it was built from."""
+
+    fn: Any  # tf.types.experimental.PolymorphicFunction
+    model: Any  # the keras.Model inside it (normalised units in and out)
+    kind: str
+    window_length: int
+    n_features: int
+    n_lstm_layers: int
+    mean: FloatArray
+    std: FloatArray
+    residual_scale: FloatArray
+
+    def __call__(self, windows: FloatArray, batch_size: int = 1024) -> tuple[FloatArray, FloatArray]:
+        """Score raw windows ``(n, L, F)`` in TensorFlow; returns ``score (n,)``, ``contributions (n, F)``."""
+        scores: list[FloatArray] = []
+        contribs: list[FloatArray] = []
+        for start in range(0, len(windows), batch_size):
+            out = self.fn(np.ascontiguousarray(windows[start : start + batch_size], dtype=np.float32))
+            scores.append(np.asarray(out[SCORE_OUTPUT], dtype=np.float32))
+            contribs.append(np.asarray(out[CONTRIBUTIONS_OUTPUT], dtype=np.float32))
+        if not scores:
+            return np.zeros(0, np.float32), np.zeros((0, self.n_features), np.float32)
+        return np.concatenate(scores), np.concatenate(contribs)
+
+
+@dataclass
+class ExportResult:
+    """What ``export_model`` wrote and checked."""
+
+    path: Path
+    size_bytes: int
+    contract: Contract
+    checks: list[CheckResult] = field(default_factory=list)
+
+
+def squared_residuals(
+    model: Any, kind: str, windows_normalised: FloatArray, batch_size: int = 1024
+) -> FloatArray:
+    """Per-window, per-feature mean squared residual in normalised units, ``(n, F)``.
+
+    Forecast: ``(z_L - prediction)^2``; autoencoder: ``(z - reconstruction)^2``
+    averaged over the L steps. Used to estimate the residual scales.
+    """
+    out: list[FloatArray] = []
+    for start in range(0, len(windows_normalised), batch_size):
+        z = windows_normalised[start : start + batch_size]
+        if kind == "forecast":
+            pred = np.asarray(model(z[:, :-1, :], training=False))
+            out.append(np.square(z[:, -1, :] - pred).astype(np.float32))
+        else:
+            rec = np.asarray(model(z, training=False))
+            out.append(np.square(z - rec).mean(axis=1).astype(np.float32))
+    return np.concatenate(out) if out else np.zeros((0, windows_normalised.shape[2]), np.float32)
+
+
+def residual_scales(sq_residuals: FloatArray) -> FloatArray:
+    """``s_f`` = root mean squared residual per feature (floored at ``MIN_RESIDUAL_SCALE``).
+
+    With this scale a typical training window scores about 1 (the mean of
+    ``(r_f/s_f)^2`` over training windows is 1 per feature), whatever the units.
+    """
+    if len(sq_residuals) == 0:
+        raise ValueError("no training windows to estimate residual scales from")
+    s = np.sqrt(sq_residuals.astype(np.float64).mean(axis=0))
+    return np.asarray(np.maximum(s, MIN_RESIDUAL_SCALE), dtype=np.float32)
+
+
+def build_scoring_function(
+    model: Any,
+    kind: str,
+    *,
+    window_length: int,
+    mean: FloatArray,
+    std: FloatArray,
+    residual_scale: FloatArray,
+    n_lstm_layers: int,
+) -> ScoringFunction:
+    """Wrap ``model`` in a ``tf.function``: raw window → normalise → network → score.
+
+    The constants are captured as numpy arrays: tf2onnx turns those into
+    initializers, while a captured ``tf.constant`` would become an extra graph input
+    (FIELD_NOTES).
+    """
+    import tensorflow as tf
+
+    n_features = len(mean)
+    mean_c = np.asarray(mean, np.float32).reshape(1, 1, n_features)
+    inv_std_c = (1.0 / np.asarray(std, np.float64)).astype(np.float32).reshape(1, 1, n_features)
+    inv_scale_c = (1.0 / np.asarray(residual_scale, np.float64)).astype(np.float32)
+    inv_f = np.float32(1.0 / n_features)
+
+    @tf.function(  # type: ignore[untyped-decorator]
+        input_signature=[tf.TensorSpec((None, window_length, n_features), tf.float32, name=INPUT_NAME)]
+    )
+    def score_window(window: Any) -> dict[str, Any]:
+        z = (window - mean_c) * inv_std_c
+        if kind == "forecast":
+            pred = model(z[:, :-1, :], training=False)
+            per_feature = tf.square((z[:, -1, :] - pred) * inv_scale_c)
+        else:
+            rec = model(z, training=False)
+            per_feature = tf.reduce_mean(tf.square((z - rec) * inv_scale_c), axis=1)
+        contributions = per_feature * inv_f
+        # score is the sum of the contributions, so the two agree exactly in the graph.
+        score = tf.reduce_sum(contributions, axis=1)
+        return {SCORE_OUTPUT: score, CONTRIBUTIONS_OUTPUT: contributions}
+
+    return ScoringFunction(
+        fn=score_window,
+        model=model,
+        kind=kind,
+        window_length=window_length,
+        n_features=n_features,
+        n_lstm_layers=n_lstm_layers,
+        mean=np.asarray(mean, np.float32),
+        std=np.asarray(std, np.float32),
+        residual_scale=np.asarray(residual_scale, np.float32),
+    )
+
+
+def _rename_value(graph: Any, old: str, new: str) -> None:
+    if old == new:
+        return
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.name == old:
+            value.name = new
+
+
+def convert(scoring: ScoringFunction, opset: int) -> Any:
+    """Convert the scoring function with tf2onnx; name the graph's input and outputs
+    exactly as the contract says (``window``; ``score``, ``contributions``)."""
+    import tensorflow as tf
+    import tf2onnx
+
+    # tf2onnx logs its graph surgery at INFO/WARNING ("TF freezing failed. Attempting
+    # to fix ...", which it then does); the export checks below judge the result.
+    tf2onnx_log = logging.getLogger("tf2onnx")
+    level = tf2onnx_log.level
+    tf2onnx_log.setLevel(logging.ERROR)
+    try:
+        proto, _ = tf2onnx.convert.from_function(
+            scoring.fn,
+            input_signature=[
+                tf.TensorSpec((None, scoring.window_length, scoring.n_features), tf.float32, name=INPUT_NAME)
+            ],
+            opset=opset,
+        )
+    finally:
+        tf2onnx_log.setLevel(level)
+    graph = proto.graph
+    if len(graph.input) != 1:
+        raise ExportCheckError(
+            "graph_io", f"expected one graph input, tf2onnx produced {[i.name for i in graph.input]}"
+        )
+    _rename_value(graph, graph.input[0].name, INPUT_NAME)
+    # tf2onnx names outputs after the TF tensors ("Identity:0", ...); tell them apart by
+    # rank rather than by order: score is (batch,), contributions (batch, F).
+    by_rank = {len(o.type.tensor_type.shape.dim): o.name for o in graph.output}
+    if len(graph.output) != 2 or sorted(by_rank) != [1, 2]:
+        raise ExportCheckError(
+            "graph_io",
+            f"expected a rank-1 and a rank-2 output, tf2onnx produced {[o.name for o in graph.output]}",
+        )
+    _rename_value(graph, by_rank[1], SCORE_OUTPUT)
+    _rename_value(graph, by_rank[2], CONTRIBUTIONS_OUTPUT)
+    return proto
+
+
+def _all_nodes(graph: Any) -> list[Any]:
+    """Every node, including those inside subgraphs (If/Loop bodies)."""
+    nodes: list[Any] = []
+    for node in graph.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                nodes.extend(_all_nodes(attr.g))
+            for sub in attr.graphs:
+                nodes.extend(_all_nodes(sub))
+    return nodes
+
+
+def op_counts(proto: Any) -> dict[str, int]:
+    """How often each op type occurs in the model, subgraphs included."""
+    counts: dict[str, int] = {}
+    for node in _all_nodes(proto.graph):
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def check_onnx_checker(proto: Any) -> CheckResult:
+    """``onnx.checker.check_model(full_check=True)`` must pass."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:  # onnx raises ValidationError and friends; all mean "invalid"
+        raise ExportCheckError("onnx_checker", str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
+    return CheckResult("onnx_checker", f"passed (opset {_opset(proto)}, ir {proto.ir_version})")
+
+
+def _opset(proto: Any) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def check_fused_lstm(proto: Any, expected_lstm_layers: int) -> CheckResult:
+    """Exactly ``expected_lstm_layers`` fused ``LSTM`` ops and no ``Loop``/``Scan``."""
+    counts = op_counts(proto)
+    bad = {op: counts[op] for op in _FORBIDDEN_OPS if counts.get(op)}
+    if bad:
+        raise ExportCheckError(
+            "fused_lstm",
+            f"graph holds {bad}: a recurrent layer was not fused (unrolled, masked or "
+            "cuDNN-only LSTM?); build LSTMs with use_cudnn=False, unroll=False, no masking",
+        )
+    n_lstm = counts.get("LSTM", 0)
+    if n_lstm != expected_lstm_layers:
+        raise ExportCheckError(
+            "fused_lstm",
+            f"graph holds {n_lstm} fused LSTM ops, the Keras model has {expected_lstm_layers} LSTM layers",
+        )
+    return CheckResult(
+        "fused_lstm", f"{n_lstm} fused LSTM ops for {expected_lstm_layers} layers, no Loop/Scan"
+    )
+
+
+def _ort_session(model_bytes: bytes) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def check_parity(
+    model_bytes: bytes,
+    reference: Callable[[FloatArray], tuple[FloatArray, FloatArray]],
+    windows: FloatArray,
+    rtol: float,
+    atol: float,
+) -> CheckResult:
+    """ONNX Runtime's ``score`` and ``contributions`` equal ``reference``'s on ``windows``
+    within ``|ort - ref| <= atol + rtol * |ref|`` (numpy's ``allclose`` rule)."""
+    if len(windows) == 0:
+        raise ExportCheckError("parity", "no windows to compare on")
+    try:
+        session = _ort_session(model_bytes)
+        got_score, got_contrib = session.run(
+            [SCORE_OUTPUT, CONTRIBUTIONS_OUTPUT], {INPUT_NAME: np.ascontiguousarray(windows, np.float32)}
+        )
+    except Exception as exc:  # ORT raises its own exception types; all mean "cannot run"
+        raise ExportCheckError("parity", f"ONNX Runtime cannot run the graph: {exc}") from None
+    ref_score, ref_contrib = reference(windows)
+    worst_abs = 0.0
+    worst_ratio = 0.0  # largest share of the allowed difference used by any value
+    for name, got, ref in (
+        (SCORE_OUTPUT, np.asarray(got_score), ref_score),
+        (CONTRIBUTIONS_OUTPUT, np.asarray(got_contrib), ref_contrib),
+    ):
+        if got.shape != ref.shape:
+            raise ExportCheckError(
+                "parity", f"{name}: ONNX shape {got.shape} != TensorFlow shape {ref.shape}"
+            )
+        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+        allowed = atol + rtol * np.abs(ref.astype(np.float64))
+        if not np.all(np.isfinite(got)) or np.any(diff > allowed):
+            i = int(np.nanargmax(diff - allowed)) if np.all(np.isfinite(got)) else 0
+            raise ExportCheckError(
+                "parity",
+                f"{name}: ONNX Runtime differs from TensorFlow beyond rtol={rtol:g} atol={atol:g} "
+                f"on {int(np.sum(diff > allowed))} of {diff.size} values "
+                f"(worst: {got.flat[i]!r} vs {ref.flat[i]!r})",
+            )
+        worst_abs = max(worst_abs, float(diff.max()))
+        worst_ratio = max(worst_ratio, float((diff / allowed).max()))
+    return CheckResult(
+        "parity",
+        f"{len(windows)} windows, max |diff| {worst_abs:.2e}, "
+        f"at most {worst_ratio:.0%} of the allowed atol {atol:g} + rtol {rtol:g}·|value|",
+    )
+
+
+def check_loads(path: Path) -> CheckResult:
+    """The file loads with the daemon's loader, which checks the contract against the graph."""
+    from anomalyd.model import SessionOptions, load_model
+
+    try:
+        loaded = load_model(path, SessionOptions(providers="cpu"))
+    except AnomalydError as exc:
+        raise ExportCheckError("daemon_loader", str(exc)) from None
+    return CheckResult(
+        "daemon_loader", f"anomalyd.model.load_model accepted it ({loaded.contract.model_version})"
+    )
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shaped the exported model."""
+    versions: dict[str, str] = {}
+    for dist in (
+        "tensorflow",
+        "tensorflow-cpu",
+        "keras",
+        "tf2onnx",
+        "onnx",
+        "onnxruntime",
+        "numpy",
+        "anomalyd",
+    ):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if "tensorflow-cpu" in versions:  # one TensorFlow, whichever wheel provides it
+        versions.setdefault("tensorflow", versions.pop("tensorflow-cpu"))
+    return versions
+
+
+def graph_digest(proto: Any) -> str:
+    """sha256 of the serialised graph (nodes, weights, input/output) without metadata."""
+    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def export_model(
+    scoring: ScoringFunction,
+    *,
+    name: str,
+    contract_fields: dict[str, Any],
+    out_path: Path,
+    opset: int,
+    parity_windows: FloatArray,
+    rtol: float,
+    atol: float,
+) -> ExportResult:
+    """Convert, check and write the model to ``out_path``.
+
+    ``contract_fields`` holds the contract fields that training knows (kind, features,
+    window_length, threshold, normalisation, training_data, training_config); this
+    function adds ``schema_version``, ``versions``, ``created`` and ``model_version`` =
+    ``{name}-{first 12 hex of graph_digest}``, so two files with the same version hold
+    the same weights. Raises ``ExportCheckError`` naming the first failed check; the
+    file is then not written (an earlier file at ``out_path`` stays as it was).
+    """
+    import onnx
+
+    from anomalyd import __version__
+
+    proto = convert(scoring, opset)
+    checks = [check_onnx_checker(proto), check_fused_lstm(proto, scoring.n_lstm_layers)]
+
+    contract = Contract.model_validate(
+        {
+            **contract_fields,
+            "schema_version": SCHEMA_VERSION,
+            "model_version": f"{name}-{graph_digest(proto)[:12]}",
+            "versions": library_versions(),
+            "created": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        }
+    )
+    proto.producer_name = "anomalyd-train"
+    proto.producer_version = __version__
+    proto.doc_string = (
+        f"anomalyd {contract.kind} model {contract.model_version}: raw windows "
+        f"{INPUT_NAME} (batch, {contract.window_length}, {contract.n_features}) -> {SCORE_OUTPUT} (batch,), "
+        f"{CONTRIBUTIONS_OUTPUT} (batch, {contract.n_features}). "
+        f"Contract JSON in metadata_props[{METADATA_KEY!r}]."
+    )
+    onnx.helper.set_model_props(proto, {METADATA_KEY: contract.to_json()})
+    model_bytes = proto.SerializeToString()
+    checks.append(check_parity(model_bytes, scoring, parity_windows, rtol, atol))
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename only after the daemon's loader accepted it,
+    # so a failed export never leaves a half-checked model where the daemon looks.
+    fd, tmp_name = tempfile.mkstemp(prefix=".model-", suffix=".onnx", dir=out_path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(model_bytes)
+        # mkstemp creates the file 0600; a model is meant to be read by the daemon's user.
+        tmp.chmod(0o644)
+        checks.append(check_loads(tmp))
+        tmp.replace(out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportResult(path=out_path, size_bytes=len(model_bytes), contract=contract, checks=checks)

@@ -1,0 +1,429 @@
+"""The training pipeline: config in, checked ONNX model (and report) out.
+
+``train`` is a straight line of pure steps over one ``TrainConfig``:
+
+load dataset → split each series by time (train | validation | calibration) → fit the
+scaler on training rows only → cut windows → subsample the training windows → fit
+(Adam, MSE on normalised targets, early stopping on validation loss, best weights
+restored) → residual scales from training windows → scores on the held-out
+calibration windows → threshold (``anomalyd.calibration``) → export with checks →
+report.
+
+Nothing here reads global state; the config says everything, and the seed in it
+makes a run repeatable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from anomalyd.calibration import Calibration, calibrate_threshold, to_contract_threshold
+from anomalyd.errors import DataError
+from anomalyd_train.config import TrainConfig, config_to_dict
+from anomalyd_train.data import Dataset, Segment, load_dataset
+from anomalyd_train.windows import (
+    Scaler,
+    WindowSet,
+    dataset_sha256,
+    make_windows,
+    split_by_time,
+    subsample,
+)
+
+FloatArray = npt.NDArray[np.float32]
+
+MODEL_FILE = "model.onnx"
+
+
+@dataclass
+class History:
+    """Per-epoch losses (MSE on normalised targets) and where training stopped."""
+
+    loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_epoch: int = 0  # 1-based; the weights of this epoch were kept
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    """Everything a run produced, for the summary, the report and tests."""
+
+    config: TrainConfig
+    out_dir: Path
+    model_path: Path
+    dataset: Dataset
+    scaler: Scaler
+    windows: dict[str, int]  # train (before subsampling), train_used, validation, calibration
+    dropped_segments: int
+    history: History
+    residual_scale: FloatArray
+    calibration: Calibration
+    calibration_source: str  # which held-out windows calibrated the threshold
+    validation_scores: FloatArray
+    calibration_scores: FloatArray
+    export: Any  # anomalyd_train.export.ExportResult
+    scoring: Any  # anomalyd_train.export.ScoringFunction: the TensorFlow twin of the ONNX graph
+    report_files: list[Path] = field(default_factory=list)
+    report_numbers: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def threshold(self) -> float:
+        return float(self.export.contract.threshold.value)
+
+
+def _echo(progress: bool) -> Callable[[str], None]:
+    def echo(line: str) -> None:
+        if progress:
+            print(line, flush=True)
+
+    return echo
+
+
+def _epoch_logger(echo: Callable[[str], None], epochs: int) -> Any:
+    """A Keras callback printing one line per epoch (Keras' own bar is unreadable in logs)."""
+    import keras
+
+    class EpochLine(keras.callbacks.Callback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.start = time.perf_counter()
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            logs = logs or {}
+            val = f"  val_loss {logs['val_loss']:.5f}" if "val_loss" in logs else ""
+            echo(
+                f"  epoch {epoch + 1:>3}/{epochs}  loss {logs.get('loss', float('nan')):.5f}{val}"
+                f"  ({time.perf_counter() - self.start:.1f} s)"
+            )
+
+    return EpochLine()
+
+
+def _inputs_targets(kind: str, z: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Network input and target from normalised windows ``(n, L, F)``."""
+    if kind == "forecast":
+        return z[:, :-1, :], z[:, -1, :]
+    return z, z
+
+
+def fit_model(
+    cfg: TrainConfig,
+    train_z: FloatArray,
+    val_z: FloatArray | None,
+    echo: Callable[[str], None],
+) -> tuple[Any, History]:
+    """Build and fit the network on normalised windows; returns it with its history.
+
+    Early stopping watches the validation loss (the training loss when there is no
+    validation part) and the best epoch's weights are restored at the end.
+    """
+    import keras
+
+    from anomalyd_train.models import build_model
+
+    keras.utils.set_random_seed(cfg.training.seed)
+    _, length, n_features = train_z.shape
+    model = build_model(cfg.model, length, n_features)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=cfg.training.learning_rate), loss="mse")
+    x, y = _inputs_targets(cfg.model.kind, train_z)
+    validation = _inputs_targets(cfg.model.kind, val_z) if val_z is not None and len(val_z) else None
+    monitor = "val_loss" if validation is not None else "loss"
+    # patience 0 turns stopping off but still keeps the best epoch's weights.
+    patience = cfg.training.patience or cfg.training.epochs
+    stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True)
+    started = time.perf_counter()
+    fitted = model.fit(
+        x,
+        y,
+        batch_size=cfg.training.batch_size,
+        epochs=cfg.training.epochs,
+        validation_data=validation,
+        shuffle=True,
+        callbacks=[stopper, _epoch_logger(echo, cfg.training.epochs)],
+        verbose=0,
+    )
+    losses = [float(v) for v in fitted.history.get("loss", [])]
+    val_losses = [float(v) for v in fitted.history.get("val_loss", [])]
+    watched = val_losses if validation is not None else losses
+    history = History(
+        loss=losses,
+        val_loss=val_losses,
+        best_epoch=int(np.argmin(watched)) + 1 if watched else 0,
+        stopped_early=len(losses) < cfg.training.epochs,
+        seconds=time.perf_counter() - started,
+    )
+    return model, history
+
+
+def _evenly(n: int, k: int) -> npt.NDArray[np.int64]:
+    """``k`` indices spread evenly over ``range(n)`` (all of them when ``n <= k``)."""
+    if n <= k:
+        return np.arange(n, dtype=np.int64)
+    return np.linspace(0, n - 1, k).round().astype(np.int64)
+
+
+def _windows(cfg: TrainConfig, segments: list[Any]) -> WindowSet:
+    return make_windows(segments, cfg.window.length, cfg.window.hop, cfg.window.padding)
+
+
+@dataclass
+class Prepared:
+    """The data side of a run: dataset, time split, scaler and windows (no TensorFlow)."""
+
+    dataset: Dataset
+    train_segments: list[Segment]
+    validation_segments: list[Segment]
+    calibration_segments: list[Segment]
+    scaler: Scaler
+    train_windows: WindowSet  # all training windows
+    train_used: WindowSet  # the (subsampled) ones the network is fitted on
+    validation_windows: WindowSet
+    calibration_windows: WindowSet
+    calibration_source: str  # "calibration", or "validation" when calibration_fraction = 0
+
+    @property
+    def window_counts(self) -> dict[str, int]:
+        return {
+            "train": len(self.train_windows),
+            "train_used": len(self.train_used),
+            "validation": len(self.validation_windows),
+            "calibration": len(self.calibration_windows),
+        }
+
+    @property
+    def dropped_segments(self) -> int:
+        return (
+            self.train_windows.dropped_segments
+            + self.validation_windows.dropped_segments
+            + self.calibration_windows.dropped_segments
+        )
+
+
+def prepare(cfg: TrainConfig, echo: Callable[[str], None] = lambda _: None) -> Prepared:
+    """Load, split by time, fit the scaler on training rows only, and cut windows.
+
+    Raises ``DataError`` when a part that the config asks for gives no window.
+    """
+    dataset = load_dataset(cfg)
+    echo(
+        f"data: {dataset.source}: {dataset.rows} rows in {len(dataset.segments)} segments, "
+        f"features {dataset.features}"
+    )
+    # The notes already say what was skipped and why (counts per reason).
+    for note in dataset.notes:
+        echo(f"  {note}")
+
+    train_s, val_s, cal_s = split_by_time(
+        dataset.segments, cfg.split.validation_fraction, cfg.split.calibration_fraction
+    )
+    # Scaling statistics come from the training part only, so nothing about the held-out
+    # parts (validation, calibration) leaks into the model.
+    scaler = Scaler.fit(train_s, dataset.features)
+    train_ws, val_ws, cal_ws = _windows(cfg, train_s), _windows(cfg, val_s), _windows(cfg, cal_s)
+    hint = f"(window.length = {cfg.window.length}; lower it, set window.padding = 'pre', or give more data)"
+    if len(train_ws) == 0:
+        raise DataError(f"the training part gives no windows {hint}")
+    if cfg.split.validation_fraction > 0 and len(val_ws) == 0:
+        raise DataError(f"the validation part gives no windows {hint}")
+    if cfg.split.calibration_fraction > 0 and len(cal_ws) == 0:
+        raise DataError(f"the calibration part gives no windows {hint}")
+    if len(cal_ws):
+        calibration_source = "calibration"
+    elif len(val_ws):
+        # calibration_fraction = 0: the validation windows are the only held-out data.
+        calibration_source = "validation"
+    else:
+        raise DataError(
+            "no held-out windows to calibrate the threshold on: set split.calibration_fraction > 0"
+        )
+    prepared = Prepared(
+        dataset=dataset,
+        train_segments=train_s,
+        validation_segments=val_s,
+        calibration_segments=cal_s,
+        scaler=scaler,
+        train_windows=train_ws,
+        train_used=subsample(train_ws, cfg.training.max_train_windows, cfg.training.seed),
+        validation_windows=val_ws,
+        calibration_windows=cal_ws,
+        calibration_source=calibration_source,
+    )
+    w = prepared.window_counts
+    dropped = prepared.dropped_segments
+    echo(
+        f"windows: L={cfg.window.length} hop={cfg.window.hop} padding={cfg.window.padding}: "
+        f"train {w['train']} (using {w['train_used']}), validation {w['validation']}, "
+        f"calibration {w['calibration']}"
+        + (f"; {dropped} segments shorter than L dropped" if dropped else "")
+    )
+    return prepared
+
+
+def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult:
+    """Train, calibrate, export (with checks) and report; see the module docstring.
+
+    Writes ``out_dir/model.onnx`` and, when ``cfg.report.enabled``, the report beside
+    it. Raises ``DataError`` when the data cannot make windows for every part,
+    ``anomalyd_train.export.ExportCheckError`` when an export check fails.
+    """
+    from anomalyd_train import export
+
+    echo = _echo(progress)
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+
+    prep = prepare(cfg, echo)
+    dataset, scaler = prep.dataset, prep.scaler
+    train_used, val_ws, cal_ws = prep.train_used, prep.validation_windows, prep.calibration_windows
+    calibration_source = prep.calibration_source
+    windows, dropped = prep.window_counts, prep.dropped_segments
+
+    train_z = scaler.transform(train_used.windows)
+    val_z = scaler.transform(val_ws.windows) if len(val_ws) else None
+    echo(
+        f"training {cfg.model.kind} model: {cfg.model.layers} x LSTM({cfg.model.units}), "
+        f"up to {cfg.training.epochs} epochs, batch {cfg.training.batch_size}"
+    )
+    model, history = fit_model(cfg, train_z, val_z, echo)
+
+    from anomalyd_train.models import lstm_layers
+
+    scale = export.residual_scales(export.squared_residuals(model, cfg.model.kind, train_z))
+    scoring = export.build_scoring_function(
+        model,
+        cfg.model.kind,
+        window_length=cfg.window.length,
+        mean=scaler.mean,
+        std=scaler.std,
+        residual_scale=scale,
+        n_lstm_layers=len(lstm_layers(model)),
+    )
+    val_scores = scoring(val_ws.windows)[0] if len(val_ws) else np.zeros(0, np.float32)
+    cal_scores = scoring(cal_ws.windows)[0] if len(cal_ws) else val_scores
+    calibration = calibrate_threshold(
+        cal_scores.astype(np.float64),
+        cfg.calibration.target_false_alarm_rate,
+        initial_quantile=cfg.calibration.initial_quantile,
+        min_peaks=cfg.calibration.min_peaks,
+    )
+    echo(
+        f"threshold {calibration.threshold:.6g} ({calibration.method}, target false-alarm rate "
+        f"{cfg.calibration.target_false_alarm_rate:g} per window, "
+        f"{len(cal_scores)} {calibration_source} windows)"
+    )
+
+    parity_source = val_ws if len(val_ws) else cal_ws
+    parity = parity_source.windows[_evenly(len(parity_source), cfg.export.parity_windows)]
+    contract_fields = {
+        "kind": cfg.model.kind,
+        "features": [{"name": n, "unit": u} for n, u in zip(dataset.features, dataset.units, strict=True)],
+        "window_length": cfg.window.length,
+        "threshold": to_contract_threshold(calibration).model_dump(mode="json"),
+        "score": export.SCORE_DEFINITION,
+        "normalisation": {"mean": scaler.mean.tolist(), "std": scaler.std.tolist()},
+        "training_data": {
+            "source": dataset.source,
+            "sha256": dataset_sha256(dataset.segments),
+            "rows": dataset.rows,
+            "segments": len(dataset.segments),
+            "train_windows": len(train_used),
+            "validation_windows": len(val_ws),
+            "calibration_windows": len(cal_scores),
+            "sample_period_s": dataset.sample_period_s,
+        },
+        "training_config": config_to_dict(cfg),
+    }
+    exported = export.export_model(
+        scoring,
+        name=cfg.name,
+        contract_fields=contract_fields,
+        out_path=out_dir / MODEL_FILE,
+        opset=cfg.export.opset,
+        parity_windows=parity,
+        rtol=cfg.export.rtol,
+        atol=cfg.export.atol,
+    )
+    for check in exported.checks:
+        echo(f"  check {check.name}: {check.detail}")
+
+    result = TrainResult(
+        config=cfg,
+        out_dir=out_dir,
+        model_path=exported.path,
+        dataset=dataset,
+        scaler=scaler,
+        windows=windows,
+        dropped_segments=dropped,
+        history=history,
+        residual_scale=scale,
+        calibration=calibration,
+        calibration_source=calibration_source,
+        validation_scores=val_scores,
+        calibration_scores=cal_scores,
+        export=exported,
+        scoring=scoring,
+    )
+    if cfg.report.enabled:
+        from anomalyd_train.report import write_report
+
+        echo("writing report ...")
+        write_report(result)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def format_summary(result: TrainResult) -> str:
+    """The one-screen summary printed at the end of a run."""
+    cfg = result.config
+    d = result.dataset
+    h = result.history
+    c = result.calibration
+    contract = result.export.contract
+    w = result.windows
+    units = [f"{n} [{u}]" if u else n for n, u in zip(d.features, d.units, strict=True)]
+    best_val = f", val {h.val_loss[h.best_epoch - 1]:.5f}" if h.val_loss and h.best_epoch else ""
+    lines = [
+        "─" * 78,
+        f"model      {contract.model_version}  "
+        f"({cfg.model.kind}, {cfg.model.layers} x LSTM({cfg.model.units}))",
+        f"data       {d.source}",
+        f"           {d.rows} rows, {len(d.segments)} segments, F={len(d.features)}: {', '.join(units)}",
+        f"windows    L={cfg.window.length}: train {w['train']} (used {w['train_used']}), "
+        f"validation {w['validation']}, calibration {w['calibration']}",
+        f"training   {len(h.loss)} epochs in {h.seconds:.0f} s"
+        + (" (stopped early)" if h.stopped_early else "")
+        + f"; best epoch {h.best_epoch}: loss {h.loss[h.best_epoch - 1]:.5f}{best_val}",
+        f"threshold  {c.threshold:.6g} by {c.method} on {c.n_scores} {result.calibration_source} windows, "
+        f"target false-alarm rate {c.target_false_alarm_rate:g}/window",
+    ]
+    if result.validation_scores.size:
+        above = float(np.mean(result.validation_scores > c.threshold))
+        lines.append(
+            f"           validation windows above it: {above:.2e} "
+            f"(median score {float(np.median(result.validation_scores)):.3g})"
+        )
+    if c.note:
+        lines.append(f"           {c.note}")
+    for i, x in enumerate(result.export.checks):
+        lines.append(f"{'checks' if i == 0 else '':<11}{x.name} ok: {x.detail}")
+    lines.append(f"model      {result.model_path} ({result.export.size_bytes / 1024:.1f} KiB)")
+    if result.report_files:
+        lines.append(f"report     {result.out_dir / 'report.md'} ({len(result.report_files)} files)")
+    for key, value in result.report_numbers.items():
+        lines.append(f"           {key}: {value}")
+    lines.append(f"total      {result.seconds:.0f} s")
+    lines.append("─" * 78)
+    return "\n".join(lines)

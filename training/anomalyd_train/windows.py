@@ -1,0 +1,278 @@
+"""From contiguous segments to training tensors: gaps, time splits, windows, scaling.
+
+Invariants this module keeps (and its tests check):
+
+- A window never spans a gap: windows are cut from one segment at a time.
+- Splits are by time and never shuffled: each origin's series is cut into
+  train | validation | calibration, earliest to latest, with no shared samples.
+- Scaling statistics come from training rows only.
+
+No TensorFlow here: the arrays are numpy, ready for ``keras.Model.fit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from anomalyd.errors import DataError
+
+if TYPE_CHECKING:
+    # data.py imports split_segments from here; the runtime never needs the class itself.
+    from anomalyd_train.data import Segment
+
+__all__ = [
+    "Scaler",
+    "WindowSet",
+    "dataset_sha256",
+    "is_constant",
+    "make_windows",
+    "split_by_time",
+    "split_segments",
+    "subsample",
+]
+
+
+def split_segments(ts: np.ndarray, max_gap_s: float) -> list[slice]:
+    """Slices of ``ts`` that are contiguous: every step inside is in ``(0, max_gap_s]``.
+
+    A step longer than ``max_gap_s`` is a gap and starts a new segment. A step that is not
+    forward (equal or backwards time) also starts one, so that every segment is strictly
+    increasing even if a caller did not clean its timestamps. Empty input gives ``[]``.
+    """
+    if not max_gap_s > 0:
+        raise ValueError(f"max_gap_s must be positive, got {max_gap_s}")
+    n = len(ts)
+    if n == 0:
+        return []
+    steps = np.diff(np.asarray(ts, dtype=np.float64))
+    breaks = np.flatnonzero(~((steps > 0) & (steps <= max_gap_s))) + 1
+    bounds = [0, *breaks.tolist(), n]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+# Relative spread below which a float32 column carries no information: float32 resolves
+# about 1.2e-7 of a value, so a std of 1e-6 × |mean| is a handful of rounding steps, and
+# dividing by it would turn rounding noise into huge normalised values.
+_CONSTANT_RTOL = 1e-6
+
+
+def is_constant(std: float, mean: float) -> bool:
+    """True when a column's spread is zero or lost in float32 rounding of its mean."""
+    return not std > _CONSTANT_RTOL * abs(mean)
+
+
+@dataclass
+class Scaler:
+    """Per-feature standardisation ``(x - mean) / std``, fitted on training rows only."""
+
+    mean: np.ndarray  # float32 (F,)
+    std: np.ndarray  # float32 (F,)
+
+    @classmethod
+    def fit(cls, segments_or_values: Sequence[Segment] | np.ndarray, features: list[str]) -> Scaler:
+        """Fit on training segments (or a values array ``(n, F)``).
+
+        Raises ``DataError`` naming the feature when a column is constant: its std would be
+        zero and every normalised value infinite or meaningless.
+        """
+        if isinstance(segments_or_values, np.ndarray):
+            values = segments_or_values.reshape(-1, segments_or_values.shape[-1])
+        elif len(segments_or_values) == 0:
+            raise DataError("cannot fit the scaler: there are no training rows")
+        else:
+            values = np.concatenate([s.values for s in segments_or_values], axis=0)
+        if values.shape[0] == 0:
+            raise DataError("cannot fit the scaler: there are no training rows")
+        if values.shape[1] != len(features):
+            raise ValueError(f"values have {values.shape[1]} columns, features name {len(features)}")
+        # float64 accumulation: a float32 sum over 10^5+ rows loses digits of the mean.
+        mean = values.mean(axis=0, dtype=np.float64)
+        std = values.std(axis=0, dtype=np.float64)
+        for name, m, s in zip(features, mean, std, strict=True):
+            if is_constant(float(s), float(m)):
+                raise DataError(
+                    f"feature {name!r} is constant over the {values.shape[0]} training rows "
+                    f"(value {m:.6g}): it cannot be standardised; remove it from the features"
+                )
+        return cls(mean=mean.astype(np.float32), std=std.astype(np.float32))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """Standardise an array whose last axis is the features (``(n, F)`` or ``(n, L, F)``)."""
+        out: np.ndarray = (np.asarray(x, dtype=np.float32) - self.mean) / self.std
+        return out.astype(np.float32, copy=False)
+
+
+def split_by_time(
+    segments: list[Segment], validation_fraction: float, calibration_fraction: float
+) -> tuple[list[Segment], list[Segment], list[Segment]]:
+    """Cut each origin's series into train | validation | calibration, by time.
+
+    For each origin (device or file), its segments are taken in time order and its rows are
+    cut at two time points so that the parts hold about ``1 - v - c``, ``v`` and ``c`` of the
+    origin's rows (by row count, so gaps do not distort the shares). A segment that
+    straddles a cut is split there into two segments; no sample is shared, and no window
+    can later join the two sides, so nothing of the training part leaks into a validation
+    or calibration window. The cost: each cut loses a window's worth of history (the first
+    L-1 samples after the cut get no window unless padding is "pre"). Nothing is shuffled.
+    """
+    if min(validation_fraction, calibration_fraction) < 0 or validation_fraction + calibration_fraction >= 1:
+        raise ValueError("fractions must be non-negative and sum below 1")
+    by_origin: dict[str, list[Segment]] = {}
+    for seg in segments:
+        by_origin.setdefault(seg.origin, []).append(seg)
+    train: list[Segment] = []
+    val: list[Segment] = []
+    cal: list[Segment] = []
+    for unordered in by_origin.values():
+        segs = sorted(unordered, key=lambda s: float(s.ts[0]) if len(s.ts) else math.inf)
+        total = sum(len(s.ts) for s in segs)
+        n_cal = round(calibration_fraction * total)
+        n_val = round(validation_fraction * total)
+        cut_val = total - n_val - n_cal  # first row of validation, in the origin's row order
+        cut_cal = total - n_cal  # first row of calibration
+        offset = 0
+        for seg in segs:
+            n = len(seg.ts)
+            for out, lo, hi in ((train, 0, cut_val), (val, cut_val, cut_cal), (cal, cut_cal, total)):
+                a, b = max(lo - offset, 0), min(hi - offset, n)
+                if b > a:
+                    out.append(_slice_segment(seg, slice(a, b)))
+            offset += n
+    return train, val, cal
+
+
+def _slice_segment(seg: Segment, sl: slice) -> Segment:
+    if sl.start == 0 and sl.stop == len(seg.ts):
+        return seg
+    return dataclasses.replace(
+        seg,
+        ts=seg.ts[sl],
+        values=seg.values[sl],
+        labels=None if seg.labels is None else seg.labels[sl],
+    )
+
+
+@dataclass
+class WindowSet:
+    """Windows cut from segments, in segment order then time order."""
+
+    windows: np.ndarray  # float32 (n, L, F), raw units, oldest sample first
+    end_ts: np.ndarray  # float64 (n,), timestamp of each window's last sample
+    labels: np.ndarray | None  # bool (n,), label of each window's last sample, if known
+    padded: np.ndarray  # bool (n,), True when the window starts with edge padding
+    dropped_segments: int  # segments shorter than L that gave no window (padding "none")
+
+    def __len__(self) -> int:
+        return int(self.windows.shape[0])
+
+
+def make_windows(
+    segments: list[Segment], length: int, hop: int = 1, padding: Literal["none", "pre"] = "none"
+) -> WindowSet:
+    """Cut every segment into windows of ``length`` samples, ``hop`` samples apart.
+
+    ``padding="none"``: the first window of a segment ends at its sample ``L-1``; a segment
+    shorter than L gives none and is counted in ``dropped_segments``. Windows per segment:
+    ``(n - L) // hop + 1`` when ``n >= L``.
+
+    ``padding="pre"``: every sample from the segment's first gets a window, as the daemon's
+    ``warmup = "pad"`` scores early samples: the missing history is filled by repeating the
+    segment's first sample (edge padding; zeros in raw units would be huge outliers after
+    standardisation). Windows per segment: ``(n - 1) // hop + 1`` when ``n >= 1``.
+
+    Labels are only carried when every segment has them.
+    """
+    if length < 2:
+        raise ValueError(f"window length must be at least 2, got {length}")
+    if hop < 1:
+        raise ValueError(f"hop must be at least 1, got {hop}")
+    if padding not in ("none", "pre"):
+        raise ValueError(f"padding must be 'none' or 'pre', got {padding!r}")
+    n_features = segments[0].values.shape[1] if segments else 0
+    with_labels = bool(segments) and all(s.labels is not None for s in segments)
+    parts_w: list[np.ndarray] = []
+    parts_ts: list[np.ndarray] = []
+    parts_lab: list[np.ndarray] = []
+    parts_pad: list[np.ndarray] = []
+    dropped = 0
+    for seg in segments:
+        n = len(seg.ts)
+        values = np.asarray(seg.values, dtype=np.float32)
+        if padding == "pre":
+            if n == 0:
+                continue
+            values = np.concatenate([np.repeat(values[:1], length - 1, axis=0), values], axis=0)
+            first_end = 0
+        elif n < length:
+            dropped += 1
+            continue
+        else:
+            first_end = length - 1
+        # (n', F, L) view → (n', L, F); [::hop] before the copy keeps memory to what is kept.
+        view = sliding_window_view(values, length, axis=0)[::hop]
+        parts_w.append(np.ascontiguousarray(view.transpose(0, 2, 1)))
+        ends = np.arange(first_end, n, hop)
+        parts_ts.append(seg.ts[ends])
+        parts_pad.append(ends < length - 1)
+        if with_labels and seg.labels is not None:
+            parts_lab.append(np.asarray(seg.labels[ends], dtype=bool))
+    if not parts_w:
+        return WindowSet(
+            windows=np.zeros((0, length, n_features), dtype=np.float32),
+            end_ts=np.zeros(0, dtype=np.float64),
+            labels=np.zeros(0, dtype=bool) if with_labels else None,
+            padded=np.zeros(0, dtype=bool),
+            dropped_segments=dropped,
+        )
+    return WindowSet(
+        windows=np.concatenate(parts_w, axis=0),
+        end_ts=np.concatenate(parts_ts).astype(np.float64, copy=False),
+        labels=np.concatenate(parts_lab) if with_labels else None,
+        padded=np.concatenate(parts_pad),
+        dropped_segments=dropped,
+    )
+
+
+def subsample(ws: WindowSet, max_windows: int | None, seed: int) -> WindowSet:
+    """Keep at most ``max_windows`` windows, spread evenly over the set, seeded.
+
+    The set is cut into ``max_windows`` equal runs and one window is drawn at random from
+    each, so every stretch of time stays represented (a plain random draw can leave holes)
+    and the kept windows stay in order. Same seed, same windows.
+    """
+    n = len(ws)
+    if max_windows is None or n <= max_windows:
+        return ws
+    if max_windows < 1:
+        raise ValueError(f"max_windows must be at least 1, got {max_windows}")
+    rng = np.random.default_rng(seed)
+    edges = (np.arange(max_windows + 1, dtype=np.int64) * n) // max_windows
+    idx = edges[:-1] + np.floor(rng.random(max_windows) * np.diff(edges)).astype(np.int64)
+    return WindowSet(
+        windows=ws.windows[idx],
+        end_ts=ws.end_ts[idx],
+        labels=None if ws.labels is None else ws.labels[idx],
+        padded=ws.padded[idx],
+        dropped_segments=ws.dropped_segments,
+    )
+
+
+def dataset_sha256(segments: list[Segment]) -> str:
+    """sha256 over each segment's timestamps (float64 LE) and values (float32 LE), in order.
+
+    Fixed byte order and dtype, so the same data hashes the same on any machine.
+    """
+    h = hashlib.sha256()
+    for seg in segments:
+        h.update(np.ascontiguousarray(seg.ts, dtype="<f8").tobytes())
+        h.update(np.ascontiguousarray(seg.values, dtype="<f4").tobytes())
+    return h.hexdigest()
