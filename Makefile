@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint unit bootstrap default-model bench clean
+.PHONY: run test lint bootstrap default-model bench clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -24,6 +24,10 @@ lint: bootstrap
 ## default-model: re-train and re-export exported_models/default (a few minutes on 2 cores)
 default-model: bootstrap
 	$(BIN)/anomalyd-train train --config training/configs/default.toml --out exported_models/default
+
+## bench: pipeline throughput as a ratio of the model-only limit measured in the same run
+bench: bootstrap
+	$(BIN)/python benchmarks/bench_pipeline.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -5,6 +5,7 @@ over a real unix datagram socket, not guessed), real signals, metrics scraped ov
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -99,6 +101,7 @@ class DaemonProcess:
         *,
         sections: dict[str, dict[str, Any]] | None = None,
         env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
@@ -130,6 +133,7 @@ class DaemonProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=full_env,
+            preexec_fn=preexec_fn,  # noqa: PLW1509 - tests only: sets a kernel flag, no locks
         )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -164,14 +168,22 @@ class DaemonProcess:
     def metric(self, name: str, **labels: str) -> float:
         return self.scrape().get((name, tuple(sorted(labels.items()))), 0.0)
 
-    def wait_metric(self, name: str, predicate: Callable[[float], bool], timeout: float, **labels: str) -> float:
+    def wait_metric(
+        self, name: str, predicate: Callable[[float], bool], timeout: float, **labels: str
+    ) -> float:
+        """Scrape until ``predicate(value)``; the endpoint may not be up yet (start)."""
         deadline = time.monotonic() + timeout
         while True:
-            value = self.metric(name, **labels)
+            try:
+                value = self.metric(name, **labels)
+            except urllib.error.URLError:
+                value = math.nan
             if predicate(value):
                 return value
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError(f"{name}{labels} = {value} after {timeout} s; log:\n{self.log()[-3000:]}")
+                raise AssertionError(
+                    f"{name}{labels} = {value} after {timeout} s; log:\n{self.log()[-3000:]}"
+                )
             time.sleep(0.05)
 
     def close(self) -> None:

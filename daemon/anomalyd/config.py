@@ -182,13 +182,13 @@ class MqttConfig(_Section):
     password_file: PathField | None = Field(
         default=None,
         description="file holding the broker password (first line); never put the password here",
-        examples=["/etc/anomalyd/mqtt-password"],
+        examples=["/etc/anomalyd/mqtt_password"],
     )
     password_credential: str | None = Field(
         default=None,
         description="systemd credential (LoadCredential=) holding the broker password; "
         "exclusive with password_file",
-        examples=["mqtt-password"],
+        examples=["mqtt_password"],
     )
     tls: TlsConfig | None = Field(default=None, description="TLS settings; absent: plain TCP")
     keepalive_s: int = Field(default=30, ge=1, le=65535, description="MQTT keep-alive interval, seconds")
@@ -341,6 +341,36 @@ class DetectorConfig(_Section):
     ewma_alpha: float = Field(default=0.3, gt=0, le=1, description="EWMA weight of the newest score")
     k_enter: int = Field(default=3, ge=1, description="consecutive anomalous windows that raise an alert")
     k_exit: int = Field(default=5, ge=1, description="consecutive normal windows that clear it")
+    threshold_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="multiplies the threshold (configured or the contract's): the static threshold",
+    )
+    adaptive: bool = Field(
+        default=False,
+        description="raise a device's threshold to exp(mean + adaptive_k * std) of its normal log-scores",
+    )
+    adaptive_windows: int = Field(
+        default=600, ge=1, description="time constant of the adaptive statistics, in windows"
+    )
+    adaptive_min_windows: int = Field(
+        default=60, ge=1, description="normal windows a device needs before its adaptive threshold applies"
+    )
+    adaptive_k: float = Field(
+        default=4.0, ge=0, description="adaptive threshold: standard deviations of log-score above the mean"
+    )
+    adaptive_floor: float = Field(
+        default=1.0,
+        ge=0,
+        description="the adaptive threshold stays >= this times the static one (1: it only raises it)",
+    )
+
+    @field_validator("threshold_scale", "adaptive_k", "adaptive_floor")
+    @classmethod
+    def _finite_number(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"expected a finite number, got {v}")
+        return v
 
     @field_validator("threshold")
     @classmethod

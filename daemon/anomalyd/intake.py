@@ -187,6 +187,7 @@ class MqttLink:
         self.dropped = 0
         self._thread: threading.Thread | None = None
         self._tls: _TrackingContext | None = None
+        self._unacked: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
 
         v5 = config.protocol == "5"
         self._client = mqtt.Client(
@@ -273,7 +274,33 @@ class MqttLink:
         published while disconnected are kept and sent after the reconnect.)"""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         rc = info.rc
-        return rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0)
+        ok = rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0)
+        if ok and qos > 0:
+            # Remember unacknowledged QoS>0 messages for flush(); forget the acknowledged
+            # ones from the front as we go, so this stays about as long as paho's queue.
+            pending = self._unacked
+            pending.append(info)
+            while pending and pending[0].is_published():
+                pending.popleft()
+        return ok
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every QoS>0 message published so far is acknowledged (before a
+        ``close`` that must not lose them: paho sends DISCONNECT ahead of QoS>0 messages
+        still waiting for an in-flight slot). True if all were."""
+        deadline = time.monotonic() + timeout
+        pending = self._unacked
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                pending[0].wait_for_publish(left)
+            except (RuntimeError, ValueError):
+                return False
+            if pending[0].is_published():
+                pending.popleft()
+        return True
 
     def publish_and_wait(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 5.0

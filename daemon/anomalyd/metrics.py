@@ -32,6 +32,7 @@ RELOAD_RESULTS = ("success", "failure")
 ALERT_DIRECTIONS = ("raised", "cleared")
 EVICTION_CAUSES = ("idle", "capacity")
 PUBLISH_KINDS = ("score", "batch", "alert", "status")
+PIPELINE_STAGES = ("decode", "model", "publish")
 
 # Inference of one batch: ~0.1 ms (batch 1, CPU) to tens of ms (batch 256) or more on a
 # busy machine; end to end adds batching delay (max_delay_ms) and queueing.
@@ -146,7 +147,7 @@ class Metrics:
         )
         self.pipeline_errors = Counter(
             "anomalyd_pipeline_errors",
-            "Unexpected errors caught in the pipeline loop (the batch is lost, the daemon goes on)",
+            "Unexpected errors caught in the pipeline loop, by stage (that batch is lost, the daemon lives)",
             ["stage"],
             registry=r,
         )
@@ -173,6 +174,8 @@ class Metrics:
             self.publish_failures.labels(kind=kind)
         for kind in ("network", "refused"):
             self.mqtt_connect_failures.labels(kind=kind)
+        for stage in PIPELINE_STAGES:
+            self.pipeline_errors.labels(stage=stage)
 
     def declare_reasons(self, reasons: list[str]) -> None:
         """Create ``anomalyd_rejected_total{reason=...}`` at 0 for every known reason."""

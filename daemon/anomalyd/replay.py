@@ -40,8 +40,9 @@ class ReplayResult:
     alert: npt.NDArray[np.bool_]  # (n,) device level, after hysteresis
     padded: npt.NDArray[np.bool_]  # (n,)
     contributions: npt.NDArray[np.float32]  # (n, F), NaN where no window
-    threshold: float
+    threshold: float  # the static threshold (configured or contract, times threshold_scale)
     rejections: list[Rejection]  # rows the buffers refused (out of order, duplicate, ...)
+    row_threshold: npt.NDArray[np.float64]  # (n,) the device's threshold for the row's window; NaN where none
 
     def __len__(self) -> int:
         return int(self.ts.shape[0])
@@ -70,10 +71,9 @@ def replay(  # noqa: PLR0917 - signature fixed by DAEMON_API.md
     if not 0 <= history <= n:
         raise ValueError(f"history must be between 0 and {n} rows, got {history}")
     stream, det_cfg = config.stream, config.detector
-    threshold = det_cfg.threshold if det_cfg.threshold is not None else model.contract.threshold.value
     buffers = DeviceBuffers(1, model.window_length, f, stream.hop, stream.warmup, stream.max_gap_s)
     batcher = Batcher(config.batching.max_batch, 0.0, model.window_length, f)
-    detector = Detector(threshold, det_cfg.smoothing, det_cfg.ewma_alpha, det_cfg.k_enter, det_cfg.k_exit)
+    detector = Detector.from_config(det_cfg, model.contract.threshold.value)
 
     out_n = n - history
     score = np.full(out_n, np.nan)
@@ -82,6 +82,7 @@ def replay(  # noqa: PLR0917 - signature fixed by DAEMON_API.md
     alert_at = np.full(out_n, -1, np.int8)  # -1: no window ended at this row
     padded = np.zeros(out_n, np.bool_)
     contributions = np.full((out_n, f), np.nan, np.float32)
+    row_threshold = np.full(out_n, np.nan)
     rejections: list[Rejection] = []
     # A window's end_ts identifies its row: accepted timestamps strictly increase, and an
     # accepted row is always the first occurrence of its timestamp.
@@ -101,6 +102,7 @@ def replay(  # noqa: PLR0917 - signature fixed by DAEMON_API.md
             for row, d in zip(rows.tolist(), decisions, strict=True):
                 score[row], smoothed[row], anomaly[row] = d.score, d.smoothed, d.anomaly
                 alert_at[row], padded[row] = d.alert, d.padded
+                row_threshold[row] = d.threshold
                 contributions[row] = d.contributions
 
     chunk_rows = max(1, config.batching.max_batch * stream.hop)
@@ -113,5 +115,14 @@ def replay(  # noqa: PLR0917 - signature fixed by DAEMON_API.md
     last = np.maximum.accumulate(np.where(alert_at >= 0, np.arange(out_n), -1)) if out_n else alert_at
     alert = (last >= 0) & (alert_at[np.maximum(last, 0)] == 1)
     return ReplayResult(
-        ts[history:].copy(), score, smoothed, anomaly, alert, padded, contributions, threshold, rejections
+        ts[history:].copy(),
+        score,
+        smoothed,
+        anomaly,
+        alert,
+        padded,
+        contributions,
+        detector.threshold,
+        rejections,
+        row_threshold,
     )

@@ -95,6 +95,10 @@ class Service:
         self._swapped = threading.Event()
         self._reject_log = RateLimitedLog(log, config.logging.rejection_log_interval_s)
         self.heartbeat = time.monotonic()
+        self._watchdog_s = watchdog_interval() if self.notifier.enabled else None
+        # The idle pipeline still turns (and beats) four times per ping interval, so an
+        # idle daemon is never mistaken for a stuck one.
+        self._idle_tick = min(_IDLE_TICK_S, self._watchdog_s / 8) if self._watchdog_s else _IDLE_TICK_S
         #: Windows scored since start (the pipeline thread writes it; tests and logs read it).
         self.windows_scored = 0
         self._last_housekeeping = 0.0
@@ -214,12 +218,20 @@ class Service:
         Raises ``AnomalydError`` (with its exit code) if the start cannot finish.
         """
         cfg = self.config
-        password = read_secret(cfg.mqtt.password_file, cfg.mqtt.password_credential, "mqtt.password_file")
+        password = read_secret(
+            cfg.mqtt.password_file,
+            cfg.mqtt.password_credential,
+            "mqtt.password_credential" if cfg.mqtt.password_credential else "mqtt.password_file",
+        )
         passphrase = None
         if cfg.mqtt.tls is not None:
             tls = cfg.mqtt.tls
             passphrase = read_secret(
-                tls.key_passphrase_file, tls.key_passphrase_credential, "mqtt.tls.key_passphrase_file"
+                tls.key_passphrase_file,
+                tls.key_passphrase_credential,
+                "mqtt.tls.key_passphrase_credential"
+                if tls.key_passphrase_credential
+                else "mqtt.tls.key_passphrase_file",
             )
         self.notifier.status("loading model")
         model = self._load_warm()
@@ -261,18 +273,23 @@ class Service:
         link.add_connect_listener(self._publisher.online)
         self._link = link
         link.start()
-        waited = 0.0
-        while not link.wait_connected(_BROKER_WAIT_TICK_S):  # raises BrokerError on bad credentials
+        started = time.monotonic()
+        next_note = started + _BROKER_WAIT_TICK_S
+        while not link.wait_connected(0.25):  # raises BrokerError on bad credentials
             if self._stop.is_set():
                 return False
-            waited += _BROKER_WAIT_TICK_S
-            # Under systemd the start would time out (TimeoutStartSec) while the broker is
-            # down; we are alive and trying, so ask for more time and say why.
-            self.notifier.extend_timeout(3 * _BROKER_WAIT_TICK_S)
-            self.notifier.status(f"waiting for MQTT broker {cfg.mqtt.host}:{cfg.mqtt.port} ({waited:.0f} s)")
-            log.warning(
-                "still waiting for MQTT broker %s:%d after %.0f s", cfg.mqtt.host, cfg.mqtt.port, waited
-            )
+            if time.monotonic() >= next_note:
+                next_note += _BROKER_WAIT_TICK_S
+                waited = time.monotonic() - started
+                # Under systemd the start would time out (TimeoutStartSec) while the broker
+                # is down; we are alive and trying, so ask for more time and say why.
+                self.notifier.extend_timeout(3 * _BROKER_WAIT_TICK_S)
+                self.notifier.status(
+                    f"waiting for MQTT broker {cfg.mqtt.host}:{cfg.mqtt.port} ({waited:.0f} s)"
+                )
+                log.warning(
+                    "still waiting for MQTT broker %s:%d after %.0f s", cfg.mqtt.host, cfg.mqtt.port, waited
+                )
         if self._stop.is_set():
             return False
         self.metrics.ready.set(1)
@@ -294,7 +311,7 @@ class Service:
 
     def run_forever(self) -> int:
         """Wait for stop/reload requests and ping the watchdog; then stop. Returns the exit code."""
-        wd = watchdog_interval() if self.notifier.enabled else None
+        wd = self._watchdog_s
         tick = wd / 2 if wd else 1.0
         try:
             while not self._stop.is_set():
@@ -427,7 +444,7 @@ class Service:
                     self._drain_all()
                     return
                 due = self._batcher.time_until_due(now)
-                timeout = _IDLE_TICK_S if due is None else min(due, _IDLE_TICK_S)
+                timeout = self._idle_tick if due is None else min(due, self._idle_tick)
                 if timeout > 0:
                     self._queue.wait(timeout)
                 messages = self._queue.drain(_DRAIN_MAX)

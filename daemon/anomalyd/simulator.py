@@ -214,20 +214,23 @@ def simulate(
         log.info("published %d readings in %.1f s", result.published, result.elapsed_s)
         return 0 if not result.failed else 1
     finally:
-        # QoS 0 publishes are only queued in the client: closing sends DISCONNECT after
-        # them (one ordered stream), so give the queue time to go out.
+        # Publishes are only queued in the client. QoS 0 ones go out before the
+        # DISCONNECT (one ordered stream); QoS>0 ones must be acknowledged first.
+        if not link.flush(timeout=60.0):
+            log.warning("some QoS>0 readings were not acknowledged by the broker")
         link.close(timeout=60.0)
 
 
 class LiveView:
     """Prints what the daemon publishes: alert changes at once, a summary every second."""
 
-    def __init__(self, out: TextIO, threshold_hint: float | None = None) -> None:
+    def __init__(self, out: TextIO) -> None:
         self._out = out
         self._last: dict[str, dict[str, Any]] = {}
         self._alerts: set[str] = set()
         self.scores = 0
         self.raised = 0
+        self._summarised = 0
         self._next_summary = time.monotonic() + 1.0
 
     def handle(self, topic: str, payload: bytes) -> None:
@@ -275,6 +278,9 @@ class LiveView:
         if time.monotonic() < self._next_summary:
             return
         self._next_summary = time.monotonic() + 1.0
+        if self.scores == self._summarised:
+            return  # nothing new: do not repeat the same line every second
+        self._summarised = self.scores
         cells = []
         for device in sorted(self._last):
             d = self._last[device]
@@ -411,11 +417,15 @@ def run_demo(
         )
         sim.start()
         view = LiveView(out)
+        announced = False
         while not stop.is_set() and runner.is_alive():
             queue.wait(0.2)
             for msg in queue.drain(10_000):
                 view.handle(msg.topic, msg.payload)
             view.tick()
+            if not announced and not sim.is_alive():
+                announced = True
+                print("simulation finished; the daemon keeps running. Ctrl-C stops.", file=out, flush=True)
         print(f"stopping: {view.scores} scores and {view.raised} alerts seen", file=out, flush=True)
         return 0
     finally:

@@ -128,6 +128,10 @@ class FleetSpec:
     gap_s: tuple[float, float] = (120.0, 600.0)  # min/max gap length
     start_ts: float = 1_767_225_600.0  # 2026-01-01T00:00:00Z
     device_prefix: str = "machine-"
+    # Device k starts at start_ts + k * start_stagger_s. Ambient temperature follows the
+    # time of day, so a training fleet whose devices start at staggered hours covers the
+    # whole daily cycle even when each history is short.
+    start_stagger_s: float = 0.0
 
     def __post_init__(self) -> None:
         # Frozen: normalise sequences to tuples through object.__setattr__.
@@ -146,6 +150,7 @@ class FleetSpec:
         _check_number(self.gaps_per_device_hour, "gaps_per_device_hour", lo=0.0)
         _check_number(self.jitter_fraction, "jitter_fraction", lo=0.0, hi=_MAX_JITTER_FRACTION)
         _check_number(self.start_ts, "start_ts", lo=0.0, hi=_MAX_START_TS)
+        _check_number(self.start_stagger_s, "start_stagger_s", lo=0.0, hi=_MAX_START_TS)
         unknown = [k for k in self.anomaly_kinds if k not in ANOMALY_KINDS]
         if unknown:
             raise ValueError(f"anomaly_kinds: unknown {unknown}; known kinds are {list(ANOMALY_KINDS)}")
@@ -244,8 +249,9 @@ def _lag(x: FloatArray, tau_s: float, period_s: float) -> FloatArray:
 def _ar1(rng: np.random.Generator, n: int, tau_s: float, std: float, period_s: float) -> FloatArray:
     """Stationary AR(1) disturbance with correlation time tau and marginal std."""
     phi = math.exp(-period_s / tau_s)
+    y0 = float(rng.normal(0.0, std))  # drawn first: the prefix must not depend on n
     u = rng.normal(0.0, std * math.sqrt(1.0 - phi * phi), n)
-    return _recursive(u, phi, rng.normal(0.0, std))
+    return _recursive(u, phi, y0)
 
 
 def _load_profile(
@@ -261,6 +267,7 @@ def _load_profile(
 
     n = len(t)
     t_end = float(t[-1])
+    daily_phase = float(rng.uniform(0, 2 * np.pi))
     current = level()
     base = current
     steps = np.zeros(n + 1)
@@ -280,57 +287,63 @@ def _load_profile(
         steps[i1] += new - current
         changes.append(_LoadChange(c, ramp, new - current))
         current = new
-    daily = 0.05 * np.sin(2 * np.pi * tod_s / _DAY_S + rng.uniform(0, 2 * np.pi))
+    daily = 0.05 * np.sin(2 * np.pi * tod_s / _DAY_S + daily_phase)
     load = np.clip(base + np.cumsum(steps)[:n] + ramps + daily, 0.0, 1.05)
     return load, changes
 
 
 def _physics(
-    rng: np.random.Generator, t: FloatArray, tod_s: FloatArray, period_s: float
+    seed: np.random.SeedSequence, t: FloatArray, tod_s: FloatArray, period_s: float
 ) -> tuple[FloatArray, FloatArray, list[_LoadChange], dict[str, float]]:
-    """Clean measured channels (n, 3) in raw units, true temperature, load changes, params."""
+    """Clean measured channels (n, 3) in raw units, true temperature, load changes, params.
+
+    Prefix-stable: the device's constants come from one stream drawn in a fixed order, the
+    load schedule from another, and every length-n noise array from a stream of its own, so
+    a longer ``duration_s`` extends the same device instead of making a different one.
+    """
     n = len(t)
-    load, changes = _load_profile(rng, t, tod_s)
+    s_par, s_load, *s_noise = seed.spawn(8)
+    par = np.random.default_rng(s_par)
+    noise = [np.random.default_rng(x) for x in s_noise]
+    u = par.uniform
+
+    amp_ambient, tau_t, rise = u(2.0, 5.0), u(300.0, 900.0), u(30.0, 50.0)
+    k_t, p_base, p_load = u(1.0, 1.6), u(180.0, 220.0), u(8.0, 15.0)  # k_t: kPa per degC
+    speed0, speed_load = u(8.0, 12.0), u(35.0, 45.0)  # Hz
+    f_res, zeta = u(60.0, 110.0), u(0.05, 0.15)
+    h1, h2, h3, floor = u(0.03, 0.06), u(0.01, 0.03), u(0.003, 0.01), u(0.005, 0.01)
+    t_gain, t_off = u(0.97, 1.03), u(-1.5, 1.5)
+    p_gain, p_off = u(0.97, 1.03), u(-5.0, 5.0)
+    v_gain, v_off = u(0.97, 1.03), u(0.0, 0.002)
+
+    load, changes = _load_profile(np.random.default_rng(s_load), t, tod_s)
     load_fast = _lag(load, 20.0, period_s)
 
     # Temperature: ambient daily cycle (peak 15:00) + load-driven rise through a lag.
-    ambient = 20.0 + float(rng.uniform(2.0, 5.0)) * np.cos(2 * np.pi * (tod_s - 15 * 3600.0) / _DAY_S)
-    tau_t = float(rng.uniform(300.0, 900.0))
-    rise = float(rng.uniform(30.0, 50.0))
-    temp_true = _lag(ambient + rise * load, tau_t, period_s) + _ar1(rng, n, 120.0, 0.2, period_s)
+    ambient = 20.0 + amp_ambient * np.cos(2 * np.pi * (tod_s - 15 * 3600.0) / _DAY_S)
+    temp_true = _lag(ambient + rise * load, tau_t, period_s) + _ar1(noise[0], n, 120.0, 0.2, period_s)
 
     # Pressure: follows temperature, plus a fast load term.
-    k_t = float(rng.uniform(1.0, 1.6))  # kPa per degC
-    pres_true = (
-        float(rng.uniform(180.0, 220.0))
-        + k_t * (temp_true - 20.0)
-        + float(rng.uniform(8.0, 15.0)) * load_fast
-        + _ar1(rng, n, 30.0, 0.25, period_s)
-    )
+    pres_true = p_base + k_t * (temp_true - 20.0) + p_load * load_fast + _ar1(noise[1], n, 30.0, 0.25, period_s)
 
     # Vibration RMS: shaft harmonics through a resonance (magnitude of a 1-DOF oscillator).
-    speed = float(rng.uniform(8.0, 12.0)) + float(rng.uniform(35.0, 45.0)) * load_fast  # Hz
-    f_res = float(rng.uniform(60.0, 110.0))
-    zeta = float(rng.uniform(0.05, 0.15))
+    speed = speed0 + speed_load * load_fast
 
     def gain(f: FloatArray) -> FloatArray:
         r = f / f_res
         return np.asarray(1.0 / np.sqrt((1.0 - r * r) ** 2 + (2.0 * zeta * r) ** 2))
 
     rel = (speed / 50.0) ** 2  # forces from imbalance grow with the square of speed
-    a1 = float(rng.uniform(0.03, 0.06)) * rel * gain(speed)
-    a2 = float(rng.uniform(0.01, 0.03)) * rel * gain(2 * speed)
-    a3 = float(rng.uniform(0.003, 0.01)) * gain(3 * speed)
-    floor = float(rng.uniform(0.005, 0.01))
-    vib_true = np.sqrt(floor**2 + (a1**2 + a2**2 + a3**2) / 2.0) * np.exp(rng.normal(0.0, 0.04, n))
+    a1 = h1 * rel * gain(speed)
+    a2 = h2 * rel * gain(2 * speed)
+    a3 = h3 * gain(3 * speed)
+    vib_true = np.sqrt(floor**2 + (a1**2 + a2**2 + a3**2) / 2.0) * np.exp(noise[2].normal(0.0, 0.04, n))
 
     # Sensors: gain, offset, white noise.
     clean = np.empty((n, 3))
-    clean[:, _T] = rng.uniform(0.97, 1.03) * temp_true + rng.uniform(-1.5, 1.5)
-    clean[:, _T] += rng.normal(0.0, 0.08, n)
-    p_gain = float(rng.uniform(0.97, 1.03))
-    clean[:, _P] = p_gain * pres_true + rng.uniform(-5.0, 5.0) + rng.normal(0.0, 0.2, n)
-    clean[:, _V] = rng.uniform(0.97, 1.03) * vib_true + rng.uniform(0.0, 0.002) + rng.normal(0.0, 0.002, n)
+    clean[:, _T] = t_gain * temp_true + t_off + noise[3].normal(0.0, 0.08, n)
+    clean[:, _P] = p_gain * pres_true + p_off + noise[4].normal(0.0, 0.2, n)
+    clean[:, _V] = v_gain * vib_true + v_off + noise[5].normal(0.0, 0.002, n)
     np.maximum(clean[:, _V], 0.0, out=clean[:, _V])
     params = {"tau_t": tau_t, "k_t_measured": p_gain * k_t}
     return clean, temp_true, changes, params
@@ -512,13 +525,15 @@ def generate_device(index: int, spec: FleetSpec) -> DeviceSeries:
     """Generate device ``index`` (id ``f"{spec.device_prefix}{index:03d}"``) of the fleet."""
     _check_int(index, "index", 0)
     seq = np.random.SeedSequence(spec.seed, spawn_key=(int(index),))
-    rng_time, rng_phys, rng_gaps, rng_anom = (np.random.default_rng(s) for s in seq.spawn(4))
+    s_time, s_phys, s_gaps, s_anom = seq.spawn(4)
+    rng_time, rng_gaps, rng_anom = (np.random.default_rng(s) for s in (s_time, s_gaps, s_anom))
     p = spec.period_s
     n = math.floor(spec.duration_s / p + 1e-9)
+    start_ts = spec.start_ts + index * spec.start_stagger_s
 
     t = np.arange(n) * p + rng_time.uniform(-spec.jitter_fraction, spec.jitter_fraction, n) * p
-    tod = np.mod(spec.start_ts + t, _DAY_S)
-    clean, temp_true, changes, params = _physics(rng_phys, t, tod, p)
+    tod = np.mod(start_ts + t, _DAY_S)
+    clean, temp_true, changes, params = _physics(s_phys, t, tod, p)
     sigma = _short_term_sigma(clean)
 
     gaps = _place_gaps(rng_gaps, n, spec)
@@ -533,7 +548,7 @@ def generate_device(index: int, spec: FleetSpec) -> DeviceSeries:
     for g0, g1 in gaps:
         keep[g0:g1] = False
     new_index = np.cumsum(keep) - 1  # position of each kept sample after removal
-    ts = spec.start_ts + t[keep]
+    ts = start_ts + t[keep]
     out_events = []
     for ev in events:
         s, e = int(new_index[ev.start]), int(new_index[ev.end - 1]) + 1

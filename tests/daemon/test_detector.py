@@ -170,3 +170,146 @@ def test_alert_follows_the_hysteresis_reference(
                 alert[dev] = False
         assert x.alert == alert[dev]
         assert x.alert_changed == (alert[dev] != prev)
+
+
+# ------------------------------------------------------------------ threshold_scale, adaptive
+
+
+def test_threshold_scale_multiplies_the_base_threshold_also_on_reload() -> None:
+    d = det(threshold=2.0, threshold_scale=1.5, k_enter=1)
+    out = run(d, ["a"] * 2, [2.9, 3.1])
+    assert [x.anomaly for x in out] == [False, True]
+    assert out[0].threshold == 3.0
+    d.set_threshold(4.0)
+    assert d.threshold == 6.0
+    assert d.base_threshold == 4.0
+    assert d.device_threshold("unknown") == 6.0
+
+
+def adaptive_det(**kw: object) -> Detector:
+    args: dict[str, object] = {
+        "threshold": 100.0,
+        "k_enter": 1,
+        "k_exit": 1,
+        "adaptive": True,
+        "adaptive_windows": 1000,
+        "adaptive_min_windows": 4,
+        "adaptive_k": 1.0,
+        "adaptive_floor": 0.0,
+    }
+    args.update(kw)
+    return det(**args)
+
+
+def test_adaptive_threshold_is_exp_of_mean_plus_k_std_of_log_scores_after_warm_up() -> None:
+    d = adaptive_det()
+    e1, e3 = math.exp(1.0), math.exp(3.0)
+    warm = run(d, ["a"] * 4, [e1, e3, e1, e3])
+    assert all(x.threshold == 100.0 for x in warm)  # the static threshold until warm
+    # log-scores 1, 3, 1, 3: mean 2, (population) std 1 -> exp(2 + 1 * 1)
+    assert d.device_threshold("a") == pytest.approx(e3)
+    (x,) = run(d, ["a"], [e3 * 1.01])
+    assert x.threshold == pytest.approx(e3)
+    assert x.anomaly
+    assert d.device_threshold("b") == 100.0  # per device
+
+
+def test_after_warm_up_anomalous_and_alert_windows_are_not_learnt() -> None:
+    d = adaptive_det(k_enter=2, k_exit=3)
+    run(d, ["a"] * 4, [1.0, 1.0, 1.0, 1.0])  # std 0: threshold exp(0) = 1
+    before = d.device_threshold("a")
+    out = run(d, ["a"] * 6, [50.0, 60.0, 70.0, 0.5, 0.5, 0.5])
+    assert [x.alert for x in out] == [False, True, True, True, True, False]
+    # the anomalies and the normal windows seen while in alert taught nothing
+    assert d.device_threshold("a") == before
+    run(d, ["a"], [0.5])  # normal again, not in alert: learnt
+    assert d.device_threshold("a") != before
+
+
+def test_warm_up_learns_every_window_so_a_low_static_threshold_cannot_lock_it() -> None:
+    # The static threshold (0.1) is far below the stream's normal scores (~1): every warm-up
+    # window is anomalous, yet warm-up learns them and the learnt threshold takes over.
+    d = adaptive_det(threshold=0.1, k_enter=2, k_exit=2)
+    warm = run(d, ["a"] * 4, [1.0, 1.2, 0.9, 1.1])
+    assert warm[-1].alert
+    after = run(d, ["a"] * 3, [1.0, 1.05, 0.95])
+    assert not after[-1].alert
+    assert after[0].threshold > 1.0
+
+
+def test_adaptive_floor_keeps_the_threshold_above_a_share_of_the_static_one() -> None:
+    d = adaptive_det(threshold=10.0, adaptive_floor=0.5)
+    run(d, ["a"] * 4, [1.0, 1.0, 1.0, 1.0])
+    assert d.device_threshold("a") == 5.0
+    d = adaptive_det(threshold=10.0, adaptive_floor=1.0)
+    run(d, ["a"] * 4, [1.0, 1.0, 1.0, 1.0])
+    assert d.device_threshold("a") == 10.0  # floor 1: it can only raise the threshold
+
+
+def test_padded_and_non_finite_windows_are_not_learnt() -> None:
+    d = adaptive_det()
+    run(d, ["a"] * 4, [1.0] * 4, padded=True)
+    assert d.device_threshold("a") == 100.0  # nothing learnt
+    run(d, ["a"] * 4, [math.nan] * 4)
+    assert d.device_threshold("a") == 100.0
+
+
+def test_set_threshold_restarts_adaptive_learning_and_forget_drops_it() -> None:
+    d = adaptive_det()
+    run(d, ["a", "b"] * 4, [1.0] * 8)
+    assert d.device_threshold("a") == 1.0
+    d.forget(["b"])
+    assert d.device_threshold("b") == 100.0
+    d.set_threshold(50.0)
+    assert d.device_threshold("a") == 50.0
+
+
+def test_adaptive_threshold_follows_a_slow_drift_of_normal_scores() -> None:
+    d = adaptive_det(adaptive_windows=50, adaptive_min_windows=10, adaptive_k=3.0)
+    # log-scores ramp from 0 to 2 over 1000 windows with +-0.5 noise (std 0.5): the EWMA
+    # mean lags by about slope x time constant = 0.002 x 50 = 0.1.
+    logs = 0.002 * np.arange(1000) + np.where(np.arange(1000) % 2 == 0, 0.5, -0.5)
+    out = run(d, ["a"] * 1000, np.exp(logs).tolist())
+    assert not any(x.alert for x in out)
+    assert math.log(d.device_threshold("a")) == pytest.approx(2.0 - 0.1 + 3 * 0.5, abs=0.1)
+
+
+def test_from_config_maps_every_field() -> None:
+    from anomalyd.config import DetectorConfig
+
+    cfg = DetectorConfig(
+        smoothing="ewma",
+        ewma_alpha=0.2,
+        k_enter=2,
+        k_exit=4,
+        threshold_scale=2.0,
+        adaptive=True,
+        adaptive_windows=30,
+        adaptive_min_windows=7,
+        adaptive_k=1.5,
+        adaptive_floor=0.25,
+    )
+    d = Detector.from_config(cfg, contract_threshold=3.0)
+    assert (d.base_threshold, d.threshold) == (3.0, 6.0)
+    assert (d.smoothing, d.ewma_alpha, d.k_enter, d.k_exit) == ("ewma", 0.2, 2, 4)
+    assert (d.adaptive, d.adaptive_windows, d.adaptive_min_windows) == (True, 30, 7)
+    assert (d.adaptive_k, d.adaptive_floor) == (1.5, 0.25)
+    assert Detector.from_config(DetectorConfig(threshold=1.0), 3.0).threshold == 1.0
+    default = Detector.from_config(DetectorConfig(), 3.0)
+    assert (default.adaptive, default.threshold) == (False, 3.0)  # defaults keep the old behaviour
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"threshold_scale": 0.0},
+        {"threshold_scale": math.nan},
+        {"adaptive_windows": 0},
+        {"adaptive_min_windows": 0},
+        {"adaptive_k": -1.0},
+        {"adaptive_floor": -0.5},
+    ],
+)
+def test_bad_adaptive_arguments(kw: dict[str, object]) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - each case has its own message
+        det(**kw)

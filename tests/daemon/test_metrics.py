@@ -119,3 +119,14 @@ def test_metrics_are_served_over_http(registry: CollectorRegistry) -> None:
         assert "anomalyd_windows_scored_total 5.0" in body
     finally:
         server.close()
+
+
+def test_every_metric_is_documented(registry: CollectorRegistry) -> None:
+    from pathlib import Path
+
+    _metrics(registry)
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    for fam in text_string_to_metric_families(generate_latest(registry).decode()):
+        if fam.name.startswith("anomalyd_") and not fam.name.endswith("_created"):
+            name = fam.name + ("_total" if fam.type == "counter" else "")
+            assert f"`{name}`" in doc, f"{name} is missing from docs/operations.md"

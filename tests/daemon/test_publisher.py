@@ -107,7 +107,9 @@ def test_batched_scores_and_no_contributions(
     assert all("contributions" not in s and "model_version" not in s for s in doc["scores"])
 
 
-def test_alert_changes_are_retained(broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry) -> None:
+def test_alert_changes_are_retained(
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+) -> None:
     pub = _publisher(link, registry)
     link.start()
     assert link.wait_connected(10)

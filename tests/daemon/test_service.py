@@ -22,7 +22,7 @@ from anomalyd.config import load_config
 from anomalyd.decode import Reason
 from anomalyd.sdnotify import Notifier
 from anomalyd.service import EXIT_FORCED, Service
-from tests.broker import MosquittoBroker, Subscriber, publish_many
+from tests.broker import MosquittoBroker, Subscriber, publish_many, wait_for
 from tests.daemon_process import DaemonProcess, NotifyListener
 
 FEATURES = ("temperature", "pressure", "vibration")
@@ -101,7 +101,10 @@ def test_sigterm_under_load_scores_pending_windows_then_publishes_stopped(
     # A huge max_delay and batch keep every window pending in the batcher until the stop.
     d = start_daemon(
         tiny_model(window_length=L),
-        sections={"batching": {"max_batch": 4096, "max_delay_ms": 600_000.0}, "shutdown": {"drain_timeout_s": 20.0}},
+        sections={
+            "batching": {"max_batch": 4096, "max_delay_ms": 600_000.0},
+            "shutdown": {"drain_timeout_s": 20.0},
+        },
     )
     d.wait_ready()
     sub = Subscriber(broker, ["anomaly/#"])
@@ -192,8 +195,10 @@ def test_hostile_payloads_are_counted_and_the_daemon_lives(
     ]
     publish_many(broker, hostile)
     d.wait_metric("anomalyd_messages_received_total", lambda v: v == len(hostile), 10)
-    d.wait_metric("anomalyd_rejected_total", lambda v: v == 2, 10, reason=Reason.MALFORMED_JSON.value)
+    # not JSON, not UTF-8, nested past any sane depth, empty
+    d.wait_metric("anomalyd_rejected_total", lambda v: v == 4, 10, reason=Reason.MALFORMED_JSON.value)
     for reason in (
+        Reason.NON_FINITE,
         Reason.MISSING_FEATURE,
         Reason.NON_NUMERIC,
         Reason.BAD_TIMESTAMP,
@@ -304,10 +309,11 @@ def test_watchdog_pings_only_while_the_pipeline_makes_progress(
         monkeypatch.setattr(svc.model, "run", stuck_run)
         publish_many(broker, readings("w", L))
         assert entered.wait(10)
-        # The heartbeat goes stale after 0.2 s; allow one ping already on its way.
+        # Negative check, so it needs time to pass: the heartbeat goes stale after 0.2 s
+        # (one ping may already be on its way), then a healthy daemon would ping ~5 times.
         time.sleep(0.3)
         stalled = notify.count("WATCHDOG=1")
-        time.sleep(1.0)  # five ping intervals: a healthy daemon would ping ~5 times
+        time.sleep(1.0)
         assert notify.count("WATCHDOG=1") == stalled
         release.set()
         notify.wait_for("WATCHDOG=1", 10, at_least=stalled + 2)  # resumes once unstuck
@@ -336,7 +342,14 @@ def test_stop_requested_during_start_exits_cleanly(
     result: list[bool] = []
     t = threading.Thread(target=lambda: result.append(svc.start()))
     t.start()
-    time.sleep(0.2)
+    wait_for(
+        lambda: (
+            (svc.registry.get_sample_value("anomalyd_mqtt_connect_failures_total", {"kind": "network"}) or 0)
+            >= 1
+        ),
+        10,
+        what="start to be waiting for the broker",
+    )
     svc.request_stop()
     t.join(15)
     assert result == [False]
@@ -353,7 +366,47 @@ def test_a_free_metrics_port_is_required(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        svc = _service(broker, tiny_model(window_length=L), notify, **{"metrics.enabled": True, "metrics.port": port})
+        svc = _service(
+            broker, tiny_model(window_length=L), notify, **{"metrics.enabled": True, "metrics.port": port}
+        )
         with pytest.raises(ConfigError, match=r"metrics\.port"):
             svc.start()
         svc.shutdown()
+
+
+def test_credentials_from_systemd_credentials_directory_and_refusal_exit_76(
+    tmp_path: Path,
+    broker_factory: Callable[..., MosquittoBroker],
+    daemons: list[DaemonProcess],
+    tiny_model: Callable[..., Path],
+) -> None:
+    secured = broker_factory(users={"anomalyd": "correct horse"})
+    model = tiny_model(window_length=L)
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "mqtt_password").write_text("correct horse\n")
+    good = DaemonProcess(
+        tmp_path / "good",
+        secured,
+        model,
+        sections={"mqtt": {"username": "anomalyd", "password_credential": "mqtt_password"}},
+        env={"CREDENTIALS_DIRECTORY": str(creds)},
+    )
+    daemons.append(good)
+    good.wait_ready()
+    assert "correct horse" not in good.log()
+    good.signal(signal.SIGTERM)
+    assert good.wait() == 0
+
+    wrong = tmp_path / "wrong"
+    wrong.write_text("battery staple\n")
+    bad = DaemonProcess(
+        tmp_path / "bad",
+        secured,
+        model,
+        sections={"mqtt": {"username": "anomalyd", "password_file": str(wrong)}},
+    )
+    daemons.append(bad)
+    assert bad.wait() == 76
+    assert "refused the connection" in bad.log()
+    assert "battery staple" not in bad.log()

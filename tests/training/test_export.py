@@ -112,6 +112,17 @@ def test_model_version_names_the_graph(run: TrainResult) -> None:
     assert contract.model_version in proto.doc_string
 
 
+def test_model_version_is_stable_for_the_same_weights_and_changes_with_them(run: TrainResult) -> None:
+    exported = onnx.load(str(run.model_path))
+    again = export.convert(run.scoring, 17)  # tf2onnx may name the constants differently
+    assert export.graph_digest(again) == export.graph_digest(exported)
+    weight = _lstm_weight(again)
+    w = onnx.numpy_helper.to_array(weight).copy()
+    w.flat[0] += 1e-3
+    weight.CopyFrom(onnx.numpy_helper.from_array(w, weight.name))
+    assert export.graph_digest(again) != export.graph_digest(exported)
+
+
 def test_graph_io_is_the_contract_and_constants_are_initializers(run: TrainResult) -> None:
     proto = onnx.load(str(run.model_path))
     # A captured tf.constant would show up as a second input; only "window" may be there.

@@ -4,7 +4,9 @@ Subcommands (one function each, so a new one is a new ``_add_*`` / ``_cmd_*`` pa
 
 - ``train [--config FILE] --out DIR [--quiet]``: the whole pipeline; without a config,
   the embedded defaults (synthetic fleet);
-- ``check-config [FILE]``: load and check a config, print it resolved, train nothing.
+- ``check-config [FILE]``: load and check a config, print it resolved, train nothing;
+- ``skab DIR --out OUT [--config FILE]``: the SKAB benchmark through the daemon's scoring
+  path (``anomalyd_train.skab``).
 
 Errors end the run with one line on stderr and the error's exit code: a bad config
 78, unusable data 65, a failed export check 70 (naming the check).
@@ -53,6 +55,36 @@ def _add_check_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(run=_cmd_check_config)
 
 
+# --- skab (issue 4): registration and dispatch only; the benchmark lives in skab.py -------
+def _add_skab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "skab",
+        help="run the SKAB benchmark through the daemon's scoring path",
+        description="For every experiment CSV under DIR: train on its first rows, export, replay the "
+        "rest through the daemon's buffers, ONNX Runtime and detector; write per-file decisions, "
+        "OUT/summary.json and a table beside the published leaderboard.",
+    )
+    p.add_argument("dir", type=Path, help="folder with the SKAB experiment CSVs (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
+    p.add_argument("--config", type=Path, help="benchmark config (TOML); default: built-in defaults")
+    p.set_defaults(run=_cmd_skab)
+
+
+def _cmd_skab(args: argparse.Namespace) -> int:
+    from anomalyd_train.skab import load_skab_config
+
+    cfg = load_skab_config(args.config)
+    _quiet_tensorflow()
+    from anomalyd_train.skab import format_table, run_skab
+
+    result = run_skab(args.dir, args.out, cfg)
+    print(format_table(result), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from anomalyd_train.config import load_train_config
 
@@ -81,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     adders: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
         _add_train,
         _add_check_config,
+        _add_skab,
     ]
     for add in adders:
         add(sub)

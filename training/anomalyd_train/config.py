@@ -68,6 +68,14 @@ class SyntheticDataConfig(_Section):
         ge=0,
         description="injected anomalies per device-hour; 0 keeps the training data normal",
     )
+    start_stagger_s: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "device k starts k * start_stagger_s after the first; ambient temperature follows the "
+            "time of day, so staggered starts let short histories cover the whole daily cycle"
+        ),
+    )
 
 
 _SANITISE_CAMEL_LOWER = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
@@ -229,11 +237,22 @@ class SplitConfig(_Section):
     calibration_fraction: float = Field(
         default=0.15, ge=0, le=0.5, description="share held out to calibrate the threshold"
     )
+    calibration: Literal["time", "devices"] = Field(
+        default="time",
+        description=(
+            "'time': the last calibration_fraction of every origin's rows calibrate the threshold; "
+            "'devices': about calibration_fraction of the origins (devices or files), spread over "
+            "their sorted names, are held out whole to calibrate it, so device-to-device variation "
+            "is in the calibration scores (needs at least 2 origins)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _leave_training_data(self) -> SplitConfig:
         if self.validation_fraction + self.calibration_fraction >= 0.9:
             raise ValueError("validation_fraction + calibration_fraction must be below 0.9")
+        if self.calibration == "devices" and self.calibration_fraction == 0:
+            raise ValueError("calibration = 'devices' needs calibration_fraction > 0")
         return self
 
 
@@ -254,6 +273,15 @@ class ModelConfig(_Section):
     dropout: float = Field(default=0.0, ge=0, le=0.5, description="dropout between layers")
     latent_units: int | None = Field(
         default=None, ge=1, le=512, description="autoencoder bottleneck width; unset: units"
+    )
+    centering: Literal["none", "window_mean"] = Field(
+        default="none",
+        description=(
+            "'window_mean': after global normalisation, subtract each feature's mean over the "
+            "network's input steps (forecast: steps 1..L-1, and the forecast of step L is made "
+            "relative to the same mean; autoencoder: all L steps) and add it back to the output, "
+            "so the network sees shapes, not levels: offsets that differ between devices cancel"
+        ),
     )
 
 

@@ -358,6 +358,7 @@ def synthetic_dataset(cfg: SyntheticDataConfig) -> Dataset:
         period_s=cfg.period_s,
         seed=cfg.seed,
         anomalies_per_device_hour=cfg.anomalies_per_device_hour,
+        start_stagger_s=cfg.start_stagger_s,
     )
     fleet = synthetic.generate_fleet(spec)
     steps = [np.diff(np.asarray(d.ts, dtype=np.float64)) for d in fleet if len(d.ts) > 1]
@@ -384,6 +385,7 @@ def synthetic_dataset(cfg: SyntheticDataConfig) -> Dataset:
     source = (
         f"synthetic fleet: {cfg.n_devices} devices × {hours:g} h, period {cfg.period_s:g} s, "
         f"seed {cfg.seed}, {cfg.anomalies_per_device_hour:g} anomalies per device-hour"
+        + (f", starts staggered by {cfg.start_stagger_s:g} s" if cfg.start_stagger_s else "")
     )
     notes = [f"{source}: {rows} rows"]
     if skipped:

@@ -51,10 +51,11 @@ FloatArray = npt.NDArray[np.float32]
 MIN_RESIDUAL_SCALE = 1e-3
 
 SCORE_DEFINITION = (
-    "mean over features of ((x - mean) / std residual / residual_scale)^2; "
-    "forecast: residual of step L predicted from steps 1..L-1; "
-    "autoencoder: reconstruction residual averaged over the L steps; "
-    "contributions = per-feature terms / F, they sum to the score"
+    "mean over features f of (r_f / s_f)^2, where r_f is the residual in normalised units "
+    "((x - mean) / std) and s_f the feature's residual scale on training windows; "
+    "forecast: r is step L minus its prediction from steps 1..L-1; "
+    "autoencoder: squared terms averaged over the L reconstructed steps; "
+    "contributions_f = (r_f / s_f)^2 / F, so they sum to the score"
 )
 
 _FORBIDDEN_OPS = ("Loop", "Scan")
@@ -401,8 +402,32 @@ def library_versions() -> dict[str, str]:
 
 
 def graph_digest(proto: Any) -> str:
-    """sha256 of the serialised graph (nodes, weights, input/output) without metadata."""
-    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
+    """sha256 of what the graph computes: every initializer's dtype, shape and bytes, the
+    op types, and the input/output names and shapes (each sorted).
+
+    Names are left out on purpose: tf2onnx names deduplicated constants differently from
+    run to run, so a hash of the serialised graph would change between two exports of the
+    same weights. This one does not, and any change of a weight changes it.
+    """
+    import onnx
+
+    h = hashlib.sha256()
+    blobs = sorted(
+        f"{init.data_type}:{tuple(init.dims)}:".encode() + onnx.numpy_helper.to_array(init).tobytes()
+        for init in proto.graph.initializer
+    )
+    for blob in blobs:
+        h.update(hashlib.sha256(blob).digest())
+    # Sorted, like the initializers: tf2onnx's node and output order can vary too.
+    for op in sorted(node.op_type for node in proto.graph.node):
+        h.update(op.encode() + b";")
+    signature = []
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+        signature.append(f"{value.name}{dims};")
+    for item in sorted(signature):
+        h.update(item.encode())
+    return h.hexdigest()
 
 
 def export_model(
@@ -422,8 +447,9 @@ def export_model(
     window_length, threshold, normalisation, training_data, training_config); this
     function adds ``schema_version``, ``versions``, ``created`` and ``model_version`` =
     ``{name}-{first 12 hex of graph_digest}``, so two files with the same version hold
-    the same weights. Raises ``ExportCheckError`` naming the first failed check; the
-    file is then not written (an earlier file at ``out_path`` stays as it was).
+    the same weights, and re-exporting the same weights gives the same version. Raises
+    ``ExportCheckError`` naming the first failed check; the file is then not written (an
+    earlier file at ``out_path`` stays as it was).
     """
     import onnx
 

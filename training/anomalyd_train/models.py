@@ -45,6 +45,8 @@ def build_model(cfg: ModelConfig, window_length: int, n_features: int) -> keras.
     prediction of step L. ``autoencoder``: input ``(batch, L, F)`` → ``layers`` encoder
     LSTMs (the last one ``latent_units`` wide, default ``units``) → RepeatVector(L) →
     ``layers`` decoder LSTMs → TimeDistributed(Dense(F)), the reconstruction.
+    With ``cfg.centering = "window_mean"`` the network works on the input minus its
+    per-feature mean over the input steps, and that mean is added back to its output.
     Weight initialisation follows the global seed; set it with
     ``keras.utils.set_random_seed`` before calling (``pipeline.train`` does).
     """
@@ -57,11 +59,21 @@ def build_model(cfg: ModelConfig, window_length: int, n_features: int) -> keras.
     steps = input_steps(cfg.kind, window_length)
     inputs = keras.Input(shape=(steps, n_features), name="window_normalised")
     x = inputs
+    level = None
+    if cfg.centering == "window_mean":
+        # Devices differ mostly by offsets: the network sees the window minus its own
+        # per-feature mean and its output is shifted back by that mean, so a constant offset
+        # added to a whole window moves the prediction with it and leaves the residual alone.
+        # Plain element-wise ops around the LSTMs keep each LSTM one fused ONNX op.
+        level = keras.ops.mean(inputs, axis=1, keepdims=True)
+        x = inputs - level
     if cfg.kind == "forecast":
         for i in range(cfg.layers):
             last = i == cfg.layers - 1
             x = _lstm(cfg.units, return_sequences=not last, dropout=cfg.dropout, name=f"lstm_{i + 1}")(x)
         outputs = keras.layers.Dense(n_features, name="next_step")(x)
+        if level is not None:
+            outputs = outputs + keras.ops.squeeze(level, axis=1)
         return keras.Model(inputs, outputs, name="lstm_forecast")
 
     latent = cfg.latent_units or cfg.units
@@ -77,6 +89,8 @@ def build_model(cfg: ModelConfig, window_length: int, n_features: int) -> keras.
     for i in range(cfg.layers):
         x = _lstm(cfg.units, return_sequences=True, dropout=cfg.dropout, name=f"decoder_lstm_{i + 1}")(x)
     outputs = keras.layers.TimeDistributed(keras.layers.Dense(n_features), name="reconstruction")(x)
+    if level is not None:
+        outputs = outputs + level
     return keras.Model(inputs, outputs, name="lstm_autoencoder")
 
 

@@ -33,6 +33,7 @@ from anomalyd_train.windows import (
     WindowSet,
     dataset_sha256,
     make_windows,
+    split_by_origin,
     split_by_time,
     subsample,
 )
@@ -226,9 +227,16 @@ def prepare(cfg: TrainConfig, echo: Callable[[str], None] = lambda _: None) -> P
     for note in dataset.notes:
         echo(f"  {note}")
 
-    train_s, val_s, cal_s = split_by_time(
-        dataset.segments, cfg.split.validation_fraction, cfg.split.calibration_fraction
-    )
+    if cfg.split.calibration == "devices":
+        train_s, val_s, cal_s = split_by_origin(
+            dataset.segments, cfg.split.validation_fraction, cfg.split.calibration_fraction
+        )
+        held = sorted({s.origin for s in cal_s})
+        echo(f"split: {len(held)} held-out origin(s) calibrate the threshold: {', '.join(held)}")
+    else:
+        train_s, val_s, cal_s = split_by_time(
+            dataset.segments, cfg.split.validation_fraction, cfg.split.calibration_fraction
+        )
     # Scaling statistics come from the training part only, so nothing about the held-out
     # parts (validation, calibration) leaks into the model.
     scaler = Scaler.fit(train_s, dataset.features)

@@ -88,6 +88,23 @@ def _stretch_segments(result: TrainResult) -> tuple[list[Segment], str, bool]:
         ds = synthetic_dataset(eval_cfg)
         return ds.segments, f"unseen evaluation fleet — {ds.source}", True
     segments = result.dataset.segments
+    csv = cfg.data.csv
+    if csv is not None and csv.label_column is not None and csv.first_rows is not None:
+        # Trained on the first rows only (SKAB's protocol): score the whole file, whose
+        # later rows the model never saw.
+        from anomalyd.errors import DataError
+        from anomalyd_train.data import load_csv
+
+        try:
+            whole = load_csv(csv.model_copy(update={"first_rows": None}))
+        except DataError:
+            whole = None
+        if whole is not None:
+            return (
+                whole.segments,
+                f"{whole.source}: the whole file with its labels (the first {csv.first_rows} rows trained)",
+                True,
+            )
     if segments and all(s.labels is not None for s in segments):
         return segments, f"{result.dataset.source}, all rows (training rows included), with its labels", True
     from anomalyd_train.windows import split_by_time
@@ -153,7 +170,8 @@ def detection_numbers(stretch: ScoredStretch, threshold: float) -> dict[str, Any
     numbers: dict[str, Any] = {"stretch": stretch.description, "windows scored": windows}
     if stretch.labelled:
         numbers["labelled anomaly events"] = events
-        numbers["event recall"] = f"{detected}/{events}" + (f" ({detected / events:.0%})" if events else "")
+        if events:
+            numbers["event recall"] = f"{detected}/{events} ({detected / events:.0%})"
         numbers["false alarms (alarm runs without a labelled sample)"] = (
             f"{false_alarms} in {hours:.1f} h of series" if hours else str(false_alarms)
         )

@@ -35,6 +35,7 @@ __all__ = [
     "dataset_sha256",
     "is_constant",
     "make_windows",
+    "split_by_origin",
     "split_by_time",
     "split_segments",
     "subsample",
@@ -147,6 +148,47 @@ def split_by_time(
                 if b > a:
                     out.append(_slice_segment(seg, slice(a, b)))
             offset += n
+    return train, val, cal
+
+
+def held_out_origins(origins: Sequence[str], fraction: float) -> list[str]:
+    """The origins that ``split_by_origin`` holds out: ``max(1, round(fraction · n))`` of the
+    ``n`` distinct names, spread evenly over their sorted order (the middle of each of that
+    many equal runs), so a fleet whose devices were started one after another gives
+    calibration devices from every part of its time span. Deterministic; no seed needed.
+    """
+    names = sorted(set(origins))
+    n = len(names)
+    if n < 2:
+        raise DataError(
+            f"split.calibration = 'devices' needs at least 2 origins (devices or files), got {n}; "
+            "use split.calibration = 'time'"
+        )
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    k = min(max(1, round(fraction * n)), n - 1)  # at least one origin is left to train on
+    picks = sorted({int((i + 0.5) * n / k) for i in range(k)})
+    return [names[i] for i in picks]
+
+
+def split_by_origin(
+    segments: list[Segment], validation_fraction: float, calibration_fraction: float
+) -> tuple[list[Segment], list[Segment], list[Segment]]:
+    """Hold out whole origins for calibration; cut the rest by time into train | validation.
+
+    The calibration part is every segment of the origins ``held_out_origins`` picks (about
+    ``calibration_fraction`` of the origins), so a threshold calibrated on it has seen
+    devices the network never trained on, as a deployed fleet model will. The other origins
+    are each cut by time as in ``split_by_time``: the earliest ``1 - validation_fraction`` of
+    their rows train, the rest validate. The three parts share no origin between calibration
+    and the others, and no sample at all.
+    """
+    if not 0 <= validation_fraction < 1:
+        raise ValueError("validation_fraction must be in [0, 1)")
+    held = set(held_out_origins([s.origin for s in segments], calibration_fraction))
+    rest = [s for s in segments if s.origin not in held]
+    cal = [s for s in segments if s.origin in held]
+    train, val, _ = split_by_time(rest, validation_fraction, 0.0)
     return train, val, cal
 
 

@@ -1,0 +1,220 @@
+"""The ``anomalyd`` command line, run as ``python -m anomalyd`` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+
+from anomalyd.cli import main, parse_address
+from anomalyd.errors import ConfigError
+from anomalyd.model import DEFAULT_MODEL_PATH
+from anomalyd.simulator import PrivateBroker
+from tests.broker import MosquittoBroker, Subscriber, port_open
+
+
+def anomalyd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "anomalyd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_parse_address() -> None:
+    assert parse_address("broker.local:1884", "--broker") == ("broker.local", 1884)
+    assert parse_address("[::1]:1883", "--broker") == ("::1", 1883)
+    for bad in ("nohost", ":1883", "h:port", "h:70000"):
+        with pytest.raises(ConfigError, match="--broker"):
+            parse_address(bad, "--broker")
+
+
+def test_version_and_help() -> None:
+    out = anomalyd("--version")
+    assert out.returncode == 0
+    assert out.stdout.startswith("anomalyd ")
+    helptext = anomalyd("--help").stdout
+    for command in ("run", "check-config", "inspect-model", "simulate", "demo"):
+        assert command in helptext
+
+
+def test_check_config_ok_and_every_error_with_its_key_path(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[mqtt]\nhost = "broker"\nport = 1884\n[detector]\nk_enter = 2\n')
+    out = anomalyd("check-config", str(good))
+    assert out.returncode == 0, out.stderr
+    assert "OK" in out.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[mqtt]\nport = 0\nhots = "x"\n[batching]\nmax_batch = "many"\n[nonsense]\n')
+    out = anomalyd("check-config", str(bad))
+    assert out.returncode == 78
+    for key in ("mqtt.port", "mqtt.hots", "batching.max_batch", "nonsense"):
+        assert f": {key}: " in out.stderr, (key, out.stderr)
+    assert "4 error(s)" in out.stderr
+
+
+def test_inspect_model_prints_contract_graph_check_and_providers() -> None:
+    out = anomalyd("inspect-model", str(DEFAULT_MODEL_PATH))
+    assert out.returncode == 0, out.stderr
+    assert "model version" in out.stdout
+    assert "graph check     OK" in out.stdout
+    assert "CPUExecutionProvider" in out.stdout
+
+
+def test_inspect_model_exit_65_on_a_bad_model(tmp_path: Path, tiny_model: Callable[..., Path]) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    out = anomalyd("inspect-model", str(junk))
+    assert out.returncode == 65
+    assert "ONNX Runtime cannot load the file" in out.stderr
+    # contract readable but disagreeing with the graph: contract printed, graph check fails
+    liar = tiny_model("liar.onnx", window_length=8, contract_overrides={"window_length": 9})
+    out = anomalyd("inspect-model", str(liar))
+    assert out.returncode == 65
+    assert "window length   9 samples" in out.stdout
+    assert "graph check     FAILED" in out.stdout
+
+
+def test_run_with_a_bad_option_value_exits_78_with_one_line() -> None:
+    out = anomalyd("run", "--broker", "localhost:notaport")
+    assert out.returncode == 78
+    assert out.stderr.strip().splitlines() == [
+        "anomalyd: --broker: expected a port number after ':', got 'notaport'"
+    ]
+    out = anomalyd("run", "--config", "/nonexistent/anomalyd.toml")
+    assert out.returncode == 78
+    assert "cannot read configuration file" in out.stderr
+
+
+def test_main_returns_exit_codes_in_process(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mqtt]\nport = -1\n")
+    assert main(["check-config", str(bad)]) == 78
+
+
+def test_importing_the_cli_and_service_never_loads_tensorflow() -> None:
+    probe = (
+        "import sys, json, anomalyd.cli, anomalyd.service, anomalyd.simulator; "
+        "anomalyd.cli.build_parser(); print(json.dumps(sorted(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = json.loads(out.stdout)
+    forbidden = [m for m in loaded if m.split(".")[0] in {"tensorflow", "keras", "tf2onnx", "onnx", "scipy"}]
+    assert forbidden == []
+    assert "anomalyd.service" in loaded
+
+
+def test_simulate_publishes_the_fleet(broker: MosquittoBroker) -> None:
+    sub = Subscriber(broker, ["sensors/+/telemetry"])
+    try:
+        out = anomalyd(
+            "simulate",
+            "--broker",
+            broker.address,
+            "--devices",
+            "2",
+            "--duration",
+            "60",
+            "--speed",
+            "inf",
+            "--seed",
+            "3",
+            "--qos",
+            "1",
+        )
+        assert out.returncode == 0, out.stderr
+        sub.wait_until(lambda ms: len(ms) == 120, 10, "120 readings")
+    finally:
+        sub.close()
+    devices = {m.topic.split("/")[1] for m in sub.snapshot()}
+    assert devices == {"machine-000", "machine-001"}
+    doc = orjson.loads(sub.snapshot()[0].payload)
+    assert set(doc) == {"ts", "temperature", "pressure", "vibration"}
+
+
+def test_demo_shows_scores_and_stops_on_ctrl_c(broker: MosquittoBroker) -> None:
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "anomalyd",
+            "demo",
+            "--broker",
+            broker.address,
+            "--speed",
+            "500",
+            "--duration",
+            "900",
+            "--devices",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as proc:
+        lines: list[str] = []
+        seen_scores = threading.Event()
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if "scores " in line and "machine-000" in line:
+                    seen_scores.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            assert seen_scores.wait(60), "".join(lines)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
+            reader.join(5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = "".join(lines)
+    assert text.startswith("anomalyd demo: broker")
+    assert "stopping:" in text
+
+
+def test_private_broker_for_the_demo() -> None:
+    b = PrivateBroker()
+    try:
+        assert port_open(b.port)
+    finally:
+        b.close()
+    assert not port_open(b.port)
+
+
+def test_inspect_model_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    """`anomalyd inspect-model m.onnx | head -1` must not end in a BrokenPipeError trace.
+
+    The reading end is closed before the child writes anything, so every write fails
+    with EPIPE whatever the pipe buffer size (a real `| head` only fails sometimes)."""
+    from tests.helpers.tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m.onnx")
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "anomalyd", "inspect-model", str(model)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+        assert proc.stdout is not None
+        proc.stdout.close()
+        code = proc.wait(timeout=60)
+    stderr = err_path.read_text()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr

@@ -1,0 +1,254 @@
+"""End to end: simulated devices with injected anomalies → Mosquitto → the daemon (a real
+subprocess with the committed default model) → scores and alerts over MQTT and /metrics.
+
+Two kinds of check:
+
+1. Mechanics, exact: every window's published score equals the score the same model gives
+   the same window offline (values as sent, i.e. rounded to 6 decimals; rtol 1e-4), no
+   reading is lost or rejected, and /metrics agrees with what was published.
+2. Detection, with tolerances (the default model is a learned detector, not an oracle):
+   - recall: at least 70 % of the injected anomaly events have an anomalous window that
+     overlaps them (a window ending inside the event or within L-1 samples after it);
+   - precision: at most 2 % of the windows that contain no anomalous sample are flagged,
+     and hysteresis alerts (k_enter = 3) raised on clean data number at most one per
+     device-hour.
+   The stream is fixed (seed 11, 2 devices, 3 h from 00:00 UTC): measured offline with
+   the default model of 2026-11-24 it gives recall 0.79 and 0.2 % clean windows flagged.
+   The model is sensitive to the time of day (trained on 00:00-06:00 only) and to the
+   stream: other seeds measured 0.2-21 % clean windows flagged. That is the model's
+   quality, recorded here so that a retrained model that regresses fails this test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from anomalyd.config import MqttConfig
+from anomalyd.intake import MqttLink
+from anomalyd.model import DEFAULT_MODEL_PATH, load_model, read_contract
+from anomalyd.simulator import SimulationSettings, Stream, build_stream, publish_stream
+from tests.broker import MosquittoBroker, Subscriber, publish_many, wait_for
+from tests.daemon_process import DaemonProcess
+
+pytestmark = pytest.mark.slow
+
+RECALL_MIN = 0.70
+CLEAN_FLAG_RATE_MAX = 0.02
+CLEAN_ALERTS_PER_DEVICE_HOUR_MAX = 1.0
+
+
+def _start_of_yesterday_at(hour: int) -> float:
+    """A fixed time of day, in the past: the synthetic physics follows the wall-clock day,
+    so a fixed hour makes the stream (and the scores) the same on every run."""
+    now = time.time()
+    return math.floor(now / 86_400) * 86_400 - 86_400 + hour * 3_600
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Callable[..., DaemonProcess]]:
+    made: list[DaemonProcess] = []
+
+    def make(model: Path, **kwargs: Any) -> DaemonProcess:
+        d = DaemonProcess(tmp_path / f"daemon{len(made)}", broker, model, **kwargs)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def _publish(broker: MosquittoBroker, stream: Stream, settings: SimulationSettings) -> None:
+    link = MqttLink(MqttConfig(host=broker.host, port=broker.port), client_id="e2e-simulator", name="e2e-sim")
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        result = publish_stream(link, stream, settings)
+        assert result.failed == 0
+    finally:
+        link.close(60)
+
+
+def test_injected_anomalies_are_flagged_and_clean_data_mostly_is_not(
+    broker: MosquittoBroker, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    model = DEFAULT_MODEL_PATH
+    assert model.is_file(), "the committed default model is missing (exported_models/default/model.onnx)"
+    contract = read_contract(model)
+    window = contract.window_length
+    settings = SimulationSettings(
+        devices=2, duration_s=3 * 3600.0, seed=11, anomalies_per_device_hour=3.0, speed=math.inf
+    )
+    stream = build_stream(settings, _start_of_yesterday_at(0))
+    assert len(stream.events) >= 10
+    expected = sum(len(d.ts) - window + 1 for d in stream.fleet)
+
+    d = daemon_factory(model)
+    d.wait_ready(60)
+    sub = Subscriber(broker, ["anomaly/+/score", "anomaly/+/alert"])
+    try:
+        _publish(broker, stream, settings)
+        d.wait_metric("anomalyd_windows_scored_total", lambda v: v == expected, 120)
+        sub.wait_until(
+            lambda ms: sum(1 for m in ms if m.topic.endswith("/score")) == expected, 60, "every score"
+        )
+        msgs = sub.snapshot()
+        metrics = d.scrape()
+    finally:
+        sub.close()
+
+    scores = [orjson.loads(m.payload) for m in msgs if m.topic.endswith("/score")]
+    alerts = [orjson.loads(m.payload) for m in msgs if m.topic.endswith("/alert")]
+    assert {s["model_version"] for s in scores} == {contract.model_version}
+
+    # ---- mechanics: the daemon's scores are the model's scores for the same windows
+    offline = load_model(model)
+    for dev in stream.fleet:
+        sent = np.array([[round(v, 6) for v in row] for row in dev.values.tolist()], dtype=np.float32)
+        windows = np.lib.stride_tricks.sliding_window_view(sent, (window, sent.shape[1]))[:, 0]
+        reference, _ = offline.run(np.ascontiguousarray(windows))
+        got = sorted((s["ts"], s["score"]) for s in scores if s["device"] == dev.device)
+        assert len(got) == len(reference)
+        np.testing.assert_allclose([g for _, g in got], reference, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose([t for t, _ in got], np.round(dev.ts[window - 1 :], 6), atol=1e-6)
+
+    # Scores sorted by ts line up with the windows ending at samples L-1 .. n-1 (checked above).
+    flags = {
+        dev.device: np.array(
+            [a for _, a in sorted((s["ts"], s["anomaly"]) for s in scores if s["device"] == dev.device)]
+        )
+        for dev in stream.fleet
+    }
+    period = 1.0 / settings.rate_hz
+
+    # ---- recall: per injected event, any anomalous window that contains part of it
+    found = 0
+    fleet = {dev.device: dev for dev in stream.fleet}
+    for device, event in stream.events:
+        end_ts = fleet[device].ts[window - 1 :]
+        overlaps = (end_ts >= event.start_ts) & (end_ts <= event.end_ts + (window - 1) * period * 1.1)
+        found += bool(flags[device][overlaps].any())
+    recall = found / len(stream.events)
+
+    # ---- precision: windows without any labelled sample
+    clean_total = clean_flagged = 0
+    for dev in stream.fleet:
+        dirty = np.lib.stride_tricks.sliding_window_view(dev.labels, window).any(axis=1)
+        clean_total += int((~dirty).sum())
+        clean_flagged += int((flags[dev.device] & ~dirty).sum())
+    clean_rate = clean_flagged / clean_total
+
+    def in_event(device: str, t: float) -> bool:
+        return any(
+            dv == device and e.start_ts <= t <= e.end_ts + (window - 1) * period * 1.1
+            for dv, e in stream.events
+        )
+
+    raised = [a for a in alerts if a["state"] == "anomalous"]
+    clean_alerts = [a for a in raised if not in_event(a["device"], a["ts"])]
+    device_hours = settings.devices * settings.duration_s / 3600
+    print(
+        f"e2e: {len(stream.events)} events, recall {recall:.2f}; clean windows flagged "
+        f"{clean_flagged}/{clean_total} ({clean_rate:.4f}); alerts raised {len(raised)}, "
+        f"{len(clean_alerts)} on clean data"
+    )
+    assert recall >= RECALL_MIN
+    assert clean_rate <= CLEAN_FLAG_RATE_MAX
+    assert len(clean_alerts) <= CLEAN_ALERTS_PER_DEVICE_HOUR_MAX * device_hours
+
+    # ---- /metrics agrees with what was published
+    def m(name: str, **labels: str) -> float:
+        return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert m("anomalyd_readings_accepted_total") == len(stream)
+    assert m("anomalyd_messages_received_total") == len(stream)
+    assert sum(v for (n, _), v in metrics.items() if n == "anomalyd_rejected_total") == 0
+    assert m("anomalyd_anomalous_windows_total") == sum(1 for s in scores if s["anomaly"])
+    assert m("anomalyd_alert_transitions_total", direction="raised") == len(raised)
+    assert m("anomalyd_end_to_end_seconds_count") == expected
+    assert m("anomalyd_devices_tracked") == settings.devices
+    assert m("anomalyd_batch_size_sum") == expected
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0
+
+
+def test_broker_killed_and_restarted_mid_stream(
+    broker: MosquittoBroker, daemon_factory: Callable[..., DaemonProcess], tiny_model: Callable[..., Path]
+) -> None:
+    window = 4
+    d = daemon_factory(tiny_model(window_length=window))
+    d.wait_ready()
+    status_sub = Subscriber(broker, ["anomaly/status"])
+    status_sub.wait_until(lambda ms: ms and ms[-1].payload == b"online", 10, "online")
+    status_sub.close()
+    t0 = time.time() - 100
+
+    def burst(device: str, start: float, n: int) -> list[tuple[str, bytes]]:
+        return [
+            (
+                f"sensors/{device}/telemetry",
+                orjson.dumps({"ts": start + i, "temperature": 0.1, "pressure": 0.1, "vibration": 0.1}),
+            )
+            for i in range(n)
+        ]
+
+    sub = Subscriber(broker, ["anomaly/+/score"])
+    publish_many(broker, burst("m1", t0, 10))
+    sub.wait_until(lambda ms: len(ms) == 10 - window + 1, 10, "scores before the outage")
+    sub.close()
+
+    broker.kill()
+    d.wait_metric("anomalyd_mqtt_connected", lambda v: v == 0.0, 10)
+    assert d.proc.poll() is None  # the outage does not kill the daemon
+    broker.start()  # same port, no persistence: the daemon must resubscribe by itself
+    d.wait_metric("anomalyd_mqtt_reconnects_total", lambda v: v == 1.0, 20)
+    d.wait_metric("anomalyd_mqtt_connected", lambda v: v == 1.0, 20)
+
+    status = Subscriber(broker, ["anomaly/status"])  # retained "online" was published again
+    status.wait_until(lambda ms: [m.payload for m in ms] == [b"online"], 10, "online after reconnect")
+    status.close()
+    sub = Subscriber(broker, ["anomaly/+/score"])
+    try:
+        # The subscription is renewed right after the CONNACK; publish until it is in place.
+        next_ts = itertools.count(int(t0) + 10)
+
+        def scores_flow() -> bool:
+            publish_many(broker, burst("m1", next(next_ts), 1))
+            try:
+                sub.wait_until(lambda ms: len(ms) > 0, 0.5)
+            except AssertionError:
+                return False
+            return True
+
+        wait_for(scores_flow, 15, interval=0.0, what="scores after the broker came back")
+        publish_many(broker, burst("m2", t0, 10))
+        sub.wait_until(lambda ms: sum(1 for m in ms if "/m2/" in m.topic) == 10 - window + 1, 10, "m2")
+    finally:
+        sub.close()
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0
+
+
+def test_last_will_offline_when_the_daemon_is_killed(
+    broker: MosquittoBroker, daemon_factory: Callable[..., DaemonProcess], tiny_model: Callable[..., Path]
+) -> None:
+    d = daemon_factory(tiny_model(window_length=4))
+    d.wait_ready()
+    sub = Subscriber(broker, ["anomaly/status"])
+    try:
+        sub.wait_until(lambda ms: ms and ms[-1].payload == b"online", 10, "online")
+        d.signal(signal.SIGKILL)
+        d.wait()
+        sub.wait_until(lambda ms: ms[-1].payload == b"offline", 10, "last will")
+    finally:
+        sub.close()

@@ -1,0 +1,79 @@
+"""Detection quality in CI: the synthetic counterpart of the SKAB benchmark (docs/skab.md).
+
+A fresh synthetic fleet (a seed the default model never trained on) with injected anomalies
+is scored through the daemon's own stages (``anomalyd.replay``: buffers, batcher, ONNX
+Runtime, detector) with the daemon's default configuration, using the committed default
+model (so CI does not train one). Event-level outcome, as an operator sees it:
+
+- an event is *found* when the device's alert is on at some row between the event's first
+  sample and 60 s after its last (``evaluation.event_metrics``);
+- a *false alert* is an alert onset outside every such interval, per device-hour;
+- the *normal alert share* is the share of rows outside those intervals spent in alert
+  (an alert that never clears has few onsets but a large share).
+
+Bounds (docs/skab.md, "Synthetic counterpart"), over 8 devices x 3 h at seed 2: event
+recall >= 0.30, <= 0.5 false alerts per device-hour, normal alert share <= 5 %. The
+values measured with the committed model are in docs/skab.md. A detector that never
+alerts fails the recall bound; one that always alerts fails the share bound (the control
+test below checks that).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from anomalyd import synthetic
+from anomalyd.config import load_config
+from anomalyd.model import DEFAULT_MODEL_PATH, SessionOptions, load_model
+from anomalyd.replay import replay
+from anomalyd_train.evaluation import EventResult, event_metrics
+
+SEED = 2  # the default model trains on seed 0
+DEVICES = 8
+HOURS = 3.0
+TOLERANCE_S = 60.0
+MIN_RECALL = 0.30
+MAX_FALSE_ALERTS_PER_HOUR = 0.5
+MAX_NORMAL_ALERT_SHARE = 0.05
+
+
+def _score(model_path: Path, overrides: dict[str, object]) -> EventResult:
+    model = load_model(model_path, SessionOptions(providers="cpu"))
+    spec = synthetic.FleetSpec(
+        n_devices=DEVICES, duration_s=HOURS * 3600.0, seed=SEED, anomalies_per_device_hour=2.0
+    )
+    cfg = load_config(overrides=overrides)
+    total = EventResult()
+    for dev in synthetic.generate_fleet(spec):
+        r = replay(model, cfg, dev.device, dev.ts, dev.values)
+        events = [(e.start_ts, e.end_ts, e.kind) for e in dev.events]
+        total = total + event_metrics(r.ts, r.alert, r.alert, events, TOLERANCE_S)
+    return total
+
+
+@pytest.fixture(scope="module")
+def default_model() -> Path:
+    path = Path(DEFAULT_MODEL_PATH)
+    if not path.is_file():
+        pytest.skip(f"no committed default model at {path} (exported_models/default is built by training)")
+    return path
+
+
+def test_default_model_and_config_find_events_without_crying_wolf(default_model: Path) -> None:
+    r = _score(default_model, {})
+    assert r.events >= 30  # enough events for the recall to mean something
+    assert r.hours == pytest.approx(DEVICES * HOURS, rel=0.1)
+    assert r.recall >= MIN_RECALL, f"event recall {r.recall:.2f} by kind {r.kinds_found}"
+    assert r.false_alerts_per_hour <= MAX_FALSE_ALERTS_PER_HOUR, (
+        f"{r.false_alerts} false alerts in {r.hours:.1f} device-hours"
+    )
+    assert r.normal_alert_share <= MAX_NORMAL_ALERT_SHARE
+
+
+def test_a_detector_that_always_alerts_fails_the_false_alert_bound(default_model: Path) -> None:
+    # The control: a threshold of 0 alerts on every window; the bounds must catch it.
+    r = _score(default_model, {"detector.threshold": 0.0})
+    assert r.recall == 1.0
+    assert r.normal_alert_share > MAX_NORMAL_ALERT_SHARE
