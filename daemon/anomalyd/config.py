@@ -12,14 +12,13 @@ come from a file (``password_file``) or a systemd credential (``password_credent
 read from ``$CREDENTIALS_DIRECTORY``), and only ``read_secret`` ever reads them. A
 ``password`` key in the TOML is rejected with a message that says where it belongs.
 
-``render_example_config()`` generates ``systemd/anomalyd.toml`` from these models, and a
+``anomalyd.config_example`` generates ``systemd/anomalyd.toml`` from these models, and a
 test checks the committed file against it, so the example cannot drift.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import re
@@ -55,7 +54,7 @@ __all__ = [
     "config_errors",
     "load_config",
     "read_secret",
-    "render_example_config",
+    "section_model",
 ]
 
 #: A path field: strings from TOML or the command line are welcome (strict mode would not take them).
@@ -448,7 +447,7 @@ class Config(_Section):
 # --------------------------------------------------------------------------- loading
 
 
-def _section_model(model: type[BaseModel], name: str) -> type[BaseModel] | None:
+def section_model(model: type[BaseModel], name: str) -> type[BaseModel] | None:
     """The model class of a sub-section field (unwrapping ``X | None``), or None for scalars."""
     ann = model.model_fields[name].annotation
     for cand in (ann, *get_args(ann)):
@@ -468,7 +467,7 @@ def _resolve_paths(raw: dict[str, Any], model: type[BaseModel], base: Path) -> N
     for key, value in raw.items():
         if key not in model.model_fields:
             continue  # reported as unknown by validation
-        sub = _section_model(model, key)
+        sub = section_model(model, key)
         if sub is not None and isinstance(value, dict):
             _resolve_paths(value, sub, base)
         elif _is_path_field(model, key) and isinstance(value, str) and not Path(value or "/").is_absolute():
@@ -532,7 +531,7 @@ def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     for part in loc:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return model
-        model = _section_model(model, part)
+        model = section_model(model, part)
     return model
 
 
@@ -637,71 +636,3 @@ def read_secret(file: Path | None, credential: str | None, what: str) -> str | N
     if not secret:
         raise ConfigError(f"secret file {str(source)!r} is empty", what)
     return secret
-
-
-# --------------------------------------------------------------------------- example file
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Path):
-        return json.dumps(str(value))
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML rendering for {value!r}")
-
-
-def _render_section(
-    model: type[BaseModel], name: str, commented: bool, out: list[str], intro: str | None = None
-) -> None:
-    out.append("")
-    if intro:
-        out.append(f"# {intro}")
-    out.append(f"{'#' if commented else ''}[{name}]")
-    if model.__doc__:
-        out.append(f"# {model.__doc__.strip().splitlines()[0]}")
-    subsections = []
-    for field_name, info in model.model_fields.items():
-        sub = _section_model(model, field_name)
-        if sub is not None:
-            subsections.append((field_name, sub, info))
-            continue
-        out.append(f"# {info.description}")
-        default = info.get_default(call_default_factory=True)
-        if default is None or default == DEFAULT_MODEL_PATH:
-            # No TOML spelling for "unset", and the shipped model's absolute path is
-            # machine-specific: show an example instead, to be uncommented and edited.
-            example = (info.examples or [None])[0]
-            said = "unset" if default is None else "the shipped model"
-            out.append(f"#{field_name} = {_toml_value(example)}  # example; default: {said}")
-        else:
-            out.append(f"#{field_name} = {_toml_value(default)}")
-    for field_name, sub, info in subsections:
-        # Only TLS is an optional sub-table; its presence switches TLS on, so it stays commented.
-        _render_section(sub, f"{name}.{field_name}", True, out, intro=f"{field_name}: {info.description}")
-
-
-def render_example_config() -> str:
-    """The commented example configuration (``systemd/anomalyd.toml``), generated from the models."""
-    out = [
-        "# anomalyd configuration (TOML). Generated from anomalyd.config: every key, commented",
-        "# out, with its default. Uncomment a key to change it; leave the rest as they are.",
-        "# Relative paths are relative to this file's directory. Check with:",
-        "#     anomalyd check-config /etc/anomalyd/anomalyd.toml",
-        "# Secrets (MQTT password, TLS key passphrase) never go in this file: use the *_file",
-        "# keys or systemd credentials (LoadCredential= in anomalyd.service, *_credential keys).",
-    ]
-    for name in Config.model_fields:
-        sub = _section_model(Config, name)
-        assert sub is not None
-        _render_section(sub, name, False, out)
-    return "\n".join(out) + "\n"
-
-
-if __name__ == "__main__":  # python -m anomalyd.config > systemd/anomalyd.toml
-    print(render_example_config(), end="")

@@ -34,6 +34,7 @@ ProviderChoice = Literal["auto", "cpu", "cuda"]
 _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
 
+
 def _default_model_path() -> Path:
     """The committed default model: in a checkout (or editable install) it is
     ``exported_models/default/model.onnx`` beside ``daemon/``; a wheel install puts the same
@@ -45,6 +46,7 @@ def _default_model_path() -> Path:
 
 #: Where the committed default model lives (see ``_default_model_path``).
 DEFAULT_MODEL_PATH = _default_model_path()
+
 
 @dataclass(frozen=True)
 class SessionOptions:

@@ -173,8 +173,11 @@ class Service:
         return model
 
     def _threshold(self, model: LoadedModel) -> float:
-        t = self.config.detector.threshold
-        return t if t is not None else model.contract.threshold.value
+        """The static threshold: configured (else the contract's) times ``threshold_scale``.
+        With ``adaptive = true`` each device's effective threshold is in its score messages."""
+        d = self.config.detector
+        base = d.threshold if d.threshold is not None else model.contract.threshold.value
+        return base * d.threshold_scale
 
     def _announce_model(self, model: LoadedModel) -> None:
         c = model.contract
@@ -209,8 +212,7 @@ class Service:
         self._batcher = Batcher(
             cfg.batching.max_batch, cfg.batching.max_delay_ms / 1000.0, c.window_length, c.n_features
         )
-        d = cfg.detector
-        self._detector = Detector(self._threshold(model), d.smoothing, d.ewma_alpha, d.k_enter, d.k_exit)
+        self._detector = Detector.from_config(cfg.detector, model.contract.threshold.value)
 
     def start(self) -> bool:
         """Run the ordered start. True once ready; False if a stop was requested first.
@@ -415,7 +417,10 @@ class Service:
         )
         self.model = new
         if same_shape:
-            self._detector.set_threshold(self._threshold(new))
+            d = self.config.detector
+            self._detector.set_threshold(
+                d.threshold if d.threshold is not None else new.contract.threshold.value
+            )
         else:
             log.warning(
                 "new model has window %d and features %s (was %d, %s): every device's window restarts",

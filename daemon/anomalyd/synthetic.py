@@ -324,7 +324,8 @@ def _physics(
     temp_true = _lag(ambient + rise * load, tau_t, period_s) + _ar1(noise[0], n, 120.0, 0.2, period_s)
 
     # Pressure: follows temperature, plus a fast load term.
-    pres_true = p_base + k_t * (temp_true - 20.0) + p_load * load_fast + _ar1(noise[1], n, 30.0, 0.25, period_s)
+    pres_noise = _ar1(noise[1], n, 30.0, 0.25, period_s)
+    pres_true = p_base + k_t * (temp_true - 20.0) + p_load * load_fast + pres_noise
 
     # Vibration RMS: shaft harmonics through a resonance (magnitude of a 1-DOF oscillator).
     speed = speed0 + speed_load * load_fast

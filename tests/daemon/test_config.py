@@ -14,8 +14,8 @@ from anomalyd.config import (
     config_errors,
     load_config,
     read_secret,
-    render_example_config,
 )
+from anomalyd.config_example import render_example_config
 from anomalyd.errors import ConfigError
 from anomalyd.model import DEFAULT_MODEL_PATH
 
@@ -247,7 +247,7 @@ def test_secrets_never_appear_in_the_config_repr(tmp_path: Path) -> None:
 
 def test_example_file_is_generated_from_the_models() -> None:
     assert EXAMPLE.read_text() == render_example_config(), (
-        "systemd/anomalyd.toml is stale: run `python -m anomalyd.config > systemd/anomalyd.toml`"
+        "systemd/anomalyd.toml is stale: run `python -m anomalyd.config_example > systemd/anomalyd.toml`"
     )
 
 

@@ -410,3 +410,46 @@ def test_credentials_from_systemd_credentials_directory_and_refusal_exit_76(
     assert bad.wait() == 76
     assert "refused the connection" in bad.log()
     assert "battery staple" not in bad.log()
+
+
+def test_the_live_detector_follows_the_detector_section(
+    broker: MosquittoBroker, tiny_model: Callable[..., Path], notify: NotifyListener
+) -> None:
+    """[detector] threshold_scale and adaptive reach the running pipeline, not only replay."""
+    model = tiny_model(window_length=L, threshold=1.0)
+    svc = _service(
+        broker,
+        model,
+        notify,
+        **{
+            "detector.threshold_scale": 2.5,
+            "detector.adaptive": True,
+            "detector.adaptive_min_windows": 5,
+            "detector.adaptive_floor": 0.0,  # let the learnt threshold go below the static one
+        },
+    )
+    sub = Subscriber(broker, ["anomaly/+/score"])
+    assert svc.start()
+    runner = threading.Thread(target=svc.run_forever, name="test-run")
+    runner.start()
+    try:
+        assert svc.threshold == pytest.approx(2.5)
+        t0, topic = time.time() - 20, "sensors/scaled/telemetry"
+        values = np.random.default_rng(3).uniform(0.1, 0.3, 12)
+        publish_many(
+            broker,
+            [
+                (topic, orjson.dumps({"ts": t0 + i, **dict.fromkeys(FEATURES, float(v))}))
+                for i, v in enumerate(values)
+            ],
+        )
+        sub.wait_until(lambda ms: len(scores_of(sub, "scaled")) >= 9, 10, "9 scores")
+        docs = scores_of(sub, "scaled")
+        # Before the adaptive threshold has learnt 5 windows the static one (1.0 × 2.5) applies.
+        assert docs[0]["threshold"] == pytest.approx(2.5)
+        # Afterwards the device carries its own learnt threshold (scores here are < 0.1).
+        assert all(d["threshold"] < 1.0 for d in docs[6:])
+    finally:
+        svc.request_stop()
+        runner.join(20)
+        sub.close()

@@ -7,16 +7,20 @@ Two kinds of check:
    the same window offline (values as sent, i.e. rounded to 6 decimals; rtol 1e-4), no
    reading is lost or rejected, and /metrics agrees with what was published.
 2. Detection, with tolerances (the default model is a learned detector, not an oracle):
-   - recall: at least 70 % of the injected anomaly events have an anomalous window that
-     overlaps them (a window ending inside the event or within L-1 samples after it);
-   - precision: at most 2 % of the windows that contain no anomalous sample are flagged,
-     and hysteresis alerts (k_enter = 3) raised on clean data number at most one per
-     device-hour.
-   The stream is fixed (seed 11, 2 devices, 3 h from 00:00 UTC): measured offline with
-   the default model of 2026-11-24 it gives recall 0.79 and 0.2 % clean windows flagged.
-   The model is sensitive to the time of day (trained on 00:00-06:00 only) and to the
-   stream: other seeds measured 0.2-21 % clean windows flagged. That is the model's
-   quality, recorded here so that a retrained model that regresses fails this test.
+   - recall: at least RECALL_MIN of the injected anomaly events have an anomalous window
+     that overlaps them (a window ending inside the event or within L-1 samples after it);
+   - precision: at most CLEAN_FLAG_RATE_MAX of the windows that contain no anomalous sample
+     are flagged, and hysteresis alerts (k_enter = 3) raised on clean data number at most
+     CLEAN_ALERTS_PER_DEVICE_HOUR_MAX per device-hour.
+   The stream is not hand-picked: the simulator's settings with 4 devices x 2 h and 3
+   anomalies per device-hour, seed 31 and a start at 06:00 UTC, all fixed before the model
+   was measured on it. The bounds come from the distribution over 40 such streams (seeds
+   1-40, same settings, scored offline through the daemon's stages with its default
+   detector by benchmarks/eval_default_model.py) with the default model
+   (MODEL_CARD.md, "The end-to-end test's stream"): the bounds (unchanged from the
+   earlier, hand-picked version of this test) held for every one of the 40 streams, not
+   just this one. Seed 31 is the worst of the 40 on clean windows flagged (0.0163 against
+   0.02), so a retrained model that raises more false alarms fails here first.
 """
 
 from __future__ import annotations
@@ -42,9 +46,19 @@ from tests.daemon_process import DaemonProcess
 
 pytestmark = pytest.mark.slow
 
+# Measured over 40 streams with these settings (seeds 1-40) and the default model
+# default-b7eeb2f41bb7 (MODEL_CARD.md, "The end-to-end test's stream"); seed 31 in brackets.
+# Event recall: min 0.74, median 0.85 (0.91); 15-23 events per stream, so one missed event
+# moves it by ~0.05 and the bound leaves about one event of room below the worst stream.
 RECALL_MIN = 0.70
+# Clean windows flagged: median 5e-4, 90th percentile 2.4e-3, max 1.6e-2 (1.6e-2: seed 31
+# is the worst of the 40, one device with 8 % of its clean windows above the threshold).
 CLEAN_FLAG_RATE_MAX = 0.02
+# Clean alerts per device-hour: median 0, 90th percentile 0.25, max 0.75 (0.25).
 CLEAN_ALERTS_PER_DEVICE_HOUR_MAX = 1.0
+#: The stream, fixed before measuring (not chosen for its result).
+STREAM_SEED = 31
+STREAM_START_HOUR = 6
 
 
 def _start_of_yesterday_at(hour: int) -> float:
@@ -87,10 +101,10 @@ def test_injected_anomalies_are_flagged_and_clean_data_mostly_is_not(
     contract = read_contract(model)
     window = contract.window_length
     settings = SimulationSettings(
-        devices=2, duration_s=3 * 3600.0, seed=11, anomalies_per_device_hour=3.0, speed=math.inf
+        devices=4, duration_s=2 * 3600.0, seed=STREAM_SEED, anomalies_per_device_hour=3.0, speed=math.inf
     )
-    stream = build_stream(settings, _start_of_yesterday_at(0))
-    assert len(stream.events) >= 10
+    stream = build_stream(settings, _start_of_yesterday_at(STREAM_START_HOUR))
+    assert len(stream.events) >= 15  # enough events for the recall bound to mean something
     expected = sum(len(d.ts) - window + 1 for d in stream.fleet)
 
     d = daemon_factory(model)

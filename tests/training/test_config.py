@@ -145,6 +145,41 @@ def test_split_fractions_must_leave_training_data(tmp_path: Path) -> None:
     assert "below 0.9" in str(err)
 
 
+def test_new_options_default_to_the_old_behaviour() -> None:
+    # Configs written before these options existed must train exactly as they did.
+    cfg = load_train_config(None)
+    assert cfg.split.calibration == "time"
+    assert cfg.model.centering == "none"
+
+
+def test_device_calibration_and_centering_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "train.toml"
+    path.write_text(
+        '[split]\ncalibration = "devices"\n[model]\ncentering = "window_mean"\n', encoding="utf-8"
+    )
+    cfg = load_train_config(path)
+    assert cfg.split.calibration == "devices"
+    assert cfg.model.centering == "window_mean"
+
+
+def test_device_calibration_needs_a_calibration_fraction(tmp_path: Path) -> None:
+    err = load_error(tmp_path, '[split]\ncalibration = "devices"\ncalibration_fraction = 0.0')
+    assert err.key_path == "split"
+    assert "calibration_fraction > 0" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("text", "key_path"),
+    [
+        ('[split]\ncalibration = "files"', "split.calibration"),
+        ('[model]\ncentering = "yes"', "model.centering"),
+    ],
+)
+def test_unknown_split_or_centering_choice_names_its_key(tmp_path: Path, text: str, key_path: str) -> None:
+    err = load_error(tmp_path, text)
+    assert err.key_path == key_path
+
+
 def test_csv_source_needs_csv_table(tmp_path: Path) -> None:
     err = load_error(tmp_path, '[data]\nsource = "csv"')
     assert err.key_path == "data.csv"

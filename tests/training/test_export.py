@@ -324,3 +324,38 @@ def test_an_unfused_model_fails_the_export(tmp_path: Path, run: TrainResult) -> 
             atol=1e-5,
         )
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_window_mean_centering_keeps_fused_lstms_parity_and_offset_invariance(tmp_path: Path) -> None:
+    base = tiny_config("forecast")
+    cfg = base.model_copy(
+        update={
+            "model": base.model.model_copy(update={"layers": 2, "centering": "window_mean"}),
+            "training": base.training.model_copy(update={"epochs": 1, "max_train_windows": 800}),
+        }
+    )
+    run = train(cfg, tmp_path, progress=False)
+    proto = onnx.load(str(run.model_path))
+    counts = export.op_counts(proto)
+    assert counts.get("LSTM") == 2
+    assert "Loop" not in counts
+    assert "Scan" not in counts
+    assert [c.name for c in run.export.checks] == ["onnx_checker", "fused_lstm", "parity", "daemon_loader"]
+    assert read_contract(run.model_path).training_config["model"]["centering"] == "window_mean"
+    windows = _validation_windows(run, 64)
+    got_score, got_contrib = _ort(run.model_path, windows)
+    ref_score, ref_contrib = run.scoring(windows)
+    np.testing.assert_allclose(got_score, ref_score, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_contrib, ref_contrib, rtol=1e-4, atol=1e-5)
+    # A device that reads 2 standard deviations high on every channel scores the same.
+    offset = (2.0 * run.scaler.std).astype(np.float32)
+    shifted, _ = _ort(run.model_path, windows + offset)
+    np.testing.assert_allclose(shifted, got_score, rtol=2e-3, atol=1e-3)
+    # Without centering the same offset changes the scores (the control).
+    plain, _ = _ort(_plain_run_model(tmp_path / "plain", cfg), windows + offset)
+    assert not np.allclose(plain, _ort(tmp_path / "plain" / "model.onnx", windows)[0], rtol=2e-3, atol=1e-3)
+
+
+def _plain_run_model(out: Path, cfg: TrainConfig) -> Path:
+    plain = cfg.model_copy(update={"model": cfg.model.model_copy(update={"centering": "none"})})
+    return train(plain, out, progress=False).model_path

@@ -69,3 +69,22 @@ def test_bad_shapes_are_refused() -> None:
         build_model(ModelConfig(), 1, 3)
     with pytest.raises(ValueError, match="n_features"):
         build_model(ModelConfig(), 10, 0)
+
+
+@pytest.mark.parametrize("kind", ["forecast", "autoencoder"])
+def test_window_mean_centering_makes_the_output_follow_an_offset(kind: str) -> None:
+    # An offset added to a whole window (a device reading 2 kPa high) must move the
+    # prediction by the same offset, so the residual, and the score, do not change.
+    keras.utils.set_random_seed(3)
+    centred = build_model(ModelConfig(kind=kind, layers=2, units=8, centering="window_mean"), 12, 3)
+    steps = input_steps(kind, 12)
+    x = np.random.default_rng(0).normal(size=(4, steps, 3)).astype(np.float32)
+    offset = np.array([2.0, -1.5, 0.7], np.float32)
+    base = np.asarray(centred(x))
+    shifted = np.asarray(centred(x + offset))
+    np.testing.assert_allclose(shifted, base + offset, atol=1e-5)
+    # Without centering the network's output does not follow the offset (the control).
+    keras.utils.set_random_seed(3)
+    plain = build_model(ModelConfig(kind=kind, layers=2, units=8), 12, 3)
+    assert not np.allclose(np.asarray(plain(x + offset)), np.asarray(plain(x)) + offset, atol=1e-3)
+    assert len(lstm_layers(centred)) == len(lstm_layers(plain))

@@ -12,7 +12,7 @@ from anomalyd.errors import DataError
 from anomalyd.model import load_model, read_contract
 from anomalyd_train.config import TrainConfig
 from anomalyd_train.pipeline import TrainResult, prepare
-from anomalyd_train.windows import make_windows, split_by_time
+from anomalyd_train.windows import held_out_origins, make_windows, split_by_time
 
 ROWS = 1500
 START = 1_700_000_000.0
@@ -121,6 +121,37 @@ def test_without_a_calibration_part_validation_calibrates(tmp_path: Path) -> Non
     )
     assert p.calibration_source == "validation"
     assert len(p.calibration_windows) == 0
+
+
+def test_device_calibration_holds_out_whole_devices() -> None:
+    cfg = TrainConfig.model_validate(
+        {
+            "data": {"synthetic": {"n_devices": 8, "duration_s": 900.0, "seed": 5}},
+            "window": {"length": 20},
+            "split": {"validation_fraction": 0.2, "calibration_fraction": 0.25, "calibration": "devices"},
+        }
+    )
+    p = prepare(cfg)
+    held = held_out_origins([s.origin for s in p.dataset.segments], 0.25)
+    assert len(held) == 2
+    assert {s.origin for s in p.calibration_segments} == set(held)
+    assert not set(held) & {s.origin for s in p.train_segments + p.validation_segments}
+    # the calibration windows are exactly the held-out devices' windows, every one of them
+    whole = [s for s in p.dataset.segments if s.origin in held]
+    np.testing.assert_array_equal(p.calibration_windows.windows, make_windows(whole, 20).windows)
+    assert p.calibration_source == "calibration"
+    # the scaler never saw a held-out device
+    rows = np.concatenate([s.values for s in p.train_segments])
+    np.testing.assert_allclose(p.scaler.mean, rows.mean(axis=0), rtol=1e-5)
+    # the time split of the same data calibrates on the last rows of every device instead
+    by_time = prepare(cfg.model_copy(update={"split": cfg.split.model_copy(update={"calibration": "time"})}))
+    assert {s.origin for s in by_time.calibration_segments} == {s.origin for s in p.dataset.segments}
+
+
+def test_device_calibration_of_a_single_file_is_a_data_error(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "a.csv", 1, labels=False)
+    with pytest.raises(DataError, match="at least 2 origins"):
+        prepare(csv_config(path, 1, labels=False, split={"calibration": "devices"}))
 
 
 def test_too_long_a_window_is_a_data_error(tmp_path: Path) -> None:

@@ -15,7 +15,9 @@ from anomalyd_train.data import Segment
 from anomalyd_train.windows import (
     Scaler,
     dataset_sha256,
+    held_out_origins,
     make_windows,
+    split_by_origin,
     split_by_time,
     split_segments,
     subsample,
@@ -355,3 +357,42 @@ def test_dataset_sha256_is_stable_and_sensitive() -> None:
     changed[1].values[2, 1] += 1
     assert dataset_sha256(changed) != h
     assert dataset_sha256(segments[::-1]) != h
+
+
+# ------------------------------------------------------------------------- split_by_origin
+
+
+def test_held_out_origins_are_spread_and_deterministic() -> None:
+    names = [f"machine-{i:03d}" for i in range(20)]
+    held = held_out_origins(list(reversed(names)), 0.15)
+    assert held == held_out_origins(names, 0.15)  # order of appearance does not matter
+    assert len(held) == 3
+    # spread over the sorted names, one from each third, not the first three
+    assert [names.index(h) // 7 for h in held] == [0, 1, 2]
+    assert held_out_origins(["a", "b"], 0.01) == ["b"]  # at least one held out ...
+    assert len(held_out_origins(["a", "b", "c"], 0.99)) == 2  # ... and at least one left
+
+
+def test_held_out_origins_need_two_origins() -> None:
+    with pytest.raises(DataError, match="at least 2 origins"):
+        held_out_origins(["only.csv", "only.csv"], 0.2)
+
+
+def test_split_by_origin_holds_out_whole_origins_and_splits_the_rest_by_time() -> None:
+    segments = [
+        seg(100, origin=f"dev{i}", t0=1000.0 * i + 200.0 * part, tag=i) for i in range(6) for part in range(2)
+    ]
+    train, val, cal = split_by_origin(segments, 0.2, 0.34)
+    held = set(held_out_origins([s.origin for s in segments], 0.34))
+    assert len(held) == 2
+    assert {s.origin for s in cal} == held
+    # every sample of a held-out origin calibrates, and no other sample does
+    assert sum(len(s.ts) for s in cal) == 2 * 200
+    assert not held & {s.origin for s in train + val}
+    for origin in {s.origin for s in train}:
+        t_end = max(s.ts[-1] for s in train if s.origin == origin)
+        v = [s for s in val if s.origin == origin]
+        assert sum(len(s.ts) for s in v) == 40  # 20 % of the origin's 200 rows, the latest
+        assert min(s.ts[0] for s in v) > t_end
+    total = sum(len(s.ts) for s in train + val + cal)
+    assert total == sum(len(s.ts) for s in segments)

@@ -2,7 +2,8 @@
 
 ``train`` is a straight line of pure steps over one ``TrainConfig``:
 
-load dataset → split each series by time (train | validation | calibration) → fit the
+load dataset → split each series by time (train | validation | calibration; or hold out
+whole devices for calibration and split the rest by time) → fit the
 scaler on training rows only → cut windows → subsample the training windows → fit
 (Adam, MSE on normalised targets, early stopping on validation loss, best weights
 restored) → residual scales from training windows → scores on the held-out
@@ -32,6 +33,7 @@ from anomalyd_train.windows import (
     Scaler,
     WindowSet,
     dataset_sha256,
+    held_out_origins,
     make_windows,
     split_by_origin,
     split_by_time,
@@ -393,6 +395,14 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
     return result
 
 
+def held_out_devices(result: TrainResult) -> list[str]:
+    """The origins held out whole for calibration (``split.calibration = "devices"``), else []."""
+    cfg = result.config
+    if cfg.split.calibration != "devices" or result.calibration_source != "calibration":
+        return []
+    return held_out_origins([s.origin for s in result.dataset.segments], cfg.split.calibration_fraction)
+
+
 def format_summary(result: TrainResult) -> str:
     """The one-screen summary printed at the end of a run."""
     cfg = result.config
@@ -417,6 +427,9 @@ def format_summary(result: TrainResult) -> str:
         f"threshold  {c.threshold:.6g} by {c.method} on {c.n_scores} {result.calibration_source} windows, "
         f"target false-alarm rate {c.target_false_alarm_rate:g}/window",
     ]
+    held = held_out_devices(result)
+    if held:
+        lines.append(f"           calibration windows from {len(held)} held-out devices: {', '.join(held)}")
     if result.validation_scores.size:
         above = float(np.mean(result.validation_scores > c.threshold))
         lines.append(

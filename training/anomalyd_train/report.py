@@ -382,6 +382,14 @@ def _markdown(result: TrainResult, numbers: dict[str, Any], figures: list[str]) 
         f"windows, target false-alarm rate {cal.target_false_alarm_rate:g} per window"
         + (f"; {cal.note}" if cal.note else ""),
     ]
+    from anomalyd_train.pipeline import held_out_devices
+
+    held = held_out_devices(result)
+    if held:
+        lines.append(
+            f"- calibration windows from {len(held)} held-out devices the network never trained on: "
+            + ", ".join(held)
+        )
     if val.size:
         lines.append(
             f"- validation windows above the threshold: {int((val > cal.threshold).sum())} of {val.size}"

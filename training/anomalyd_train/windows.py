@@ -33,6 +33,7 @@ __all__ = [
     "Scaler",
     "WindowSet",
     "dataset_sha256",
+    "held_out_origins",
     "is_constant",
     "make_windows",
     "split_by_origin",
