@@ -12,22 +12,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from anomalyd.contract import CONTRIBUTIONS_OUTPUT, INPUT_NAME, METADATA_KEY, SCORE_OUTPUT, Contract
 from anomalyd.model import read_contract
 from anomalyd.synthetic import FEATURES, UNITS
+from anomalyd_train import export
 from anomalyd_train.config import TrainConfig, config_to_dict
+from anomalyd_train.export import ExportCheckError
+from anomalyd_train.pipeline import TrainResult, train
 from anomalyd_train.windows import dataset_sha256
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-keras = pytest.importorskip("keras")
-
-from anomalyd_train import export  # noqa: E402
-from anomalyd_train.export import ExportCheckError  # noqa: E402
-from anomalyd_train.pipeline import TrainResult, train  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

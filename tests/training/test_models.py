@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
 from anomalyd_train.config import ModelConfig
-
-keras = pytest.importorskip("keras")
-
-from anomalyd_train.models import build_model, input_steps, lstm_layers  # noqa: E402
+from anomalyd_train.models import build_model, input_steps, lstm_layers
 
 pytestmark = pytest.mark.slow
 
