@@ -144,6 +144,14 @@ def test_status_online_on_connect_stopped_on_exit_offline_as_will(
     link.add_connect_listener(pub.online)
     link.start()
     assert link.wait_connected(10)
+    # `online` goes out from the connect callback, so a subscriber that joins right now may
+    # get it live (retain flag off). Wait until the broker has it, then a newcomer must be
+    # handed the retained copy.
+    first = Subscriber(broker, ["anomaly/status"])
+    try:
+        first.wait_until(lambda ms: [m.payload for m in ms] == [b"online"], 10, "online")
+    finally:
+        first.close()
     sub = Subscriber(broker, ["anomaly/status"])
     try:
         sub.wait_until(lambda ms: [m.payload for m in ms] == [b"online"], 10, "online")

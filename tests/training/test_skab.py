@@ -260,3 +260,16 @@ def test_unparseable_row_is_a_data_error(tmp_path: Path) -> None:
     f.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match="row 6"):
         read_experiment(f, BenchmarkConfig())
+
+
+def test_without_config_the_command_uses_the_committed_benchmark_config() -> None:
+    """`anomalyd-train skab DIR --out OUT` (issue 4's command) runs the configuration that
+    docs/skab.md reports, not the generic training defaults."""
+    from anomalyd_train.skab import default_config_path
+
+    path = default_config_path()
+    repo = Path(__file__).resolve().parents[2]
+    assert path == repo / "training" / "configs" / "skab.toml"
+    committed = load_skab_config(path)
+    assert committed.daemon_config().detector.adaptive is True
+    assert committed != load_skab_config(None)

@@ -66,14 +66,24 @@ def _add_skab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("dir", type=Path, help="folder with the SKAB experiment CSVs (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
-    p.add_argument("--config", type=Path, help="benchmark config (TOML); default: built-in defaults")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="benchmark config (TOML); default: the committed training/configs/skab.toml, "
+        "the configuration docs/skab.md reports",
+    )
     p.set_defaults(run=_cmd_skab)
 
 
 def _cmd_skab(args: argparse.Namespace) -> int:
-    from anomalyd_train.skab import load_skab_config
+    from anomalyd_train.skab import default_config_path, load_skab_config
 
-    cfg = load_skab_config(args.config)
+    path = args.config if args.config is not None else default_config_path()
+    if path is None:
+        print("skab: no --config and no committed skab.toml found: using the built-in defaults", flush=True)
+    else:
+        print(f"skab: config {path}", flush=True)
+    cfg = load_skab_config(path)
     _quiet_tensorflow()
     from anomalyd_train.skab import format_table, run_skab
 

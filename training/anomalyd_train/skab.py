@@ -30,6 +30,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 import tomllib
 from collections.abc import Callable
@@ -160,6 +161,16 @@ class SkabConfig(_Section):
             raise ConfigError(
                 str(err), key_path=f"train.{err.key_path}" if err.key_path else "train"
             ) from None
+
+
+def default_config_path() -> Path | None:
+    """The committed benchmark configuration (``training/configs/skab.toml``): the one the
+    results in docs/skab.md come from. In a checkout it sits beside this package's source
+    root; a regular install carries it to ``<prefix>/share/anomalyd/configs/``. None if
+    neither exists."""
+    checkout = Path(__file__).resolve().parents[1] / "configs" / "skab.toml"
+    installed = Path(sys.prefix) / "share" / "anomalyd" / "configs" / "skab.toml"
+    return next((p for p in (checkout, installed) if p.is_file()), None)
 
 
 def load_skab_config(path: str | os.PathLike[str] | None) -> SkabConfig:
