@@ -35,9 +35,18 @@ def links() -> Iterator[list[MqttLink]]:
         link.close(2.0)
 
 
-def _link(links: list[MqttLink], cfg: MqttConfig, queue: IntakeQueue | None = None, **kw: object) -> MqttLink:
+def _link(
+    links: list[MqttLink],
+    cfg: MqttConfig,
+    queue: IntakeQueue | None = None,
+    on_connect: Callable[[], None] | None = None,
+    **kw: object,
+) -> MqttLink:
     link = MqttLink(cfg, queue=queue, **kw)  # type: ignore[arg-type]
     links.append(link)
+    if on_connect is not None:
+        # Before start(): a listener added later can miss the first connection.
+        link.add_connect_listener(on_connect)
     link.start()
     return link
 
@@ -153,8 +162,7 @@ def test_reconnects_and_resubscribes_after_the_broker_restarts(
     metrics = Metrics(registry)
     q = IntakeQueue(1000)
     connects: list[int] = []
-    link = _link(links, _cfg(broker), q, metrics=metrics)
-    link.add_connect_listener(lambda: connects.append(1))
+    link = _link(links, _cfg(broker), q, on_connect=lambda: connects.append(1), metrics=metrics)
     assert link.wait_connected(10)
     _subscribed(broker, q)
     broker.kill()
