@@ -72,6 +72,7 @@ class RawMessage:
     payload: bytes
     arrival: float  # time.time(): fallback timestamp and future-skew reference
     arrival_mono: float  # time.monotonic(): latency measurement and batching deadlines
+    retained: bool = False  # a broker's stored copy, delivered on subscribe (not live)
 
 
 @dataclass

@@ -476,7 +476,7 @@ class MqttLink:
         payload = msg.payload
         if not isinstance(payload, bytes):  # paho hands bytes; keep RawMessage's type honest
             payload = bytes(payload)
-        if queue.put(RawMessage(topic, payload, time.time(), time.monotonic())):
+        if queue.put(RawMessage(topic, payload, time.time(), time.monotonic(), bool(msg.retain))):
             return
         self.dropped += 1
         if self._metrics is not None:

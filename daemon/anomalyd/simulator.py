@@ -231,11 +231,18 @@ class LiveView:
         self._alerts: set[str] = set()
         self.scores = 0
         self.raised = 0
+        self.stale = 0  # retained alert states from before this demo, not shown
         self._summarised = 0
         self._next_summary = time.monotonic() + 1.0
 
-    def handle(self, topic: str, payload: bytes) -> None:
-        """Take one message from the output topics."""
+    def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """Take one message from the output topics.
+
+        A retained alert arrives on subscribe and tells the state some earlier run left
+        on the broker, not what this demo's daemon decided: it is counted, not shown."""
+        if retained and topic.endswith("/alert"):
+            self.stale += 1
+            return
         if topic.endswith("/status") or "/" not in topic:
             self._print(f"daemon status: {payload.decode(errors='replace')}")
             return
@@ -422,12 +429,13 @@ def run_demo(
         while not stop.is_set() and runner.is_alive():
             queue.wait(0.2)
             for msg in queue.drain(10_000):
-                view.handle(msg.topic, msg.payload)
+                view.handle(msg.topic, msg.payload, msg.retained)
             view.tick()
-            if not announced and not sim.is_alive():
+            if not announced and not sim.is_alive() and not stop.is_set():
                 announced = True
                 print("simulation finished; the daemon keeps running. Ctrl-C stops.", file=out, flush=True)
-        print(f"stopping: {view.scores} scores and {view.raised} alerts seen", file=out, flush=True)
+        stale = f" ({view.stale} retained alert states left by earlier runs not shown)" if view.stale else ""
+        print(f"stopping: {view.scores} scores and {view.raised} alerts seen{stale}", file=out, flush=True)
         return 0
     finally:
         stop.set()

@@ -218,3 +218,18 @@ def test_inspect_model_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
     stderr = err_path.read_text()
     assert code == 0, stderr
     assert "Traceback" not in stderr
+
+
+def test_demo_view_does_not_show_alert_states_left_by_earlier_runs() -> None:
+    import io
+
+    from anomalyd.simulator import LiveView
+
+    out = io.StringIO()
+    view = LiveView(out)
+    doc = orjson.dumps({"device": "m-1", "ts": 1.0, "score": 9.0, "threshold": 1.0, "alert": True})
+    view.handle("anomaly/m-1/alert", doc, retained=True)
+    assert (view.raised, view.stale, out.getvalue()) == (0, 1, "")
+    view.handle("anomaly/m-1/alert", doc)
+    assert view.raised == 1
+    assert "raised" in out.getvalue()

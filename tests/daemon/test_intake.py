@@ -123,6 +123,17 @@ def test_receives_stamped_messages_from_the_subscribed_topic(
         ("sensors/dev-2/telemetry", b"[1,2]"),
     ]
     assert all(m.arrival >= before - 1 and m.arrival_mono > 0 for m in got)
+    assert not any(m.retained for m in got)
+
+
+def test_retained_copies_are_marked_as_such(broker: MosquittoBroker, links: list[MqttLink]) -> None:
+    """A broker's stored copy (delivered on subscribe) is not a live message: say so."""
+    publish_many(broker, [("sensors/old/telemetry", b"stored")], retain=True)
+    q = IntakeQueue(100)
+    link = _link(links, _cfg(broker), q)
+    assert link.wait_connected(10)
+    got = _wait_queue(q, 1)
+    assert [(m.topic, m.payload, m.retained) for m in got] == [("sensors/old/telemetry", b"stored", True)]
 
 
 def _subscribed(broker: MosquittoBroker, q: IntakeQueue) -> None:
