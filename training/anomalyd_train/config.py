@@ -377,7 +377,7 @@ def _is_model(t: object) -> bool:
     return isinstance(t, type) and issubclass(t, BaseModel)
 
 
-def _error_from_validation(exc: ValidationError, where: str) -> ConfigError:
+def error_from_validation(exc: ValidationError, where: str) -> ConfigError:
     err = exc.errors(include_url=False)[0]
     loc = tuple(err["loc"])
     if err["type"] == "extra_forbidden":
@@ -421,7 +421,7 @@ def load_train_config(path: str | os.PathLike[str] | None) -> TrainConfig:
     try:
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        raise _error_from_validation(exc, str(file)) from None
+        raise error_from_validation(exc, str(file)) from None
     csv = cfg.data.csv
     if csv is not None and not csv.path.is_absolute():
         csv.path = (file.parent / csv.path).resolve()

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from anomalyd.config import Config as DaemonConfig
 from anomalyd.errors import ConfigError, DataError
-from anomalyd_train.config import TrainConfig, _error_from_validation, sanitise_feature_name
+from anomalyd_train.config import TrainConfig, error_from_validation, sanitise_feature_name
 from anomalyd_train.evaluation import (
     Confusion,
     DelayResult,
@@ -127,7 +127,7 @@ class SkabConfig(_Section):
         try:
             return DaemonConfig.model_validate(self.daemon)
         except ValidationError as exc:
-            err = _error_from_validation(exc, "[daemon]")
+            err = error_from_validation(exc, "[daemon]")
             raise ConfigError(
                 str(err), key_path=f"daemon.{err.key_path}" if err.key_path else "daemon"
             ) from None
@@ -157,7 +157,7 @@ class SkabConfig(_Section):
         try:
             return TrainConfig.model_validate(raw)
         except ValidationError as exc:
-            err = _error_from_validation(exc, "[train]")
+            err = error_from_validation(exc, "[train]")
             raise ConfigError(
                 str(err), key_path=f"train.{err.key_path}" if err.key_path else "train"
             ) from None
@@ -188,7 +188,7 @@ def load_skab_config(path: str | os.PathLike[str] | None) -> SkabConfig:
         try:
             cfg = SkabConfig.model_validate(raw)
         except ValidationError as exc:
-            raise _error_from_validation(exc, str(file)) from None
+            raise error_from_validation(exc, str(file)) from None
     # Check both embedded configs now, not after the first file has trained.
     daemon = cfg.daemon_config()
     cfg.train_config(Path("check.csv"), daemon.stream.max_gap_s)
