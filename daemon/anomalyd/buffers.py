@@ -117,6 +117,10 @@ class DeviceBuffers:
         """Devices currently tracked."""
         return len(self._slot_of)
 
+    def devices(self) -> list[str]:
+        """The devices currently tracked."""
+        return list(self._slot_of)
+
     def readings(self, device: str) -> int:
         """Readings the device holds since it (re)started; 0 if not tracked."""
         slot = self._slot_of.get(device)

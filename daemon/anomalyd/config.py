@@ -18,7 +18,6 @@ test checks the committed file against it, so the example cannot drift.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -36,8 +35,9 @@ from pydantic import (
     field_validator,
 )
 
+from anomalyd.config_errors import validation_errors
 from anomalyd.errors import ConfigError
-from anomalyd.model import DEFAULT_MODEL_PATH
+from anomalyd.paths import DEFAULT_MODEL_PATH
 
 __all__ = [
     "BatchingConfig",
@@ -232,6 +232,23 @@ class MqttConfig(_Section):
     def _topic(cls, v: str) -> str:
         return _check_topic_template(v, 1)
 
+    def password(self) -> str | None:
+        """The broker password from ``password_file`` or ``password_credential`` (None: neither)."""
+        key = "mqtt.password_credential" if self.password_credential else "mqtt.password_file"
+        return read_secret(self.password_file, self.password_credential, key)
+
+    def key_passphrase(self) -> str | None:
+        """The TLS client key's passphrase, if TLS is on and one is configured."""
+        tls = self.tls
+        if tls is None:
+            return None
+        key = (
+            "mqtt.tls.key_passphrase_credential"
+            if tls.key_passphrase_credential
+            else "mqtt.tls.key_passphrase_file"
+        )
+        return read_secret(tls.key_passphrase_file, tls.key_passphrase_credential, key)
+
     def effective_client_id(self) -> str:
         """``client_id``, or ``anomalyd-<hostname>-<pid>`` when it is empty."""
         return self.client_id or f"anomalyd-{socket.gethostname()}-{os.getpid()}"
@@ -286,6 +303,11 @@ class StreamConfig(_Section):
     )
     max_future_skew_s: float = Field(
         default=300.0, gt=0, description="reject readings stamped further than this in the future"
+    )
+    overload_lag_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="report overloaded when scored readings are older than this (data time) on arrival",
     )
 
     @field_validator("device_id_pattern")
@@ -382,12 +404,26 @@ class DetectorConfig(_Section):
 class OutputConfig(_Section):
     """What is published, where, and with which QoS."""
 
-    score_topic: str = Field(default="anomaly/{device}/score", description="per-window score topic")
+    score_topic: str = Field(
+        default="anomaly/{device}/score",
+        description="per-device score topic (latest score, rate-limited by score_interval_s)",
+    )
     alert_topic: str = Field(default="anomaly/{device}/alert", description="alert state changes (retained)")
     status_topic: str = Field(default="anomaly/status", description="online / offline (last will) / stopped")
-    batch_topic: str = Field(default="anomaly/scores", description="one message per batch (batched_scores)")
-    publish_scores: bool = Field(default=True, description="publish a message per scored window")
-    batched_scores: bool = Field(default=False, description="publish one message per batch to batch_topic")
+    batch_topic: str = Field(
+        default="anomaly/scores", description="every score of a flush in one message (batched_scores)"
+    )
+    publish_scores: bool = Field(default=True, description="publish per-device score messages")
+    score_interval_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="a device's score message goes out when its newest window is at least this much "
+        "data time after the one its previous message reported; at most one per device per flush; "
+        "0: one message per window",
+    )
+    batched_scores: bool = Field(
+        default=False, description="publish every score of a flush in one message to batch_topic"
+    )
     include_contributions: bool = Field(default=True, description="add per-feature contributions to scores")
     score_qos: Literal[0, 1, 2] = Field(default=0, description="QoS of score messages")
     alert_qos: Literal[0, 1, 2] = Field(default=1, description="QoS of alert messages")
@@ -514,55 +550,12 @@ def _pop_secrets(raw: dict[str, Any]) -> list[ConfigError]:
     return errors
 
 
-def _key_path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif "[" in part or "(" in part:
-            continue  # pydantic's union/function tags, not keys
-        else:
-            out += f".{part}" if out else part
-    return out
-
-
-def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = Config
-    for part in loc:
-        if model is None or not isinstance(part, str) or part not in model.model_fields:
-            return model
-        model = section_model(model, part)
-    return model
-
-
-def _describe(err: Any) -> str:
-    loc: tuple[int | str, ...] = tuple(err["loc"])
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        parent = _model_at(loc[:-1]) or Config
-        allowed = sorted(parent.model_fields)
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        what = "section" if len(loc) == 1 else "key"
-        return f"unknown {what} (expected one of: {', '.join(allowed)}){hint}"
-    msg = str(err["msg"])
-    msg = msg.removeprefix("Value error, ")
-    msg = re.sub(r"^Input should be ", "expected ", msg)
-    if kind == "missing":
-        return "required key is missing"
-    if kind != "value_error" and msg.startswith("expected") and "input" in err:
-        got = repr(err["input"])
-        msg += f", got {got if len(got) <= 80 else got[:77] + '...'}"
-    return msg
-
-
 def _validate(raw: dict[str, Any]) -> tuple[Config | None, list[ConfigError]]:
     errors = _pop_secrets(raw)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        errors += [ConfigError(_describe(e), _key_path(tuple(e["loc"]))) for e in exc.errors()]
-        return None, errors
+        return None, errors + validation_errors(exc, Config)
     return (cfg, errors) if not errors else (None, errors)
 
 

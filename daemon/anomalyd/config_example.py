@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from anomalyd.config import Config, section_model
-from anomalyd.model import DEFAULT_MODEL_PATH
+from anomalyd.paths import DEFAULT_MODEL_PATH
 
 __all__ = ["render_example_config"]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -43,8 +44,16 @@ _DETAIL_MAX = 160
 _TOPIC_MAX = 256
 # Characters that can never be part of a device id, whatever the configured pattern says:
 # the id becomes a level of the output topics, where they are wildcards or separators.
-_NEVER_IN_ID = re.compile(r"[+#/\x00]")
+# Plain substring tests: far faster than a regex, and a long topic is parsed on every message.
+_NEVER_IN_ID = ("+", "#", "/", "\x00")
+# The topic -> verdict cache is bounded by entries and by bytes: a flood of distinct topics
+# (a misconfigured fleet, or someone probing the broker) must not grow memory, and the broker
+# allows topics up to 64 KiB, so an entry count alone could still pin gigabytes of keys.
 _TOPIC_CACHE_MAX = 65536
+_TOPIC_CACHE_MAX_BYTES = 8 * 2**20
+# Longer topics are parsed on every message, never cached: no real device topic is this long,
+# and one such entry would cost as much as hundreds of ordinary ones.
+_TOPIC_CACHE_KEY_MAX = 1024
 
 
 class Reason(StrEnum):
@@ -108,12 +117,32 @@ class DecodedBatch:
 
 
 class _RejectError(Exception):
-    """Internal: a reading or message is bad. Never leaves this module."""
+    """Internal: a reading or message is bad. Never leaves this module.
+
+    Raised fresh and caught at once; it is never stored or raised again. Whatever outlives
+    the ``except`` clause is a ``_Refusal``: an exception carries its traceback, whose frames
+    hold the whole message batch, and every raise of a kept instance adds to that traceback.
+    """
 
     def __init__(self, reason: Reason, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """Internal: why a message or reading is rejected, as a plain immutable value."""
+
+    reason: Reason
+    detail: str
+
+    def rejection(self, topic: str) -> Rejection:
+        return Rejection(self.reason, topic[:_TOPIC_MAX], self.detail[:_DETAIL_MAX])
+
+
+_NOT_THE_TEMPLATE = _Refusal(Reason.BAD_TOPIC, "topic does not match the template")
+_SEVERAL_LEVELS = _Refusal(Reason.BAD_TOPIC, "device level spans several topic levels")
 
 
 def _short(value: object) -> str:
@@ -155,34 +184,42 @@ class Decoder:
         self.max_readings = max_readings_per_message
         self._id_pattern = re.compile(device_id_pattern)
         self.max_future_skew_s = max_future_skew_s
-        # topic -> device id, or the rejection for it: devices repeat, regexes are not free.
-        self._topics: dict[str, str | _RejectError] = {}
+        # topic -> device id, or the refusal for it: devices repeat, regexes are not free.
+        self._topics: dict[str, str | _Refusal] = {}
+        self._topic_bytes = 0  # rough size of ``_topics``' keys and values
 
     # ------------------------------------------------------------------ topics
 
-    def _device_of(self, topic: str) -> str:
-        """The device id in ``topic``, or raise ``_RejectError`` (BAD_TOPIC / BAD_DEVICE_ID)."""
+    def _device_of(self, topic: str) -> str | _Refusal:
+        """The device id in ``topic``, or why the topic is refused (BAD_TOPIC / BAD_DEVICE_ID)."""
         hit = self._topics.get(topic)
-        if hit is None:
-            hit = self._parse_topic(topic)
-            if len(self._topics) >= _TOPIC_CACHE_MAX:
-                self._topics.clear()  # bounded: a flood of distinct topics must not grow memory
-            self._topics[topic] = hit
-        if isinstance(hit, _RejectError):
-            raise hit
+        if hit is not None:
+            return hit
+        hit = self._parse_topic(topic)
+        if len(topic) > _TOPIC_CACHE_KEY_MAX:
+            return hit
+        size = sys.getsizeof(topic) + sys.getsizeof(hit)
+        if isinstance(hit, _Refusal):
+            size += sys.getsizeof(hit.detail)
+        if len(self._topics) >= _TOPIC_CACHE_MAX or self._topic_bytes + size > _TOPIC_CACHE_MAX_BYTES:
+            # Start over rather than evict one entry at a time: a full cache means a flood of
+            # distinct topics, which a cache cannot help with; no per-hit bookkeeping is needed;
+            # and real devices cost one parse each to come back.
+            self._topics.clear()
+            self._topic_bytes = 0
+        self._topics[topic] = hit
+        self._topic_bytes += size
         return hit
 
-    def _parse_topic(self, topic: str) -> str | _RejectError:
+    def _parse_topic(self, topic: str) -> str | _Refusal:
         p, s = self._prefix, self._suffix
         if len(topic) <= len(p) + len(s) or not topic.startswith(p) or not topic.endswith(s):
-            return _RejectError(Reason.BAD_TOPIC, "topic does not match the template")
+            return _NOT_THE_TEMPLATE
         device = topic[len(p) : len(topic) - len(s)]
         if "/" in device:
-            return _RejectError(Reason.BAD_TOPIC, "device level spans several topic levels")
-        if _NEVER_IN_ID.search(device) or not self._id_pattern.search(device):
-            return _RejectError(
-                Reason.BAD_DEVICE_ID, f"device id {_short(device)} does not match the pattern"
-            )
+            return _SEVERAL_LEVELS
+        if any(c in device for c in _NEVER_IN_ID) or not self._id_pattern.search(device):
+            return _Refusal(Reason.BAD_DEVICE_ID, f"device id {_short(device)} does not match the pattern")
         return device
 
     # ------------------------------------------------------------------ payloads
@@ -227,7 +264,7 @@ class Decoder:
         out.extend(row)
         return ts
 
-    def _senml(self, records: list[Any], arrival: float) -> list[tuple[float, list[float] | _RejectError]]:
+    def _senml(self, records: list[Any], arrival: float) -> list[tuple[float, list[float] | _Refusal]]:
         """Group a SenML pack's records by resolved time; one entry per reading, time-ordered."""
         base_name, base_time = "", 0.0
         groups: dict[float, dict[str, Any]] = {}
@@ -257,7 +294,7 @@ class Decoder:
             raise _RejectError(Reason.MISSING_FEATURE, "SenML pack has no record for any feature")
         if len(groups) > self.max_readings:
             raise _RejectError(Reason.OVERSIZED, f"{len(groups)} readings > {self.max_readings}")
-        result: list[tuple[float, list[float] | _RejectError]] = []
+        result: list[tuple[float, list[float] | _Refusal]] = []
         for t in sorted(groups):
             fields = groups[t]
             try:
@@ -267,7 +304,7 @@ class Decoder:
                     raise _RejectError(Reason.MISSING_FEATURE, f"no record for {missing[0]!r} at t={t!r}")
                 result.append((ts, [_number(fields[n], n) for n in self._features]))
             except _RejectError as rej:
-                result.append((t, rej))
+                result.append((t, _Refusal(rej.reason, rej.detail)))
         return result
 
     @staticmethod
@@ -290,6 +327,9 @@ class Decoder:
             topic = msg.topic
             try:
                 device = self._device_of(topic)
+                if isinstance(device, _Refusal):
+                    rejections.append(device.rejection(topic))
+                    continue
                 if len(msg.payload) > self.max_payload_bytes:
                     raise _RejectError(
                         Reason.OVERSIZED, f"payload {len(msg.payload)} bytes > {self.max_payload_bytes}"
@@ -313,8 +353,8 @@ class Decoder:
                         raise _RejectError(Reason.OVERSIZED, f"{len(doc)} readings > {self.max_readings}")
                     readings = [self._array_item(item, msg.arrival) for item in doc]
                 for t, row in readings:
-                    if isinstance(row, _RejectError):
-                        rejections.append(Rejection(row.reason, topic[:_TOPIC_MAX], row.detail[:_DETAIL_MAX]))
+                    if isinstance(row, _Refusal):
+                        rejections.append(row.rejection(topic))
                         continue
                     ts.append(t)
                     flat.extend(row)
@@ -335,14 +375,14 @@ class Decoder:
             rejections,
         )
 
-    def _array_item(self, item: object, arrival: float) -> tuple[float, list[float] | _RejectError]:
+    def _array_item(self, item: object, arrival: float) -> tuple[float, list[float] | _Refusal]:
         if not isinstance(item, dict):
-            return arrival, _RejectError(Reason.MALFORMED_JSON, "array item is not a JSON object")
+            return arrival, _Refusal(Reason.MALFORMED_JSON, "array item is not a JSON object")
         row: list[float] = []
         try:
             return self._object(item, arrival, row), row
         except _RejectError as rej:
-            return arrival, rej
+            return arrival, _Refusal(rej.reason, rej.detail)
 
     @staticmethod
     def _parse(payload: bytes) -> Any:

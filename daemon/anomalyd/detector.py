@@ -137,12 +137,17 @@ class Detector:
         self.non_finite = 0  # windows whose score was NaN or infinite, since start
         self._states: dict[str, _DeviceState] = {}
 
+    @staticmethod
+    def configured_base(cfg: DetectorConfig, contract_threshold: float) -> float:
+        """The base threshold ``[detector]`` asks for: ``threshold``, else the model contract's.
+        (The static threshold is this times ``threshold_scale``: see ``set_threshold``.)"""
+        return cfg.threshold if cfg.threshold is not None else contract_threshold
+
     @classmethod
     def from_config(cls, cfg: DetectorConfig, contract_threshold: float) -> Detector:
         """The detector that ``[detector]`` describes; ``cfg.threshold`` unset: the contract's."""
-        threshold = cfg.threshold if cfg.threshold is not None else contract_threshold
         return cls(
-            threshold,
+            cls.configured_base(cfg, contract_threshold),
             cfg.smoothing,
             cfg.ewma_alpha,
             cfg.k_enter,

@@ -10,10 +10,13 @@ No metric has a per-device label: device ids are unbounded and come from the net
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
+import numpy as np
+import numpy.typing as npt
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -24,6 +27,8 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +38,17 @@ ALERT_DIRECTIONS = ("raised", "cleared")
 EVICTION_CAUSES = ("idle", "capacity")
 PUBLISH_KINDS = ("score", "batch", "alert", "status")
 PIPELINE_STAGES = ("decode", "model", "publish")
+#: Why scored-to-be windows or queued messages were lost inside the daemon (rejected input
+#: has its own counter, ``anomalyd_rejected_total``).
+WINDOW_DROP_REASONS = ("model_error", "shutdown")
+MESSAGE_DROP_REASONS = ("decode_error", "shutdown")
 
 # Inference of one batch: ~0.1 ms (batch 1, CPU) to tens of ms (batch 256) or more on a
 # busy machine; end to end adds batching delay (max_delay_ms) and queueing.
 _INFERENCE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 _E2E_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Lag in data time reaches minutes when a backlog builds up in the broker.
+_LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 def _batch_buckets(max_batch: int) -> tuple[float, ...]:
@@ -49,6 +60,61 @@ def _batch_buckets(max_batch: int) -> tuple[float, ...]:
         b *= 2
     out.append(float(max_batch))
     return tuple(out)
+
+
+class BulkHistogram:
+    """A Prometheus histogram observed a whole numpy array at a time.
+
+    ``prometheus_client.Histogram.observe`` takes a lock per value; at tens of thousands of
+    windows a second that is a measurable share of the pipeline thread. This one bins a
+    batch with one ``searchsorted`` and takes its lock once per batch. It exports the same
+    ``_bucket``/``_sum``/``_count`` series as a ``Histogram``.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._upper = np.asarray([*buckets, math.inf], np.float64)
+        self._counts = np.zeros(self._upper.size, np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: npt.NDArray[np.float64]) -> None:
+        """Add every value of ``values`` (NaN values are ignored)."""
+        values = np.asarray(values, np.float64)
+        values = values[~np.isnan(values)]
+        if values.size == 0:
+            return
+        # Bucket i counts values <= upper[i] (Prometheus "le"): side="left" puts a value
+        # equal to a bound into that bound's bucket.
+        counts = np.bincount(np.searchsorted(self._upper, values, side="left"), minlength=self._upper.size)
+        total = float(values.sum())
+        with self._lock:
+            self._counts += counts
+            self._sum += total
+
+    def observe(self, value: float) -> None:
+        """Add one value."""
+        self.observe_many(np.asarray([value], np.float64))
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        bounds = [floatToGoString(b) for b in self._upper.tolist()]  # type: ignore[no-untyped-call]
+        family = HistogramMetricFamily(
+            self._name,
+            self._documentation,
+            buckets=[(b, float(c)) for b, c in zip(bounds, cumulative, strict=True)],
+            sum_value=total,
+        )
+        yield family
 
 
 class Metrics:
@@ -99,10 +165,45 @@ class Metrics:
             buckets=_INFERENCE_BUCKETS,
             registry=r,
         )
-        self.end_to_end_seconds = Histogram(
+        self.end_to_end_seconds = BulkHistogram(
             "anomalyd_end_to_end_seconds",
-            "Time from the arrival of a window's newest reading to the publication of its score",
-            buckets=_E2E_BUCKETS,
+            "Time from the arrival of a window's newest reading at the daemon to its decision being "
+            "published (in-daemon queueing, batching and scoring; a backlog in the broker shows in "
+            "anomalyd_data_lag_seconds instead)",
+            _E2E_BUCKETS,
+            r,
+        )
+        self.data_lag_seconds = Histogram(
+            "anomalyd_data_lag_seconds",
+            "Lag in data time, once per scored batch: wall clock minus the newest reading's timestamp "
+            "in the batch (includes time queued in the broker; assumes device clocks are synchronised)",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.lag_seconds = Gauge(
+            "anomalyd_lag_seconds",
+            "Lag in data time of the most recently scored batch (see anomalyd_data_lag_seconds)",
+            registry=r,
+        )
+        self.overloaded = Gauge(
+            "anomalyd_overloaded",
+            "1 while the daemon is falling behind: data lag above stream.overload_lag_s, the intake "
+            "queue half full, or telemetry dropped because it was full",
+            registry=r,
+        )
+        self.windows_dropped = Counter(
+            "anomalyd_windows_dropped",
+            "Windows that were due to be scored but were lost inside the daemon, by reason "
+            "(model_error: ONNX Runtime failed on their batch; shutdown: the drain deadline passed)",
+            ["reason"],
+            registry=r,
+        )
+        self.messages_dropped = Counter(
+            "anomalyd_messages_dropped",
+            "Telemetry messages accepted from the broker but lost inside the daemon, by reason "
+            "(decode_error: the decoder failed on their batch; shutdown: still queued at the drain "
+            'deadline); a full intake queue counts under anomalyd_rejected_total{reason="queue_full"}',
+            ["reason"],
             registry=r,
         )
         self.intake_queue_depth = Gauge(
@@ -176,6 +277,10 @@ class Metrics:
             self.mqtt_connect_failures.labels(kind=kind)
         for stage in PIPELINE_STAGES:
             self.pipeline_errors.labels(stage=stage)
+        for reason in WINDOW_DROP_REASONS:
+            self.windows_dropped.labels(reason=reason)
+        for reason in MESSAGE_DROP_REASONS:
+            self.messages_dropped.labels(reason=reason)
 
     def declare_reasons(self, reasons: list[str]) -> None:
         """Create ``anomalyd_rejected_total{reason=...}`` at 0 for every known reason."""

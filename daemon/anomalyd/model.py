@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +25,10 @@ from anomalyd.contract import (
     Contract,
 )
 from anomalyd.errors import ModelContractError, ProviderError
+from anomalyd.paths import DEFAULT_MODEL_PATH
+
+# DEFAULT_MODEL_PATH is re-exported: callers that load the default model find it here too.
+__all__ = ["DEFAULT_MODEL_PATH", "LoadedModel", "SessionOptions", "load_model", "read_contract"]
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +36,6 @@ ProviderChoice = Literal["auto", "cpu", "cuda"]
 
 _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
-
-
-def _default_model_path() -> Path:
-    """The committed default model: in a checkout (or editable install) it is
-    ``exported_models/default/model.onnx`` beside ``daemon/``; a wheel install puts the same
-    file under ``<prefix>/share/anomalyd/default/`` (pyproject's data-files)."""
-    checkout = Path(__file__).resolve().parents[2] / "exported_models" / "default" / "model.onnx"
-    installed = Path(sys.prefix) / "share" / "anomalyd" / "default" / "model.onnx"
-    return installed if not checkout.is_file() and installed.is_file() else checkout
-
-
-#: Where the committed default model lives (see ``_default_model_path``).
-DEFAULT_MODEL_PATH = _default_model_path()
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,41 @@
 """Publishing: scores, batched scores, alert changes (retained) and the daemon's status.
 
+The output's cost follows batches, not windows: a batch of windows becomes at most one
+score message per device, one batch message and the alert changes, and its metrics are
+observed once per batch.
+
 Topics and payloads (defaults; ``[output]`` in the configuration):
 
-- ``anomaly/{device}/score``, one per scored window, QoS ``score_qos``::
+- ``anomaly/{device}/score``, QoS ``score_qos``, rate-limited per device: a message goes
+  out when the device's newest scored window is at least ``score_interval_s`` of *data
+  time* after the window its previous message reported, and a flush sends at most one per
+  device (its newest window). So a device at 1 Hz gets about one message a second, and a
+  backlog being caught up shrinks the output instead of multiplying it. Each message
+  reports the newest window and summarises every window since the previous message::
 
     {"device": "pump-7", "ts": 1732440000.5, "score": 0.83, "smoothed": 0.83,
      "threshold": 2.41, "anomaly": false, "alert": false, "padded": false,
      "contributions": {"temperature": 0.5, "pressure": 0.2, "vibration": 0.13},
-     "model_version": "..."}
+     "max_score": 1.2, "windows": 20, "anomalous_windows": 0, "model_version": "..."}
 
-- ``anomaly/scores`` (``batched_scores = true``), one per batch: ``{"model_version": ...,
-  "scores": [<score object without model_version>, ...]}``.
-- ``anomaly/{device}/alert``, retained, QoS ``alert_qos``, on every change of the alert
-  state: the score object plus ``"state": "anomalous" | "normal"``.
-- ``anomaly/status``, retained, QoS ``status_qos``: ``online`` on every connect,
-  ``offline`` (the last will, sent by the broker if we vanish), ``stopped`` on a clean exit.
+  ``score_interval_s = 0`` publishes every window (``windows`` is then 1).
+- ``anomaly/scores`` (``batched_scores = true``), one message per flush with every score in
+  it, column-wise: ``{"model_version": ..., "features": [...], "device": [...], "ts": [...],
+  "score": [...], "smoothed": [...], "threshold": [...], "anomaly": [...], "alert": [...],
+  "padded": [...], "contributions": [[...], ...]}`` (entry i of each list is window i).
+- ``anomaly/{device}/alert``, retained, QoS ``alert_qos``, at once on every change of the
+  alert state: the window's score object plus ``"state": "anomalous" | "normal"``.
+- ``anomaly/status``, retained, QoS ``status_qos``: ``online`` on every connect, ``overloaded``
+  while the daemon falls behind (then ``online`` again), ``offline`` (the last will, sent by
+  the broker if we vanish), ``stopped`` on a clean exit.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,13 +44,16 @@ import orjson
 
 from anomalyd.config import OutputConfig
 from anomalyd.detector import Decision
-from anomalyd.intake import MqttLink, Will
 from anomalyd.logsetup import RateLimitedLog
 from anomalyd.metrics import Metrics
+from anomalyd.mqtt import MqttLink, Will
+
+__all__ = ["OFFLINE", "ONLINE", "OVERLOADED", "STOPPED", "Publisher", "last_will"]
 
 log = logging.getLogger(__name__)
 
 ONLINE = b"online"
+OVERLOADED = b"overloaded"
 OFFLINE = b"offline"
 STOPPED = b"stopped"
 
@@ -47,6 +65,16 @@ def _dumps(doc: dict[str, Any]) -> bytes:
 def last_will(output: OutputConfig) -> Will:
     """The retained ``offline`` status the broker publishes if our connection dies."""
     return Will(topic=output.status_topic, payload=OFFLINE, qos=output.status_qos, retain=True)
+
+
+@dataclass(slots=True)
+class _Since:
+    """What a device's windows did since its previous score message."""
+
+    reported_ts: float = -math.inf  # data time of the window the previous message reported
+    max_score: float = -math.inf
+    windows: int = 0
+    anomalous: int = 0
 
 
 class Publisher:
@@ -72,37 +100,52 @@ class Publisher:
         self._features = list(feature_names)
         self._model_version = model_version
         self._fail_log = RateLimitedLog(log, log_interval_s)
+        self._overloaded = False
         # Pre-split templates: str.format per message is slower than a concatenation.
         self._score_parts = output.score_topic.split("{device}")
         self._alert_parts = output.alert_topic.split("{device}")
-        self._scores_ok = metrics.published.labels(kind="score")
-        self._scores_failed = metrics.publish_failures.labels(kind="score")
+        self._since: dict[str, _Since] = {}
 
     def set_model(self, feature_names: list[str], model_version: str) -> None:
         """Name contributions and stamp payloads for a newly loaded model."""
         self._features = list(feature_names)
         self._model_version = model_version
 
+    def forget(self, devices: list[str]) -> None:
+        """Drop the rate-limiting state of devices the pipeline no longer tracks."""
+        since = self._since
+        for device in devices:
+            since.pop(device, None)
+
     # ------------------------------------------------------------------ status
 
     def online(self) -> None:
-        """Publish the retained ``online`` status (after every connect: it replaces a
-        last-will ``offline`` left by an earlier connection)."""
-        self._send("status", self._out.status_topic, ONLINE, self._out.status_qos, retain=True)
+        """Publish the retained status (after every connect: it replaces a last-will
+        ``offline`` left by an earlier connection): ``online``, or ``overloaded``."""
+        self._send("status", self._out.status_topic, self._status(), self._out.status_qos, retain=True)
+
+    def _status(self) -> bytes:
+        return OVERLOADED if self._overloaded else ONLINE
+
+    def set_overloaded(self, overloaded: bool) -> None:
+        """Say in the retained status whether the daemon is falling behind (on change only)."""
+        if overloaded != self._overloaded:
+            self._overloaded = overloaded
+            self.online()
 
     def stopped(self, timeout: float) -> bool:
         """Publish the retained ``stopped`` status and wait up to ``timeout`` for the broker."""
         ok = self._link.publish_and_wait(
             self._out.status_topic, STOPPED, qos=self._out.status_qos, retain=True, timeout=timeout
         )
-        self._count("status", ok)
+        self._count("status", 1 if ok else 0, 0 if ok else 1)
         if not ok:
             log.warning("could not publish the 'stopped' status (broker unreachable?)")
         return ok
 
     # ------------------------------------------------------------------ scores
 
-    def _payload(self, d: Decision, with_version: bool) -> dict[str, Any]:
+    def _payload(self, d: Decision) -> dict[str, Any]:
         # Scores are float32 from the model: serialised as float32 (shortest repr, via
         # OPT_SERIALIZE_NUMPY), 0.01 rather than 0.010000000707805157.
         doc: dict[str, Any] = {
@@ -119,66 +162,107 @@ class Publisher:
             doc["contributions"] = dict(
                 zip(self._features, np.asarray(d.contributions, dtype=np.float32), strict=True)
             )
-        if with_version:
-            doc["model_version"] = self._model_version
         return doc
 
     def publish_decisions(
         self, decisions: list[Decision], arrival_mono: npt.NDArray[np.float64] | None = None
     ) -> None:
-        """Publish scores (per window and/or batched) and alert changes for one batch.
+        """Publish one flush: rate-limited scores, the batch message and alert changes.
 
         ``arrival_mono`` (one per decision) feeds ``anomalyd_end_to_end_seconds``.
         """
         out = self._out
+        if not decisions:
+            return
         if out.publish_scores:
-            ok = failed = 0
-            pre, post = self._score_parts
-            for d in decisions:
-                body = _dumps(self._payload(d, with_version=True))
-                if self._link.publish(pre + d.device + post, body, qos=out.score_qos):
-                    ok += 1
-                else:
-                    failed += 1
-            self._scores_ok.inc(ok)
-            if failed:
-                self._scores_failed.inc(failed)
-                self._warn_failed("score", failed)
-        if out.batched_scores and decisions:
-            body = _dumps(
-                {
-                    "model_version": self._model_version,
-                    "scores": [self._payload(d, with_version=False) for d in decisions],
-                }
-            )
-            self._send("batch", out.batch_topic, body, out.score_qos, retain=False)
+            self._publish_scores(decisions)
+        if out.batched_scores:
+            self._publish_batch(decisions)
         pre, post = self._alert_parts
         for d in decisions:
             if d.alert_changed:
-                doc = self._payload(d, with_version=True)
+                doc = self._payload(d)
                 doc["state"] = "anomalous" if d.alert else "normal"
+                doc["model_version"] = self._model_version
                 self._send("alert", pre + d.device + post, _dumps(doc), out.alert_qos, retain=True)
         if arrival_mono is not None and len(arrival_mono):
-            now = time.monotonic()
-            observe = self._metrics.end_to_end_seconds.observe
-            for latency in (now - np.asarray(arrival_mono, dtype=np.float64)).tolist():
-                observe(max(latency, 0.0))
+            latency = time.monotonic() - np.asarray(arrival_mono, dtype=np.float64)
+            self._metrics.end_to_end_seconds.observe_many(np.maximum(latency, 0.0))
+
+    def _publish_scores(self, decisions: list[Decision]) -> None:
+        interval = self._out.score_interval_s
+        since = self._since
+        messages: list[tuple[Decision, _Since]]
+        if interval > 0:
+            # Fold every window into its device's summary; remember each device's newest.
+            newest: dict[str, Decision] = {}
+            for d in decisions:
+                s = since.get(d.device)
+                if s is None:
+                    s = since[d.device] = _Since()
+                s.windows += 1
+                if d.anomaly:
+                    s.anomalous += 1
+                # max(x, nan) is x: a broken (NaN) score is never the maximum.
+                s.max_score = max(s.max_score, d.score)
+                newest[d.device] = d
+            messages = [
+                (d, since[dev]) for dev, d in newest.items() if d.ts - since[dev].reported_ts >= interval
+            ]
+        else:
+            messages = [(d, _Since(d.ts, d.score, 1, int(d.anomaly))) for d in decisions]
+        pre, post = self._score_parts
+        qos = self._out.score_qos
+        version = self._model_version
+        publish = self._link.publish
+        ok = failed = 0
+        for d, s in messages:
+            doc = self._payload(d)
+            doc["max_score"] = np.float32(s.max_score) if math.isfinite(s.max_score) else None
+            doc["windows"] = s.windows
+            doc["anomalous_windows"] = s.anomalous
+            doc["model_version"] = version
+            if publish(pre + d.device + post, _dumps(doc), qos=qos):
+                ok += 1
+            else:
+                failed += 1
+            if interval > 0:
+                s.reported_ts = d.ts
+                s.max_score = -math.inf
+                s.windows = s.anomalous = 0
+        self._count("score", ok, failed)
+
+    def _publish_batch(self, decisions: list[Decision]) -> None:
+        doc: dict[str, Any] = {
+            "model_version": self._model_version,
+            "features": self._features,
+            "device": [d.device for d in decisions],
+            "ts": [d.ts for d in decisions],
+            "score": np.asarray([d.score for d in decisions], np.float32),
+            "smoothed": np.asarray([d.smoothed for d in decisions], np.float32),
+            "threshold": [d.threshold for d in decisions],
+            "anomaly": [d.anomaly for d in decisions],
+            "alert": [d.alert for d in decisions],
+            "padded": [d.padded for d in decisions],
+        }
+        if self._out.include_contributions:
+            doc["contributions"] = np.stack([np.asarray(d.contributions, np.float32) for d in decisions])
+        self._send("batch", self._out.batch_topic, _dumps(doc), self._out.score_qos, retain=False)
 
     def _send(self, kind: str, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
         ok = self._link.publish(topic, payload, qos=qos, retain=retain)
-        self._count(kind, ok)
-        if not ok:
-            self._warn_failed(kind, 1)
+        self._count(kind, 1 if ok else 0, 0 if ok else 1)
         return ok
 
-    def _count(self, kind: str, ok: bool) -> None:
-        (self._metrics.published if ok else self._metrics.publish_failures).labels(kind=kind).inc()
-
-    def _warn_failed(self, kind: str, n: int) -> None:
-        self._fail_log.log(
-            logging.WARNING,
-            kind,
-            "could not publish %d %s message(s): not connected to the broker or out-queue full",
-            n,
-            kind,
-        )
+    def _count(self, kind: str, ok: int, failed: int) -> None:
+        if ok:
+            self._metrics.published.labels(kind=kind).inc(ok)
+        if failed:
+            self._metrics.publish_failures.labels(kind=kind).inc(failed)
+            self._fail_log.log(
+                logging.WARNING,
+                kind,
+                "could not publish %d %s message(s): not connected to the broker or out-queue full",
+                failed,
+                kind,
+            )

@@ -1,10 +1,10 @@
-"""Offline scoring of one device's recorded readings through the daemon's own stages.
+"""Offline scoring of one device's recorded readings through the daemon's own pipeline.
 
-No MQTT and no decoder: the rows go as ``DecodedBatch`` chunks through ``DeviceBuffers``,
-``Batcher`` (flushed every chunk), the model and the ``Detector``, configured exactly as
-the daemon would be from ``config``. So what a replay reports is what the daemon would
-have published for the same readings, which is what evaluations (SKAB, issue 4) and
-end-to-end-ish tests need.
+No MQTT and no decoder: the rows go as ``DecodedBatch`` chunks into a ``Pipeline`` (its
+buffers, batcher — flushed every chunk —, model and detector), configured exactly as the
+daemon would be from ``config``, with a collector in place of the MQTT publisher. So what
+a replay reports is what the daemon would have decided for the same readings, which is
+what evaluations (the SKAB benchmark) and end-to-end-ish tests need.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+from prometheus_client import CollectorRegistry
 
-from anomalyd.batcher import Batcher
-from anomalyd.buffers import DeviceBuffers
 from anomalyd.config import Config
 from anomalyd.decode import DecodedBatch, Rejection
-from anomalyd.detector import Detector
+from anomalyd.detector import Decision
+from anomalyd.metrics import Metrics
 from anomalyd.model import LoadedModel
+from anomalyd.pipeline import Pipeline
 
 __all__ = ["ReplayResult", "replay"]
 
@@ -48,7 +49,25 @@ class ReplayResult:
         return int(self.ts.shape[0])
 
 
-def replay(  # noqa: PLR0917 - signature fixed by DAEMON_API.md
+class _Collector:
+    """The replay's decision sink: keeps every decision, in order."""
+
+    def __init__(self) -> None:
+        self.decisions: list[Decision] = []
+
+    def publish_decisions(
+        self, decisions: list[Decision], arrival_mono: npt.NDArray[np.float64] | None = None
+    ) -> None:
+        self.decisions.extend(decisions)
+
+    def forget(self, devices: list[str]) -> None:
+        pass  # one device, never evicted: nothing to forget
+
+    def set_overloaded(self, overloaded: bool) -> None:
+        pass  # replayed data is old by design: its lag in data time means nothing here
+
+
+def replay(  # noqa: PLR0917 - positional signature kept for existing callers
     model: LoadedModel,
     config: Config,
     device: str,
@@ -70,10 +89,15 @@ def replay(  # noqa: PLR0917 - signature fixed by DAEMON_API.md
         raise ValueError(f"expected ts (n,) and values (n, {f}), got {ts.shape} and {values.shape}")
     if not 0 <= history <= n:
         raise ValueError(f"history must be between 0 and {n} rows, got {history}")
-    stream, det_cfg = config.stream, config.detector
-    buffers = DeviceBuffers(1, model.window_length, f, stream.hop, stream.warmup, stream.max_gap_s)
-    batcher = Batcher(config.batching.max_batch, 0.0, model.window_length, f)
-    detector = Detector.from_config(det_cfg, model.contract.threshold.value)
+    # One device, and every chunk scored at once (no batching delay in recorded time).
+    config = config.model_copy(
+        update={
+            "stream": config.stream.model_copy(update={"max_devices": 1}),
+            "batching": config.batching.model_copy(update={"max_delay_ms": 0.0}),
+        }
+    )
+    collector = _Collector()
+    pipeline = Pipeline(config, model, Metrics(CollectorRegistry()), collector)
 
     out_n = n - history
     score = np.full(out_n, np.nan)
@@ -90,22 +114,27 @@ def replay(  # noqa: PLR0917 - signature fixed by DAEMON_API.md
 
     def feed(lo: int, hi: int, score_it: bool) -> None:
         chunk = DecodedBatch([device] * (hi - lo), ts[lo:hi], values[lo:hi], ts[lo:hi], [])
-        result = buffers.ingest(chunk)
-        rejections.extend(result.rejections)
-        if not score_it or len(result.ready) == 0:
+        if not score_it:
+            # History only fills the window: its windows are taken out unscored.
+            result = pipeline.buffers.ingest(chunk)
+            rejections.extend(result.rejections)
             return
-        batcher.add(result.ready, 0.0)
-        for batch in batcher.pop_due(0.0, force=True):
-            s, contrib = model.run(batch.windows)
-            decisions = detector.update(batch.devices, batch.end_ts, s, contrib, batch.padded)
-            rows = first[np.searchsorted(uniq, batch.end_ts)] - history
-            for row, d in zip(rows.tolist(), decisions, strict=True):
-                score[row], smoothed[row], anomaly[row] = d.score, d.smoothed, d.anomaly
-                alert_at[row], padded[row] = d.alert, d.padded
-                row_threshold[row] = d.threshold
-                contributions[row] = d.contributions
+        result = pipeline.ingest_readings(chunk, now_mono=0.0)
+        rejections.extend(result.rejections)
+        pipeline.flush(force=True, now_mono=0.0)
+        decisions = collector.decisions
+        if not decisions:
+            return
+        end_ts = np.fromiter((d.ts for d in decisions), np.float64, len(decisions))
+        rows = first[np.searchsorted(uniq, end_ts)] - history
+        for row, d in zip(rows.tolist(), decisions, strict=True):
+            score[row], smoothed[row], anomaly[row] = d.score, d.smoothed, d.anomaly
+            alert_at[row], padded[row] = d.alert, d.padded
+            row_threshold[row] = d.threshold
+            contributions[row] = d.contributions
+        decisions.clear()
 
-    chunk_rows = max(1, config.batching.max_batch * stream.hop)
+    chunk_rows = max(1, config.batching.max_batch * config.stream.hop)
     for lo in range(0, history, chunk_rows):
         feed(lo, min(lo + chunk_rows, history), score_it=False)
     for lo in range(history, n, chunk_rows):
@@ -122,7 +151,7 @@ def replay(  # noqa: PLR0917 - signature fixed by DAEMON_API.md
         alert,
         padded,
         contributions,
-        detector.threshold,
+        pipeline.threshold,
         rejections,
         row_threshold,
     )

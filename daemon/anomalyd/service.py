@@ -5,10 +5,12 @@ config → logging (both done by the CLI) → secrets → model load, contract c
 of every batch shape → metrics server → pipeline thread → MQTT (a broker that is down
 delays readiness; it does not kill the start) → ``READY=1``.
 
-Threads: the paho network thread (``intake``) only enqueues; ``_run_pipeline_loop`` owns
-decoder, buffers, batcher, model and detector (no locks); the main thread only waits for
-signals, pings the watchdog while the pipeline makes progress, and starts reloads;
-a short-lived reload thread loads and warms a new model beside the serving one.
+Threads: the paho network thread (``anomalyd.mqtt``) only enqueues into the intake queue;
+``_run_pipeline_loop`` owns the ``Pipeline`` (decoder, buffers, batcher, model, detector,
+publisher: no locks) and feeds it from the queue; the main thread only waits for signals,
+pings the watchdog while the pipeline makes progress, and starts reloads; a short-lived
+reload thread loads and warms a new model beside the serving one, and the pipeline
+thread swaps it in.
 
 Stop (SIGTERM/SIGINT; a second one forces): ``STOPPING=1`` → unsubscribe (intake stops)
 → the pipeline scores everything queued and pending and publishes it, within
@@ -17,26 +19,22 @@ Stop (SIGTERM/SIGINT; a second one forces): ``STOPPING=1`` → unsubscribe (inta
 
 from __future__ import annotations
 
-import collections
 import logging
 import signal
 import threading
 import time
 from types import FrameType
 
-import numpy as np
 from prometheus_client import CollectorRegistry
 
-from anomalyd.batcher import Batch, Batcher
-from anomalyd.buffers import DeviceBuffers
-from anomalyd.config import Config, read_secret
-from anomalyd.decode import Decoder, RawMessage, Reason, Rejection
-from anomalyd.detector import Detector
+from anomalyd.config import Config
+from anomalyd.decode import Reason
 from anomalyd.errors import AnomalydError, ConfigError
-from anomalyd.intake import IntakeQueue, MqttLink
-from anomalyd.logsetup import RateLimitedLog
+from anomalyd.intake import IntakeQueue
 from anomalyd.metrics import Metrics, MetricsServer
 from anomalyd.model import LoadedModel, SessionOptions, load_model
+from anomalyd.mqtt import MqttLink
+from anomalyd.pipeline import Pipeline
 from anomalyd.publisher import Publisher, last_will
 from anomalyd.sdnotify import Notifier, watchdog_interval
 
@@ -93,20 +91,14 @@ class Service:
         self._reloader: threading.Thread | None = None
         self._pending_model: LoadedModel | None = None
         self._swapped = threading.Event()
-        self._reject_log = RateLimitedLog(log, config.logging.rejection_log_interval_s)
         self.heartbeat = time.monotonic()
         self._watchdog_s = watchdog_interval() if self.notifier.enabled else None
         # The idle pipeline still turns (and beats) four times per ping interval, so an
         # idle daemon is never mistaken for a stuck one.
         self._idle_tick = min(_IDLE_TICK_S, self._watchdog_s / 8) if self._watchdog_s else _IDLE_TICK_S
-        #: Windows scored since start (the pipeline thread writes it; tests and logs read it).
-        self.windows_scored = 0
         self._last_housekeeping = 0.0
-        # Pipeline-owned stages; built in start() and on a model swap.
-        self._decoder: Decoder
-        self._buffers: DeviceBuffers
-        self._batcher: Batcher
-        self._detector: Detector
+        #: The stages of the served model; built in start(), run by the pipeline thread.
+        self.pipeline: Pipeline | None = None
 
     # ------------------------------------------------------------------ control
 
@@ -142,8 +134,13 @@ class Service:
 
     @property
     def threshold(self) -> float | None:
-        """The score threshold in use (configured, else the model contract's)."""
-        return self._threshold(self.model) if self.model is not None else None
+        """The static threshold in use (configured, else the model contract's, times the scale)."""
+        return self.pipeline.threshold if self.pipeline is not None else None
+
+    @property
+    def windows_scored(self) -> int:
+        """Windows scored since start (the pipeline thread counts; tests and logs read it)."""
+        return self.pipeline.windows_scored if self.pipeline is not None else 0
 
     @property
     def metrics_port(self) -> int | None:
@@ -172,14 +169,7 @@ class Service:
         )
         return model
 
-    def _threshold(self, model: LoadedModel) -> float:
-        """The static threshold: configured (else the contract's) times ``threshold_scale``.
-        With ``adaptive = true`` each device's effective threshold is in its score messages."""
-        d = self.config.detector
-        base = d.threshold if d.threshold is not None else model.contract.threshold.value
-        return base * d.threshold_scale
-
-    def _announce_model(self, model: LoadedModel) -> None:
+    def _announce_model(self, model: LoadedModel, threshold: float) -> None:
         c = model.contract
         self.metrics.set_model(
             c.model_version,
@@ -187,32 +177,8 @@ class Service:
             window=c.window_length,
             features=c.feature_names,
             provider=model.active_provider,
-            threshold=self._threshold(model),
+            threshold=threshold,
         )
-
-    def _build_stages(self, model: LoadedModel) -> None:
-        cfg = self.config
-        c = model.contract
-        self._decoder = Decoder(
-            c.feature_names,
-            cfg.mqtt.topic_in,
-            cfg.stream.max_payload_bytes,
-            cfg.stream.max_readings_per_message,
-            cfg.stream.device_id_pattern,
-            cfg.stream.max_future_skew_s,
-        )
-        self._buffers = DeviceBuffers(
-            cfg.stream.max_devices,
-            c.window_length,
-            c.n_features,
-            cfg.stream.hop,
-            cfg.stream.warmup,
-            cfg.stream.max_gap_s,
-        )
-        self._batcher = Batcher(
-            cfg.batching.max_batch, cfg.batching.max_delay_ms / 1000.0, c.window_length, c.n_features
-        )
-        self._detector = Detector.from_config(cfg.detector, model.contract.threshold.value)
 
     def start(self) -> bool:
         """Run the ordered start. True once ready; False if a stop was requested first.
@@ -220,25 +186,11 @@ class Service:
         Raises ``AnomalydError`` (with its exit code) if the start cannot finish.
         """
         cfg = self.config
-        password = read_secret(
-            cfg.mqtt.password_file,
-            cfg.mqtt.password_credential,
-            "mqtt.password_credential" if cfg.mqtt.password_credential else "mqtt.password_file",
-        )
-        passphrase = None
-        if cfg.mqtt.tls is not None:
-            tls = cfg.mqtt.tls
-            passphrase = read_secret(
-                tls.key_passphrase_file,
-                tls.key_passphrase_credential,
-                "mqtt.tls.key_passphrase_credential"
-                if tls.key_passphrase_credential
-                else "mqtt.tls.key_passphrase_file",
-            )
+        password = cfg.mqtt.password()
+        passphrase = cfg.mqtt.key_passphrase()
         self.notifier.status("loading model")
         model = self._load_warm()
         self.model = model
-        self._announce_model(model)
         if self._stop.is_set():
             return False
         if cfg.metrics.enabled:
@@ -249,12 +201,6 @@ class Service:
                     f"cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port}: {exc.strerror or exc}",
                     "metrics.port",
                 ) from None
-        self._build_stages(model)
-        self._pipeline = threading.Thread(
-            target=self._run_pipeline_loop, name="anomalyd-pipeline", daemon=True
-        )
-        self._pipeline.start()
-
         link = MqttLink(
             cfg.mqtt,
             queue=self._queue,
@@ -274,6 +220,12 @@ class Service:
         )
         link.add_connect_listener(self._publisher.online)
         self._link = link
+        self.pipeline = Pipeline(cfg, model, self.metrics, self._publisher)
+        self._announce_model(model, self.pipeline.threshold)
+        self._pipeline = threading.Thread(
+            target=self._run_pipeline_loop, name="anomalyd-pipeline", daemon=True
+        )
+        self._pipeline.start()
         link.start()
         started = time.monotonic()
         next_note = started + _BROKER_WAIT_TICK_S
@@ -355,15 +307,18 @@ class Service:
         self._draining.set()
         self._queue.wake()
         if self._pipeline is not None and not self._pipeline_done.wait(max(0.0, deadline - time.monotonic())):
-            log.warning(
-                "drain deadline (%.1f s) passed: dropping %d queued messages and %d pending windows",
-                self.config.shutdown.drain_timeout_s,
-                len(self._queue),
-                self._batcher.pending,
-            )
             self._abort.set()
             self._queue.wake()
             self._pipeline_done.wait(2.0)
+            queued = len(self._queue)
+            pending = self.pipeline.drop_pending() if self.pipeline is not None else 0
+            self.metrics.messages_dropped.labels(reason="shutdown").inc(queued)
+            log.warning(
+                "drain deadline (%.1f s) passed: dropped %d queued messages and %d pending windows",
+                self.config.shutdown.drain_timeout_s,
+                queued,
+                pending,
+            )
         if link is not None:
             if self._publisher is not None and link.connected:
                 self._publisher.stopped(timeout=max(0.5, deadline - time.monotonic()))
@@ -408,36 +363,19 @@ class Service:
 
     def _swap_model(self, new: LoadedModel) -> None:
         """On the pipeline thread: finish pending windows with the old model, then switch."""
-        old = self.model
-        self._flush(force=True)
-        assert old is not None
-        same_shape = (
-            old.contract.feature_names == new.contract.feature_names
-            and old.contract.window_length == new.contract.window_length
-        )
+        assert self.pipeline is not None
+        self.pipeline.swap_model(new)
         self.model = new
-        if same_shape:
-            d = self.config.detector
-            self._detector.set_threshold(
-                d.threshold if d.threshold is not None else new.contract.threshold.value
-            )
-        else:
-            log.warning(
-                "new model has window %d and features %s (was %d, %s): every device's window restarts",
-                new.contract.window_length,
-                new.contract.feature_names,
-                old.contract.window_length,
-                old.contract.feature_names,
-            )
-            self._build_stages(new)
         if self._publisher is not None:
             self._publisher.set_model(new.contract.feature_names, new.contract.model_version)
-        self._announce_model(new)
+        self._announce_model(new, self.pipeline.threshold)
         self._swapped.set()
 
     # ------------------------------------------------------------------ pipeline thread
 
     def _run_pipeline_loop(self) -> None:
+        pipeline = self.pipeline
+        assert pipeline is not None
         try:
             while not self._abort.is_set():
                 self.heartbeat = now = time.monotonic()
@@ -446,18 +384,24 @@ class Service:
                     self._pending_model = None
                     self._swap_model(pending)
                 if self._draining.is_set():
-                    self._drain_all()
+                    self._drain_all(pipeline)
                     return
-                due = self._batcher.time_until_due(now)
+                due = pipeline.time_until_due(now)
                 timeout = self._idle_tick if due is None else min(due, self._idle_tick)
                 if timeout > 0:
                     self._queue.wait(timeout)
                 messages = self._queue.drain(_DRAIN_MAX)
                 if messages:
-                    self._ingest(messages)
-                self._flush(force=False)
+                    pipeline.ingest(messages)
+                pipeline.flush()
                 if now - self._last_housekeeping >= _HOUSEKEEPING_S:
-                    self._housekeeping(now)
+                    self._last_housekeeping = now
+                    link = self._link
+                    pipeline.housekeeping(
+                        now,
+                        queue_fill=len(self._queue) / self._queue.maxsize,
+                        queue_dropped=link.dropped if link is not None else 0,
+                    )
         except Exception:
             log.exception("pipeline thread failed")
             self._pipeline_failed = True
@@ -465,109 +409,18 @@ class Service:
         finally:
             self._pipeline_done.set()
 
-    def _drain_all(self) -> None:
+    def _drain_all(self, pipeline: Pipeline) -> None:
         """Shutdown: ingest what is queued, score everything pending, publish."""
-        scored_before = self.windows_scored
+        scored_before = pipeline.windows_scored
         while not self._abort.is_set():
             self.heartbeat = time.monotonic()
             messages = self._queue.drain(_DRAIN_MAX)
             if not messages:
                 break
-            self._ingest(messages)
-            self._flush(force=False)
+            pipeline.ingest(messages)
         if not self._abort.is_set():
-            self._flush(force=True)
-        log.info("drained: %d windows scored during shutdown", self.windows_scored - scored_before)
-
-    def _ingest(self, messages: list[RawMessage]) -> None:
-        m = self.metrics
-        m.messages_received.inc(len(messages))
-        try:
-            batch = self._decoder.decode(messages)
-        except Exception:
-            m.pipeline_errors.labels(stage="decode").inc()
-            log.exception("decoder failed on %d messages (dropped)", len(messages))
-            return
-        self._count_rejections(batch.rejections)
-        if not len(batch.devices):
-            return
-        now = time.monotonic()
-        result = self._buffers.ingest(batch)
-        if result.accepted:
-            m.readings_accepted.inc(result.accepted)
-        self._count_rejections(result.rejections)
-        if result.evicted:
-            self._detector.forget(result.evicted)
-            m.devices_evicted.labels(cause="capacity").inc(len(result.evicted))
-        if result.resets:
-            m.buffer_resets.inc(result.resets)
-        if len(result.ready.devices):
-            # A batch's windows are views into the batcher's staging area, valid until the
-            # next add(): score what is due before adding more.
-            self._batcher.add(result.ready, now)
-            self._flush(force=False)
-
-    def _count_rejections(self, rejections: list[Rejection]) -> None:
-        if not rejections:
-            return
-        counts = collections.Counter(r.reason for r in rejections)
-        for reason, n in counts.items():
-            self.metrics.rejected.labels(reason=str(reason)).inc(n)
-        # One line per reason per interval (the first of each batch): hostile input
-        # cannot flood the journal, and every rejection is still counted above.
-        first = {r.reason: r for r in reversed(rejections)}
-        for reason, r in first.items():
-            self._reject_log.log(
-                logging.WARNING, str(reason), "rejected (%s) on %r: %s", reason, r.topic[:200], r.detail
-            )
-
-    def _flush(self, force: bool) -> None:
-        for batch in self._batcher.pop_due(time.monotonic(), force=force):
-            self._score(batch)
-
-    def _score(self, batch: Batch) -> None:
-        m = self.metrics
-        model = self.model
-        assert model is not None
-        n = len(batch.devices)
-        t0 = time.perf_counter()
-        try:
-            scores, contributions = model.run(batch.windows)
-        except Exception:
-            m.pipeline_errors.labels(stage="model").inc()
-            log.exception("model failed on a batch of %d windows (dropped)", n)
-            return
-        m.inference_seconds.observe(time.perf_counter() - t0)
-        m.batch_size.observe(n)
-        decisions = self._detector.update(batch.devices, batch.end_ts, scores, contributions, batch.padded)
-        m.windows_scored.inc(n)
-        self.windows_scored += n
-        anomalies = sum(1 for d in decisions if d.anomaly)
-        if anomalies:
-            m.anomalous_windows.inc(anomalies)
-        for d in decisions:
-            if d.alert_changed:
-                direction = "raised" if d.alert else "cleared"
-                m.alert_transitions.labels(direction=direction).inc()
-                log.info(
-                    "alert %s for %s (score %.4g, threshold %.4g)", direction, d.device, d.score, d.threshold
-                )
-        if self._publisher is not None:
-            try:
-                self._publisher.publish_decisions(decisions, np.asarray(batch.arrival_mono))
-            except Exception:
-                m.pipeline_errors.labels(stage="publish").inc()
-                log.exception("publishing %d decisions failed", n)
-
-    def _housekeeping(self, now: float) -> None:
-        self._last_housekeeping = now
-        evicted = self._buffers.evict_idle(now, self.config.stream.idle_evict_s)
-        if evicted:
-            self._detector.forget(evicted)
-            self.metrics.devices_evicted.labels(cause="idle").inc(len(evicted))
-            log.info("forgot %d idle devices", len(evicted))
-        self.metrics.devices_tracked.set(self._buffers.n_devices)
-        self.metrics.pending_windows.set(self._batcher.pending)
+            pipeline.flush(force=True)
+        log.info("drained: %d windows scored during shutdown", pipeline.windows_scored - scored_before)
 
 
 def run_service(config: Config, registry: CollectorRegistry | None = None) -> int:

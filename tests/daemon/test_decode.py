@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import sys
+import tracemalloc
 
 import numpy as np
 import orjson
@@ -11,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anomalyd.config import StreamConfig
-from anomalyd.decode import MIN_TIMESTAMP, DecodedBatch, Decoder, RawMessage, Reason
+from anomalyd.decode import _TOPIC_CACHE_MAX_BYTES, MIN_TIMESTAMP, DecodedBatch, Decoder, RawMessage, Reason
 
 FEATURES = ["temperature", "pressure", "vibration"]
 NOW = 1_732_440_000.0
@@ -288,3 +291,70 @@ def test_valid_readings_round_trip(rows: list[tuple[float, float, float, float]]
     assert out.ts.tolist() == [r[0] for r in rows]
     assert out.values.tolist() == [list(r[1:]) for r in rows]  # float32 values survive exactly
     assert all(math.isfinite(x) for x in out.ts)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _traced_after_gc() -> int:
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0]
+
+
+def test_repeated_rejections_on_one_topic_do_not_grow_memory() -> None:
+    # A device with a bad id keeps sending: each rejection must be a fresh value, so nothing
+    # (no traceback, no frame, no batch of payloads) outlives the call to decode.
+    d = decoder()
+    filler = "x" * 1000  # ~1 KB payloads, so that anything a rejection keeps alive shows up
+
+    def round_() -> None:
+        batch = [msg(reading(note=filler), topic="sensors/pump 7/telemetry") for _ in range(10)]
+        assert reasons(d.decode(batch)) == [Reason.BAD_DEVICE_ID] * 10
+
+    tracemalloc.start()
+    try:
+        round_()  # warm-up: the topic cache entry, interned strings, ...
+        before = _traced_after_gc()
+        for _ in range(200):
+            round_()
+        grown = _traced_after_gc() - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 256 * 1024, f"memory grew by {grown} bytes over 2,000 rejections"
+
+
+def test_same_bad_topic_twice_gives_two_identical_rejections() -> None:
+    d = decoder()
+    m = msg(reading(), topic="sensors/pump 7/telemetry")
+    first = d.decode([m, m]).rejections
+    second = d.decode([m]).rejections  # from the topic cache
+    assert len(first) == 2
+    assert len(second) == 1
+    assert first[0] == first[1] == second[0]
+    assert first[0].reason is Reason.BAD_DEVICE_ID
+    assert first[0].detail == "device id 'pump 7' does not match the pattern"
+
+
+def _cache_bytes(d: Decoder) -> int:
+    # Keys and values, as the decoder counts them (a refusal holds its detail text).
+    topics = d._topics.items()
+    return sum(
+        sys.getsizeof(k) + sys.getsizeof(v) + sys.getsizeof(getattr(v, "detail", "")) for k, v in topics
+    )
+
+
+def test_many_long_topics_keep_the_topic_cache_small() -> None:
+    d = decoder()
+    pad = "x" * 60_000  # the broker allows topics up to 64 KiB
+    for _ in range(2):  # devices resend
+        for start in range(0, 2000, 100):
+            batch = [msg(reading(), topic=f"sensors/{i}{pad}/telemetry") for i in range(start, start + 100)]
+            assert reasons(d.decode(batch)) == [Reason.BAD_DEVICE_ID] * 100
+    assert _cache_bytes(d) <= _TOPIC_CACHE_MAX_BYTES
+    # Topics just short enough to be cached: the byte cap, not the entry cap, bounds them.
+    pad = "x" * 990
+    for start in range(0, 10_000, 1000):
+        batch = [msg(reading(), topic=f"sensors/{i}{pad}/telemetry") for i in range(start, start + 1000)]
+        assert reasons(d.decode(batch)) == [Reason.BAD_DEVICE_ID] * 1000
+        assert _cache_bytes(d) <= _TOPIC_CACHE_MAX_BYTES
+    assert 0 < len(d._topics) < 10_000

@@ -15,8 +15,9 @@ from prometheus_client import CollectorRegistry
 from anomalyd.config import MqttConfig, TlsConfig
 from anomalyd.decode import RawMessage, Reason
 from anomalyd.errors import BrokerError
-from anomalyd.intake import IntakeQueue, MqttLink, Will, backoff_delay, subscription_filter
+from anomalyd.intake import IntakeQueue
 from anomalyd.metrics import Metrics
+from anomalyd.mqtt import MqttLink, Will, backoff_delay, subscription_filter
 from tests.broker import MosquittoBroker, Subscriber, TlsFiles, publish_many, wait_for
 
 

@@ -12,19 +12,21 @@ from prometheus_client import CollectorRegistry
 
 from anomalyd.config import MqttConfig, OutputConfig
 from anomalyd.detector import Decision
-from anomalyd.intake import MqttLink
 from anomalyd.metrics import Metrics
+from anomalyd.mqtt import MqttLink
 from anomalyd.publisher import Publisher, last_will
 from tests.broker import MosquittoBroker, Subscriber
 
 FEATURES = ["temperature", "pressure", "vibration"]
 
 
-def _decision(device: str, score: float, *, alert: bool = False, changed: bool = False) -> Decision:
+def _decision(
+    device: str, score: float, *, alert: bool = False, changed: bool = False, ts: float = 1_767_225_600.5
+) -> Decision:
     contributions = np.array([score / 2, score / 4, score / 4], dtype=np.float32)
     return Decision(
         device=device,
-        ts=1_767_225_600.5,
+        ts=ts,
         score=score,
         smoothed=score,
         threshold=2.0,
@@ -80,6 +82,9 @@ def test_scores_go_to_the_device_topic_as_json(
         "alert": False,
         "padded": False,
         "contributions": {"temperature": 1.5, "pressure": 0.75, "vibration": 0.75},
+        "max_score": 3.0,
+        "windows": 1,
+        "anomalous_windows": 1,
         "model_version": "m-1",
     }
     assert registry.get_sample_value("anomalyd_published_total", {"kind": "score"}) == 2.0
@@ -103,8 +108,120 @@ def test_batched_scores_and_no_contributions(
     assert [m.topic for m in msgs] == ["anomaly/scores"]  # no per-window messages
     doc = orjson.loads(msgs[0].payload)
     assert doc["model_version"] == "m-1"
-    assert [s["device"] for s in doc["scores"]] == ["a", "b", "c"]
-    assert all("contributions" not in s and "model_version" not in s for s in doc["scores"])
+    assert doc["device"] == ["a", "b", "c"]
+    assert doc["score"] == pytest.approx([0.1, 0.2, 0.3])
+    assert doc["anomaly"] == [False, False, False]
+    assert len(doc["ts"]) == len(doc["threshold"]) == len(doc["alert"]) == len(doc["padded"]) == 3
+    assert "contributions" not in doc
+
+
+def test_batch_message_has_every_window_and_its_contributions(
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+) -> None:
+    pub = _publisher(link, registry, publish_scores=False, batched_scores=True)
+    link.start()
+    assert link.wait_connected(10)
+    sub = Subscriber(broker, ["anomaly/scores"])
+    try:
+        pub.publish_decisions([_decision("a", 1.0, ts=10.0 + i) for i in range(5)])
+        sub.wait_until(lambda ms: len(ms) == 1, 10, "batch")
+        doc = orjson.loads(sub.snapshot()[0].payload)
+    finally:
+        sub.close()
+    assert doc["features"] == FEATURES
+    assert doc["ts"] == [10.0, 11.0, 12.0, 13.0, 14.0]
+    assert doc["contributions"] == [[0.5, 0.25, 0.25]] * 5
+
+
+def test_scores_are_rate_limited_per_device_in_data_time(
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+) -> None:
+    """One message per device per flush, and only once score_interval_s of data time has
+    passed since the window the previous message reported; it summarises every window."""
+    pub = _publisher(link, registry, score_interval_s=10.0)
+    link.start()
+    assert link.wait_connected(10)
+    sub = Subscriber(broker, ["anomaly/+/score"])
+    t0 = 1_767_225_600.0
+    try:
+        # Flush 1: 20 windows of "a" (1 s apart, one anomalous) and one of "b".
+        first = [_decision("a", 1.0 + (i == 7) * 4.0, ts=t0 + i) for i in range(20)]
+        pub.publish_decisions([*first, _decision("b", 0.5, ts=t0)])
+        sub.wait_until(lambda ms: len(ms) == 2, 10, "one message per device")
+        # Flush 2: 5 s later in data time, within the interval: nothing for "a".
+        pub.publish_decisions([_decision("a", 0.2, ts=t0 + 19 + k) for k in range(1, 6)])
+        # Flush 3: 10 s after the reported window: one message covering flushes 2 and 3.
+        pub.publish_decisions([_decision("a", 0.3, ts=t0 + 29)])
+        sub.wait_until(lambda ms: len(ms) == 3, 10, "a's second message")
+        time.sleep(0.2)
+        msgs = [(m.topic, orjson.loads(m.payload)) for m in sub.snapshot()]
+    finally:
+        sub.close()
+    a = [doc for topic, doc in msgs if topic == "anomaly/a/score"]
+    assert len(a) == 2, msgs
+    assert a[0]["ts"] == t0 + 19  # the newest window of the flush
+    assert (a[0]["windows"], a[0]["anomalous_windows"], a[0]["max_score"]) == (20, 1, 5.0)
+    assert a[1]["ts"] == t0 + 29
+    assert (a[1]["windows"], a[1]["anomalous_windows"]) == (6, 0)
+    assert a[1]["max_score"] == pytest.approx(0.3)
+    assert registry.get_sample_value("anomalyd_published_total", {"kind": "score"}) == 3.0
+
+
+def test_score_interval_zero_publishes_every_window(
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+) -> None:
+    pub = _publisher(link, registry, score_interval_s=0.0)
+    link.start()
+    assert link.wait_connected(10)
+    sub = Subscriber(broker, ["anomaly/+/score"])
+    try:
+        pub.publish_decisions([_decision("a", 1.0, ts=100.0 + i * 0.01) for i in range(7)])
+        sub.wait_until(lambda ms: len(ms) == 7, 10, "seven scores")
+        docs = [orjson.loads(m.payload) for m in sub.snapshot()]
+    finally:
+        sub.close()
+    assert [d["windows"] for d in docs] == [1] * 7
+    assert [d["ts"] for d in docs] == [100.0 + i * 0.01 for i in range(7)]
+
+
+def test_forgotten_devices_start_a_fresh_summary(
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+) -> None:
+    pub = _publisher(link, registry, score_interval_s=60.0)
+    link.start()
+    assert link.wait_connected(10)
+    sub = Subscriber(broker, ["anomaly/+/score"])
+    try:
+        pub.publish_decisions([_decision("a", 1.0, ts=100.0)])
+        pub.publish_decisions([_decision("a", 1.0, ts=101.0)])  # within the interval
+        pub.forget(["a"])
+        pub.publish_decisions([_decision("a", 1.0, ts=102.0)])  # a new device to the publisher
+        sub.wait_until(lambda ms: len(ms) == 2, 10, "two messages")
+        docs = [orjson.loads(m.payload) for m in sub.snapshot()]
+    finally:
+        sub.close()
+    assert [(d["ts"], d["windows"]) for d in docs] == [(100.0, 1), (102.0, 1)]
+
+
+def test_overloaded_status_is_retained_and_cleared(
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+) -> None:
+    pub = _publisher(link, registry)
+    link.add_connect_listener(pub.online)
+    link.start()
+    assert link.wait_connected(10)
+    sub = Subscriber(broker, ["anomaly/status"])
+    try:
+        sub.wait_until(lambda ms: bool(ms) and ms[-1].payload == b"online", 10, "online")
+        pub.set_overloaded(True)
+        sub.wait_until(lambda ms: ms[-1].payload == b"overloaded", 10, "overloaded")
+        pub.set_overloaded(True)  # no change, no message
+        pub.set_overloaded(False)
+        sub.wait_until(lambda ms: ms[-1].payload == b"online", 10, "online again")
+        payloads = [m.payload for m in sub.snapshot()]
+    finally:
+        sub.close()
+    assert payloads[-3:] == [b"online", b"overloaded", b"online"]
 
 
 def test_alert_changes_are_retained(

@@ -104,6 +104,7 @@ def test_sigterm_under_load_scores_pending_windows_then_publishes_stopped(
         sections={
             "batching": {"max_batch": 4096, "max_delay_ms": 600_000.0},
             "shutdown": {"drain_timeout_s": 20.0},
+            "output": {"score_interval_s": 0.0},  # a message per window, to count them
         },
     )
     d.wait_ready()
@@ -426,6 +427,7 @@ def test_the_live_detector_follows_the_detector_section(
             "detector.adaptive": True,
             "detector.adaptive_min_windows": 5,
             "detector.adaptive_floor": 0.0,  # let the learnt threshold go below the static one
+            "output.score_interval_s": 0.0,  # every window's threshold is looked at
         },
     )
     sub = Subscriber(broker, ["anomaly/+/score"])

@@ -1,0 +1,307 @@
+"""One model's data path: decode → buffers → batcher → model → detector → output.
+
+``Pipeline`` is the only place where the stages are wired together. The service runs one
+on its pipeline thread, ``anomalyd.replay`` (and through it the SKAB evaluation) runs one
+over recorded readings, and the benchmarks run the service, so what they measure is what
+production runs, publisher and metrics included.
+
+One thread owns a pipeline, so nothing in it takes a lock. The stages know nothing of
+each other beyond the values passed between them; where their decisions go is the
+``DecisionSink`` given to the pipeline (the MQTT ``Publisher`` in the service, a collector
+in a replay).
+
+Besides the flow, the pipeline owns:
+
+* the model swap (a reload): windows pending for the old model are scored with it
+  first; a new window length or feature list restarts every device's window;
+* housekeeping: idle eviction, gauges, and the *overloaded* verdict. The daemon is
+  overloaded while the newest reading of the batches it scores is older than
+  ``stream.overload_lag_s`` in data time (a backlog in the broker, where the daemon's
+  own queues cannot see it), or its intake queue is at least half full, or telemetry
+  was dropped because that queue was full.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from anomalyd.batcher import Batch, Batcher
+from anomalyd.buffers import DeviceBuffers, IngestResult
+from anomalyd.config import Config
+from anomalyd.decode import DecodedBatch, Decoder, RawMessage, Rejection
+from anomalyd.detector import Decision, Detector
+from anomalyd.logsetup import RateLimitedLog
+from anomalyd.metrics import Metrics
+from anomalyd.model import LoadedModel
+
+__all__ = ["DecisionSink", "Pipeline"]
+
+log = logging.getLogger(__name__)
+
+#: The intake queue counts as congested from this fill fraction on.
+_QUEUE_CONGESTED = 0.5
+
+
+class DecisionSink(Protocol):
+    """Where a pipeline's decisions go (the MQTT publisher, or a replay's collector)."""
+
+    def publish_decisions(
+        self, decisions: list[Decision], arrival_mono: npt.NDArray[np.float64] | None = None
+    ) -> None:
+        """Take the decisions of one scored batch, in order."""
+
+    def forget(self, devices: list[str]) -> None:
+        """The pipeline stopped tracking these devices."""
+
+    def set_overloaded(self, overloaded: bool) -> None:
+        """The daemon started or stopped falling behind."""
+
+
+class Pipeline:
+    """The stages of one model, run by one thread."""
+
+    def __init__(
+        self,
+        config: Config,
+        model: LoadedModel,
+        metrics: Metrics,
+        sink: DecisionSink | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.sink = sink
+        self.model = model
+        self.windows_scored = 0
+        self.overloaded = False
+        self._reject_log = RateLimitedLog(log, config.logging.rejection_log_interval_s)
+        self._max_lag_since_check = 0.0
+        self._dropped_seen = 0
+        self._build_stages(model)
+
+    # ------------------------------------------------------------------ stages
+
+    def _build_stages(self, model: LoadedModel) -> None:
+        cfg = self.config
+        c = model.contract
+        self.decoder = Decoder(
+            c.feature_names,
+            cfg.mqtt.topic_in,
+            cfg.stream.max_payload_bytes,
+            cfg.stream.max_readings_per_message,
+            cfg.stream.device_id_pattern,
+            cfg.stream.max_future_skew_s,
+        )
+        self.buffers = DeviceBuffers(
+            cfg.stream.max_devices,
+            c.window_length,
+            c.n_features,
+            cfg.stream.hop,
+            cfg.stream.warmup,
+            cfg.stream.max_gap_s,
+        )
+        self.batcher = Batcher(
+            cfg.batching.max_batch, cfg.batching.max_delay_ms / 1000.0, c.window_length, c.n_features
+        )
+        self.detector = Detector.from_config(cfg.detector, c.threshold.value)
+
+    @property
+    def threshold(self) -> float:
+        """The static threshold in use (the detector's; per-device adaptive ones may be higher)."""
+        return self.detector.threshold
+
+    @property
+    def pending(self) -> int:
+        """Windows waiting in the batcher."""
+        return self.batcher.pending
+
+    def time_until_due(self, now_mono: float) -> float | None:
+        """Seconds until a batch is due (0: now); None when no window waits."""
+        return self.batcher.time_until_due(now_mono)
+
+    # ------------------------------------------------------------------ flow
+
+    def ingest(self, messages: list[RawMessage]) -> None:
+        """Decode MQTT messages and feed their readings in; scores every batch that fills."""
+        m = self.metrics
+        m.messages_received.inc(len(messages))
+        try:
+            batch = self.decoder.decode(messages)
+        except Exception:
+            m.pipeline_errors.labels(stage="decode").inc()
+            m.messages_dropped.labels(reason="decode_error").inc(len(messages))
+            log.exception("decoder failed on %d messages (dropped)", len(messages))
+            return
+        self._count_rejections(batch.rejections)
+        if len(batch.devices):
+            self.ingest_readings(batch)
+
+    def ingest_readings(self, batch: DecodedBatch, now_mono: float | None = None) -> IngestResult:
+        """Feed decoded readings into the device windows; score every batch that fills."""
+        m = self.metrics
+        result = self.buffers.ingest(batch)
+        if result.accepted:
+            m.readings_accepted.inc(result.accepted)
+        self._count_rejections(result.rejections)
+        if result.evicted:
+            self._forget(result.evicted)
+            m.devices_evicted.labels(cause="capacity").inc(len(result.evicted))
+        if result.resets:
+            m.buffer_resets.inc(result.resets)
+        if len(result.ready.devices):
+            # A batch's windows are views into the batcher's staging area, valid until the
+            # next add(): score what is due before adding more.
+            self.batcher.add(result.ready, time.monotonic() if now_mono is None else now_mono)
+            self.flush()
+        return result
+
+    def flush(self, force: bool = False, now_mono: float | None = None) -> int:
+        """Score every batch that is due (``force``: everything pending). Returns windows scored."""
+        now = time.monotonic() if now_mono is None else now_mono
+        scored = 0
+        for batch in self.batcher.pop_due(now, force=force):
+            scored += self._score(batch)
+        return scored
+
+    def drop_pending(self) -> int:
+        """Discard every pending window (a forced stop); they are counted as dropped."""
+        n = self.batcher.pending
+        if n:
+            self.batcher.pop_due(time.monotonic(), force=True)
+            self.metrics.windows_dropped.labels(reason="shutdown").inc(n)
+        return n
+
+    def _score(self, batch: Batch) -> int:
+        m = self.metrics
+        n = len(batch.devices)
+        t0 = time.perf_counter()
+        try:
+            scores, contributions = self.model.run(batch.windows)
+        except Exception:
+            m.pipeline_errors.labels(stage="model").inc()
+            m.windows_dropped.labels(reason="model_error").inc(n)
+            log.exception("model failed on a batch of %d windows (dropped)", n)
+            return 0
+        m.inference_seconds.observe(time.perf_counter() - t0)
+        m.batch_size.observe(n)
+        # Lag in data time: how old the newest reading of this batch already is. A backlog
+        # in the broker shows here (and nowhere else in the daemon's own figures).
+        lag = max(0.0, time.time() - float(batch.end_ts.max()))
+        m.data_lag_seconds.observe(lag)
+        m.lag_seconds.set(lag)
+        self._max_lag_since_check = max(self._max_lag_since_check, lag)
+        decisions = self.detector.update(batch.devices, batch.end_ts, scores, contributions, batch.padded)
+        m.windows_scored.inc(n)
+        self.windows_scored += n
+        anomalies = sum(1 for d in decisions if d.anomaly)
+        if anomalies:
+            m.anomalous_windows.inc(anomalies)
+        for d in decisions:
+            if d.alert_changed:
+                direction = "raised" if d.alert else "cleared"
+                m.alert_transitions.labels(direction=direction).inc()
+                log.info(
+                    "alert %s for %s (score %.4g, threshold %.4g)", direction, d.device, d.score, d.threshold
+                )
+        if self.sink is not None:
+            try:
+                self.sink.publish_decisions(decisions, batch.arrival_mono)
+            except Exception:
+                m.pipeline_errors.labels(stage="publish").inc()
+                log.exception("publishing %d decisions failed", n)
+        return n
+
+    def _count_rejections(self, rejections: list[Rejection]) -> None:
+        if not rejections:
+            return
+        counts = collections.Counter(r.reason for r in rejections)
+        for reason, n in counts.items():
+            self.metrics.rejected.labels(reason=str(reason)).inc(n)
+        # One line per reason per interval (the first of each batch): hostile input
+        # cannot flood the journal, and every rejection is still counted above.
+        first = {r.reason: r for r in reversed(rejections)}
+        for reason, r in first.items():
+            self._reject_log.log(
+                logging.WARNING, str(reason), "rejected (%s) on %r: %s", reason, r.topic[:200], r.detail
+            )
+
+    def _forget(self, devices: list[str]) -> None:
+        self.detector.forget(devices)
+        if self.sink is not None:
+            self.sink.forget(devices)
+
+    # ------------------------------------------------------------------ model swap
+
+    def swap_model(self, new: LoadedModel) -> None:
+        """Finish pending windows with the current model, then serve ``new``."""
+        old = self.model
+        self.flush(force=True)
+        same_shape = (
+            old.contract.feature_names == new.contract.feature_names
+            and old.contract.window_length == new.contract.window_length
+        )
+        self.model = new
+        if same_shape:
+            self.detector.set_threshold(
+                Detector.configured_base(self.config.detector, new.contract.threshold.value)
+            )
+        else:
+            log.warning(
+                "new model has window %d and features %s (was %d, %s): every device's window restarts",
+                new.contract.window_length,
+                new.contract.feature_names,
+                old.contract.window_length,
+                old.contract.feature_names,
+            )
+            if self.sink is not None:
+                self.sink.forget(list(self.buffers.devices()))
+            self._build_stages(new)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def housekeeping(self, now_mono: float, queue_fill: float = 0.0, queue_dropped: int = 0) -> None:
+        """Evict idle devices, refresh gauges and decide whether the daemon is overloaded.
+
+        ``queue_fill`` is the intake queue's fill fraction, ``queue_dropped`` the number of
+        messages it refused since start (both from the caller, who owns the queue).
+        """
+        evicted = self.buffers.evict_idle(now_mono, self.config.stream.idle_evict_s)
+        if evicted:
+            self._forget(evicted)
+            self.metrics.devices_evicted.labels(cause="idle").inc(len(evicted))
+            log.info("forgot %d idle devices", len(evicted))
+        self.metrics.devices_tracked.set(self.buffers.n_devices)
+        self.metrics.pending_windows.set(self.batcher.pending)
+        self._check_overload(queue_fill, queue_dropped)
+
+    def _check_overload(self, queue_fill: float, queue_dropped: int) -> None:
+        lag = self._max_lag_since_check
+        dropped = queue_dropped - self._dropped_seen
+        self._dropped_seen = queue_dropped
+        self._max_lag_since_check = 0.0
+        limit = self.config.stream.overload_lag_s
+        overloaded = lag > limit or queue_fill >= _QUEUE_CONGESTED or dropped > 0
+        if overloaded == self.overloaded:
+            return
+        self.overloaded = overloaded
+        self.metrics.overloaded.set(1 if overloaded else 0)
+        if overloaded:
+            log.warning(
+                "overloaded: data lag %.1f s (limit %.1f s), intake queue %.0f %% full, %d messages "
+                "dropped since the last check",
+                lag,
+                limit,
+                100 * queue_fill,
+                dropped,
+            )
+        else:
+            log.info(
+                "no longer overloaded: data lag %.2f s, intake queue %.0f %% full", lag, 100 * queue_fill
+            )
+        if self.sink is not None:
+            self.sink.set_overloaded(overloaded)

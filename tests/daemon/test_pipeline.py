@@ -1,0 +1,169 @@
+"""The Pipeline on its own (real decoder, buffers, batcher, ONNX Runtime, detector): lag in
+data time, the overloaded verdict, losses counted under a reason, and model swaps."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from anomalyd.config import load_config
+from anomalyd.decode import RawMessage
+from anomalyd.detector import Decision
+from anomalyd.metrics import Metrics
+from anomalyd.model import LoadedModel, load_model
+from anomalyd.pipeline import Pipeline
+
+L = 8
+FEATURES = ("temperature", "pressure", "vibration")
+
+
+class Sink:
+    """Records what the pipeline hands its output."""
+
+    def __init__(self) -> None:
+        self.decisions: list[Decision] = []
+        self.forgotten: list[str] = []
+        self.overloaded: list[bool] = []
+
+    def publish_decisions(
+        self, decisions: list[Decision], arrival_mono: npt.NDArray[np.float64] | None = None
+    ) -> None:
+        self.decisions.extend(decisions)
+
+    def forget(self, devices: list[str]) -> None:
+        self.forgotten.extend(devices)
+
+    def set_overloaded(self, overloaded: bool) -> None:
+        self.overloaded.append(overloaded)
+
+
+def messages(device: str, t0: float, n: int) -> list[RawMessage]:
+    now = time.time()
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        doc = {
+            "ts": t0 + i,
+            **{f: float(v) for f, v in zip(FEATURES, rng.uniform(-0.3, 0.3, 3), strict=True)},
+        }
+        out.append(RawMessage(f"sensors/{device}/telemetry", orjson.dumps(doc), now, time.monotonic()))
+    return out
+
+
+@pytest.fixture
+def model(tiny_model: Callable[..., Path]) -> LoadedModel:
+    return load_model(tiny_model(window_length=L, threshold=1.0))
+
+
+def make(model: LoadedModel, registry: CollectorRegistry, **overrides: object) -> tuple[Pipeline, Sink]:
+    cfg = load_config(None, {"batching.max_delay_ms": 0.0, **overrides})
+    sink = Sink()
+    return Pipeline(cfg, model, Metrics(registry), sink), sink
+
+
+def test_lag_in_data_time_is_measured_per_batch(model: LoadedModel, registry: CollectorRegistry) -> None:
+    pipeline, sink = make(model, registry)
+    # Readings whose newest is 30 s old when scored: a backlog somewhere upstream.
+    pipeline.ingest(messages("late", time.time() - 30 - L, L))
+    pipeline.flush(force=True)
+    assert len(sink.decisions) == 1
+    lag = registry.get_sample_value("anomalyd_lag_seconds")
+    assert 30.0 <= lag < 32.0
+    assert registry.get_sample_value("anomalyd_data_lag_seconds_count") == 1.0
+    assert registry.get_sample_value("anomalyd_data_lag_seconds_bucket", {"le": "30.0"}) == 0.0
+    assert registry.get_sample_value("anomalyd_data_lag_seconds_bucket", {"le": "60.0"}) == 1.0
+
+
+def test_overloaded_while_the_data_lag_exceeds_the_limit(
+    model: LoadedModel, registry: CollectorRegistry
+) -> None:
+    pipeline, sink = make(model, registry, **{"stream.overload_lag_s": 10.0})
+    pipeline.ingest(messages("behind", time.time() - 30 - L, L))
+    pipeline.flush(force=True)
+    pipeline.housekeeping(time.monotonic())
+    assert pipeline.overloaded
+    assert registry.get_sample_value("anomalyd_overloaded") == 1.0
+    assert sink.overloaded == [True]
+    # Fresh readings: lag back near zero, the next check clears it.
+    pipeline.ingest(messages("fresh", time.time() - L + 1, L))
+    pipeline.flush(force=True)
+    pipeline.housekeeping(time.monotonic())
+    assert not pipeline.overloaded
+    assert registry.get_sample_value("anomalyd_overloaded") == 0.0
+    assert sink.overloaded == [True, False]
+    # An idle interval (nothing scored) is not a lag.
+    pipeline.housekeeping(time.monotonic())
+    assert sink.overloaded == [True, False]
+
+
+def test_a_congested_or_overflowing_intake_queue_is_overload(
+    model: LoadedModel, registry: CollectorRegistry
+) -> None:
+    pipeline, sink = make(model, registry)
+    pipeline.housekeeping(time.monotonic(), queue_fill=0.6)
+    assert sink.overloaded == [True]
+    pipeline.housekeeping(time.monotonic(), queue_fill=0.1)
+    assert sink.overloaded == [True, False]
+    pipeline.housekeeping(time.monotonic(), queue_fill=0.0, queue_dropped=3)  # drops since last check
+    pipeline.housekeeping(time.monotonic(), queue_fill=0.0, queue_dropped=3)  # none new
+    assert sink.overloaded == [True, False, True, False]
+
+
+def test_a_failing_model_loses_windows_under_a_reason(
+    model: LoadedModel, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline, sink = make(model, registry)
+
+    def broken(_windows: np.ndarray) -> None:
+        raise RuntimeError("injected ONNX Runtime failure")
+
+    # A fault ONNX Runtime cannot be made to produce on demand: injected.
+    monkeypatch.setattr(model, "run", broken)
+    pipeline.ingest(messages("d", time.time() - 2 * L, L + 2))
+    pipeline.flush(force=True)
+    assert sink.decisions == []
+    assert registry.get_sample_value("anomalyd_windows_dropped_total", {"reason": "model_error"}) == 3.0
+    assert registry.get_sample_value("anomalyd_pipeline_errors_total", {"stage": "model"}) >= 1.0
+
+
+def test_drop_pending_counts_the_windows(model: LoadedModel, registry: CollectorRegistry) -> None:
+    pipeline, _sink = make(model, registry, **{"batching.max_delay_ms": 60_000.0, "batching.max_batch": 64})
+    pipeline.ingest(messages("d", time.time() - 2 * L, L + 4))
+    assert pipeline.pending == 5
+    assert pipeline.drop_pending() == 5
+    assert pipeline.pending == 0
+    assert registry.get_sample_value("anomalyd_windows_dropped_total", {"reason": "shutdown"}) == 5.0
+
+
+def test_a_model_with_another_window_restarts_every_device(
+    model: LoadedModel, registry: CollectorRegistry, tiny_model: Callable[..., Path]
+) -> None:
+    pipeline, sink = make(model, registry)
+    pipeline.ingest(messages("a", time.time() - 2 * L, L))
+    pipeline.ingest(messages("b", time.time() - 2 * L, 3))
+    pipeline.flush(force=True)
+    longer = load_model(tiny_model("long.onnx", window_length=2 * L, threshold=1.0))
+    pipeline.swap_model(longer)
+    assert sorted(sink.forgotten) == ["a", "b"]
+    assert pipeline.buffers.n_devices == 0
+    assert pipeline.model is longer
+
+
+def test_the_same_shape_keeps_windows_and_takes_the_new_threshold(
+    model: LoadedModel, registry: CollectorRegistry, tiny_model: Callable[..., Path]
+) -> None:
+    pipeline, sink = make(model, registry, **{"detector.threshold_scale": 2.0})
+    pipeline.ingest(messages("a", time.time() - 2 * L, L))
+    assert pipeline.threshold == 2.0
+    same = load_model(tiny_model("same.onnx", window_length=L, threshold=3.0))
+    pipeline.swap_model(same)
+    assert pipeline.threshold == 6.0
+    assert sink.forgotten == []
+    assert pipeline.buffers.readings("a") == L
