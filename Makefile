@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bootstrap default-model bench clean
+.PHONY: run test lint bootstrap default-model bench bench-e2e clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -26,8 +26,13 @@ default-model: bootstrap
 	$(BIN)/anomalyd-train train --config training/configs/default.toml --out exported_models/default
 
 ## bench: pipeline throughput as a ratio of the model-only limit measured in the same run
+## (the daemon end to end, MQTT included: `make bench-e2e`, i.e. `anomalyd bench`)
 bench: bootstrap
 	$(BIN)/python benchmarks/bench_pipeline.py
+
+## bench-e2e: `anomalyd bench`: the real daemon behind mosquitto, about 10 minutes (docs/benchmarks.md)
+bench-e2e: bootstrap
+	$(BIN)/anomalyd bench --json bench-e2e.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,8 +1,9 @@
 """A real Mosquitto broker for tests, plus small helpers to talk to it.
 
-Tests start ``/usr/sbin/mosquitto`` on a free 127.0.0.1 port with a generated config
-(anonymous access by default; optionally a password file, optionally a TLS listener)
-and can stop, kill and restart it on the same port to exercise reconnects.
+Tests start mosquitto on a free 127.0.0.1 port with a generated config (the daemon's own
+``anomalyd.broker.PrivateBroker``: anonymous access by default; here optionally a
+password file, optionally a TLS listener) and can stop, kill and restart it on the same
+port to exercise reconnects.
 
 ``Subscriber`` is a plain paho client that records what it receives and lets a test
 wait for a condition with a timeout instead of sleeping.
@@ -11,10 +12,7 @@ wait for a condition with a timeout instead of sleeping.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import threading
 import time
@@ -26,7 +24,20 @@ from typing import Any, TypeVar
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+from anomalyd.broker import PrivateBroker, free_port, port_open
+
+__all__ = [
+    "MosquittoBroker",
+    "Received",
+    "Subscriber",
+    "TlsFiles",
+    "free_port",
+    "port_open",
+    "publish_many",
+    "running_broker",
+    "wait_for",
+]
+
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 
 T = TypeVar("T")
@@ -45,21 +56,6 @@ def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.02,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what or predicate!r}")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1 (the OS picks; the tiny race is acceptable in tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -90,8 +86,9 @@ class TlsFiles:
         return cls(ca_cert=ca_cert, server_cert=cert, server_key=key)
 
 
-class MosquittoBroker:
-    """One Mosquitto process on a fixed free port; restartable on the same port."""
+class MosquittoBroker(PrivateBroker):
+    """``anomalyd.broker.PrivateBroker`` in ``workdir``, plus what tests need: a password
+    file (``users``: anonymous access off) and a TLS listener (``tls``)."""
 
     def __init__(
         self,
@@ -101,99 +98,20 @@ class MosquittoBroker:
         tls: TlsFiles | None = None,
         port: int | None = None,
     ) -> None:
-        self.workdir = workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.host = "127.0.0.1"
-        self.port = port or free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        extra: list[str] = []
+        if users is not None:
+            pw_file = workdir / "passwords"
+            pw_file.write_text("")
+            for user, password in users.items():
+                subprocess.run([MOSQUITTO_PASSWD, "-b", str(pw_file), user, password], check=True)
+            extra.append(f"password_file {pw_file}")
+        if tls is not None:
+            # These follow the `listener` line, so they make that listener a TLS one.
+            extra += [f"cafile {tls.ca_cert}", f"certfile {tls.server_cert}", f"keyfile {tls.server_key}"]
+        super().__init__(workdir, port=port, allow_anonymous=users is None, extra_config=extra)
         self.users = users
         self.tls = tls
-        self.log_path = workdir / "mosquitto.log"
-        self.config_path = workdir / "mosquitto.conf"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._write_config()
-
-    def _write_config(self) -> None:
-        lines = [
-            f"listener {self.port} {self.host}",
-            # Tests publish faster than real time; the default of 1000 queued QoS 0
-            # messages per client would drop readings (FIELD_NOTES), which is the
-            # broker's choice, not a daemon bug, so lift it for tests.
-            "max_queued_messages 1000000",
-            "persistence false",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "connection_messages true",
-        ]
-        if os.geteuid() == 0:
-            # Run as root, mosquitto drops to user "mosquitto", which cannot read the
-            # password file and certificates in pytest's private (0700) tmp directory.
-            lines.append("user root")
-        if self.users is not None:
-            pw_file = self.workdir / "passwords"
-            pw_file.write_text("")
-            for user, password in self.users.items():
-                subprocess.run([MOSQUITTO_PASSWD, "-b", str(pw_file), user, password], check=True)
-            lines += ["allow_anonymous false", f"password_file {pw_file}"]
-        else:
-            lines.append("allow_anonymous true")
-        if self.tls is not None:
-            lines += [
-                f"cafile {self.tls.ca_cert}",
-                f"certfile {self.tls.server_cert}",
-                f"keyfile {self.tls.server_key}",
-            ]
-        self.config_path.write_text("\n".join(lines) + "\n")
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self, timeout: float = 10.0) -> None:
-        """Start the broker and wait until its port accepts connections."""
-        if self.running:
-            return
-        log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.config_path)], stdout=log, stderr=log, stdin=subprocess.DEVNULL
-        )
-        log.close()
-        wait_for(
-            lambda: port_open(self.port) or (self._proc is not None and self._proc.poll() is not None),
-            timeout,
-            what=f"mosquitto on {self.address}",
-        )
-        if not self.running:
-            raise RuntimeError(f"mosquitto exited: {self.log_path.read_text(errors='replace')[-2000:]}")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop cleanly (SIGTERM)."""
-        self._end(signal.SIGTERM, timeout)
-
-    def kill(self, timeout: float = 10.0) -> None:
-        """Kill abruptly (SIGKILL): clients see their connection drop, no goodbye."""
-        self._end(signal.SIGKILL, timeout)
-
-    def _end(self, sig: signal.Signals, timeout: float) -> None:
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.send_signal(sig)
-            self._proc.wait(timeout)
-        self._proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 @dataclass

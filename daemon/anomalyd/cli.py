@@ -7,7 +7,9 @@ Subcommands:
 - ``check-config FILE``: validate a configuration, print every error with its key path;
 - ``inspect-model PATH``: print a model's contract, the graph check and the providers;
 - ``simulate``: publish the synthetic fleet, with anomalies, over MQTT;
-- ``demo``: daemon + simulator + a live view of scores and alerts, in one command.
+- ``demo``: daemon + simulator + a live view of scores and alerts, in one command;
+- ``bench``: the daemon end to end (throughput, latency, memory, start-up) against limits
+  measured in the same run.
 
 Exit codes: 0 ok; 78 configuration error; 65 bad model; 69 requested execution provider
 unavailable; 76 the broker refused our credentials at start; 70 internal failure;
@@ -166,18 +168,21 @@ def _cmd_inspect_model(args: argparse.Namespace) -> int:
 
 
 def _simulation_settings(args: argparse.Namespace) -> SimulationSettings:
-    from anomalyd.simulator import SimulationSettings
+    from dataclasses import replace
 
+    from anomalyd.simulator import SIMULATED_FLEET, SimulationSettings
+
+    base = SIMULATED_FLEET  # what --rate, --duration and --seed (None when not given) leave alone
     try:
-        return SimulationSettings(
-            devices=args.devices,
-            rate_hz=args.rate,
-            duration_s=args.duration,
-            seed=args.seed,
+        fleet = replace(
+            base,
+            n_devices=args.devices,
             anomalies_per_device_hour=args.anomalies,
-            speed=args.speed,
-            qos=args.qos,
+            period_s=base.period_s if args.rate is None else 1.0 / args.rate,
+            duration_s=base.duration_s if args.duration is None else args.duration,
+            seed=base.seed if args.seed is None else args.seed,
         )
+        return SimulationSettings(fleet=fleet, speed=args.speed, qos=args.qos)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -204,13 +209,57 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(settings, broker, args.model, metrics)
 
 
+#: ``anomalyd bench`` options copied onto ``BenchSettings`` when given (else the full or
+#: the quick run's own value stands).
+_BENCH_TUNABLES = (
+    "publishers",
+    "rate",
+    "array",
+    "seconds_per_step",
+    "max_steps",
+    "probe_devices",
+    "probe_rate",
+    "flood_seconds",
+    "rss_devices",
+)
+_BENCH_SCENARIOS = ("arrays", "single", "every-window")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from anomalyd.bench import BenchSettings, run_bench
+    from anomalyd.config import Config
+
+    model = args.model or Config().model.path
+    settings = BenchSettings.quick_variant(model) if args.quick else BenchSettings(model)
+    if args.flood and args.quick:
+        raise ConfigError("--flood runs for minutes; it is not part of --quick", "--flood")
+    settings.flood = args.flood
+    settings.broker = parse_address(args.broker, "--broker") if args.broker else None
+    for name in _BENCH_TUNABLES:
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    if args.scenarios:
+        names = tuple(n.strip() for n in args.scenarios.split(",") if n.strip())
+        bad = [n for n in names if n not in _BENCH_SCENARIOS]
+        if bad or not names:
+            raise ConfigError(
+                f"expected some of {', '.join(_BENCH_SCENARIOS)}, got {args.scenarios!r}", "--scenarios"
+            )
+        settings.scenarios = names
+    return run_bench(settings, args.json)
+
+
 def _add_simulation_args(p: argparse.ArgumentParser, speed: float, anomalies: float, devices: int) -> None:
     p.add_argument("--devices", type=_positive_int, default=devices, help=f"devices (default {devices})")
-    p.add_argument("--rate", type=_positive_float, default=1.0, help="readings per second per device (1)")
     p.add_argument(
-        "--duration", type=_positive_float, default=3600.0, help="seconds of data per device (3600)"
+        "--rate", type=_positive_float, help="readings per second per device (default: the simulated fleet's)"
     )
-    p.add_argument("--seed", type=int, default=1, help="random seed (1; the default model trained on seed 0)")
+    p.add_argument(
+        "--duration", type=_positive_float, help="seconds of data per device (default: the simulated fleet's)"
+    )
+    p.add_argument(
+        "--seed", type=int, help="random seed (default: not the one the default model was trained on)"
+    )
     p.add_argument(
         "--anomalies",
         type=_non_negative_float,
@@ -277,6 +326,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_simulation_args(p, speed=30.0, anomalies=4.0, devices=4)
     p.set_defaults(run=_cmd_demo)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark the daemon end to end",
+        description="Run the real daemon behind a private mosquitto (or --broker) with publisher "
+        "processes and a probe device; print throughput, latency, memory and start-up as ratios of "
+        "limits measured in the same run (raw ONNX Runtime, a bare subscriber, a naive daemon). "
+        "About 10 minutes; --quick: under a minute, small loads, for correctness only.",
+    )
+    p.add_argument("--quick", action="store_true", help="small loads, under a minute (CI)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write every figure as JSON")
+    p.add_argument("--broker", metavar="HOST:PORT", help="use this broker (default: a private mosquitto)")
+    p.add_argument("--model", type=Path, metavar="PATH", help="model file (default: the shipped model)")
+    p.add_argument("--publishers", type=_positive_int, help="publisher processes (2)")
+    p.add_argument("--rate", type=_positive_float, help="readings/s per device in paced steps (10; quick 50)")
+    p.add_argument("--array", type=_positive_int, help="readings per message in the array scenarios (20)")
+    p.add_argument(
+        "--scenarios", metavar="LIST", help=f"comma-separated, of {', '.join(_BENCH_SCENARIOS)} (all)"
+    )
+    p.add_argument(
+        "--seconds-per-step", type=_positive_float, help="measured seconds per load step (10; quick 1.5)"
+    )
+    p.add_argument("--max-steps", type=_positive_int, help="load steps per sweep at most (6; quick 2)")
+    p.add_argument("--probe-devices", type=_positive_int, help="probe devices (8; quick 4)")
+    p.add_argument(
+        "--probe-rate", type=_positive_float, help="readings per second per probe device (5; quick 10)"
+    )
+    p.add_argument("--flood", action="store_true", help="add a flood at 3x the sustainable rate")
+    p.add_argument("--flood-seconds", type=_positive_float, help="length of the flood (60)")
+    p.add_argument(
+        "--rss-devices", type=_positive_int, help="devices in the memory phase (10000; quick 1000)"
+    )
+    p.set_defaults(run=_cmd_bench)
     return parser
 
 

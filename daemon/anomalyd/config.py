@@ -272,6 +272,13 @@ class ModelSection(_Section):
         default=False,
         description="let idle ONNX Runtime threads busy-wait (steals CPU from MQTT on small machines)",
     )
+    concurrent_batches: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="batches scored at once, each on its own thread, while the pipeline thread "
+        "prepares the next (1: score on the pipeline thread)",
+    )
 
 
 class StreamConfig(_Section):

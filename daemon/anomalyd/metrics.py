@@ -175,14 +175,15 @@ class Metrics:
         )
         self.data_lag_seconds = Histogram(
             "anomalyd_data_lag_seconds",
-            "Lag in data time, once per scored batch: wall clock minus the newest reading's timestamp "
-            "in the batch (includes time queued in the broker; assumes device clocks are synchronised)",
+            "Lag in data time, once per pipeline pass: wall clock, once the pass's windows are scored, "
+            "minus the newest reading's timestamp taken in (includes time queued in the broker; "
+            "assumes device clocks are synchronised)",
             buckets=_LAG_BUCKETS,
             registry=r,
         )
         self.lag_seconds = Gauge(
             "anomalyd_lag_seconds",
-            "Lag in data time of the most recently scored batch (see anomalyd_data_lag_seconds)",
+            "Lag in data time of the most recent pipeline pass (see anomalyd_data_lag_seconds)",
             registry=r,
         )
         self.overloaded = Gauge(

@@ -15,8 +15,8 @@ Besides the flow, the pipeline owns:
 * the model swap (a reload): windows pending for the old model are scored with it
   first; a new window length or feature list restarts every device's window;
 * housekeeping: idle eviction, gauges, and the *overloaded* verdict. The daemon is
-  overloaded while the newest reading of the batches it scores is older than
-  ``stream.overload_lag_s`` in data time (a backlog in the broker, where the daemon's
+  overloaded while the newest reading of a pass is older than ``stream.overload_lag_s``
+  in data time when its windows are scored (a backlog in the broker, where the daemon's
   own queues cannot see it), or its intake queue is at least half full, or telemetry
   was dropped because that queue was full.
 """
@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -47,6 +50,15 @@ log = logging.getLogger(__name__)
 #: The intake queue counts as congested from this fill fraction on.
 _QUEUE_CONGESTED = 0.5
 
+#: What an inference thread hands back: scores, contributions, seconds inside ONNX Runtime.
+_RunResult = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float]
+
+
+def _timed_run(model: LoadedModel, windows: npt.NDArray[np.float32]) -> _RunResult:
+    t0 = time.perf_counter()
+    scores, contributions = model.run(windows)
+    return scores, contributions, time.perf_counter() - t0
+
 
 class DecisionSink(Protocol):
     """Where a pipeline's decisions go (the MQTT publisher, or a replay's collector)."""
@@ -55,6 +67,9 @@ class DecisionSink(Protocol):
         self, decisions: list[Decision], arrival_mono: npt.NDArray[np.float64] | None = None
     ) -> None:
         """Take the decisions of one scored batch, in order."""
+
+    def flush_scores(self) -> None:
+        """The end of a pass: what was held back to summarise may go out now."""
 
     def forget(self, devices: list[str]) -> None:
         """The pipeline stopped tracking these devices."""
@@ -72,7 +87,11 @@ class Pipeline:
         model: LoadedModel,
         metrics: Metrics,
         sink: DecisionSink | None = None,
+        *,
+        wake: Callable[[], None] | None = None,
     ) -> None:
+        """``wake`` is called (from an inference thread) when a batch's scores are in, so a
+        thread that waits for input can come back and take them."""
         self.config = config
         self.metrics = metrics
         self.sink = sink
@@ -81,7 +100,17 @@ class Pipeline:
         self.overloaded = False
         self._reject_log = RateLimitedLog(log, config.logging.rejection_log_interval_s)
         self._max_lag_since_check = 0.0
+        self._newest_ts = -math.inf  # newest reading taken in since the lag was last observed
         self._dropped_seen = 0
+        self._wake = wake
+        self._max_in_flight = config.model.concurrent_batches
+        # (batch, its scores to come, monotonic time it was handed to ONNX Runtime)
+        self._in_flight: collections.deque[tuple[Batch, Future[_RunResult], float]] = collections.deque()
+        self._executor = (
+            ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="anomalyd-inference")
+            if self._max_in_flight > 1
+            else None
+        )
         self._build_stages(model)
 
     # ------------------------------------------------------------------ stages
@@ -147,6 +176,7 @@ class Pipeline:
         result = self.buffers.ingest(batch)
         if result.accepted:
             m.readings_accepted.inc(result.accepted)
+            self._newest_ts = max(self._newest_ts, float(batch.ts.max()))
         self._count_rejections(result.rejections)
         if result.evicted:
             self._forget(result.evicted)
@@ -161,40 +191,134 @@ class Pipeline:
         return result
 
     def flush(self, force: bool = False, now_mono: float | None = None) -> int:
-        """Score every batch that is due (``force``: everything pending). Returns windows scored."""
+        """Score every batch that is due (``force``: everything pending, and wait for every
+        batch in flight). Returns the windows decided on in this call."""
         now = time.monotonic() if now_mono is None else now_mono
-        scored = 0
+        decided = 0
         for batch in self.batcher.pop_due(now, force=force):
-            scored += self._score(batch)
-        return scored
+            decided += self._submit(batch)
+        decided += self._collect(wait_all=force)
+        if decided and self._newest_ts > -math.inf:
+            self._observe_lag()
+        if decided and self.sink is not None:
+            # One pass over the intake queue ends here: its windows are summarised in one
+            # score message per device, so the output follows passes, not windows.
+            try:
+                self.sink.flush_scores()
+            except Exception:
+                self.metrics.pipeline_errors.labels(stage="publish").inc()
+                log.exception("publishing scores failed")
+        return decided
+
+    def _observe_lag(self) -> None:
+        """Lag in data time, once per pass: how old the newest reading taken in since the
+        previous observation already is now that its windows are scored. A backlog in the
+        broker shows here and nowhere else in the daemon's own figures. Per pass, not per
+        batch: a batch may hold only the older readings of an array message, which are old
+        by design (the device sent them late), not because the daemon is behind."""
+        lag = max(0.0, time.time() - self._newest_ts)
+        self._newest_ts = -math.inf
+        self.metrics.data_lag_seconds.observe(lag)
+        self.metrics.lag_seconds.set(lag)
+        self._max_lag_since_check = max(self._max_lag_since_check, lag)
+
+    @property
+    def in_flight(self) -> int:
+        """Batches handed to ONNX Runtime whose scores have not been taken yet."""
+        return len(self._in_flight)
+
+    def inference_age(self, now_mono: float) -> float:
+        """Seconds the oldest batch in flight has been in ONNX Runtime (0: none). The
+        service's watchdog reads it: a hung inference thread stalls the pipeline even while
+        the pipeline thread itself still turns."""
+        in_flight = self._in_flight
+        try:
+            started = in_flight[0][2]
+        except IndexError:
+            return 0.0
+        return max(0.0, now_mono - started)
 
     def drop_pending(self) -> int:
         """Discard every pending window (a forced stop); they are counted as dropped."""
         n = self.batcher.pending
         if n:
             self.batcher.pop_due(time.monotonic(), force=True)
+        for batch, future, _started in self._in_flight:
+            future.cancel()
+            n += len(batch.devices)
+        self._in_flight.clear()
+        if n:
             self.metrics.windows_dropped.labels(reason="shutdown").inc(n)
         return n
 
-    def _score(self, batch: Batch) -> int:
+    def close(self) -> None:
+        """Stop the inference threads (after a flush(force=True) or drop_pending())."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    # ------------------------------------------------------------------ scoring
+
+    def _submit(self, batch: Batch) -> int:
+        """Start scoring ``batch``; returns the windows decided on meanwhile.
+
+        With ``model.concurrent_batches = 1`` the batch is scored and decided here. Otherwise
+        it runs on an inference thread (ONNX Runtime releases the GIL) while this thread
+        goes on decoding and buffering; its decisions are taken, in submission order, once
+        its scores are in (``_collect``), so each device's windows are decided oldest first.
+        """
+        if self._executor is None:
+            return self._decide(batch, _timed_run(self.model, batch.windows))
+        decided = 0
+        while len(self._in_flight) >= self._max_in_flight:
+            decided += self._collect_oldest()
+        # The batch's arrays are views into the batcher's staging area, which the next
+        # add() overwrites: the inference thread gets copies.
+        own = Batch(
+            batch.windows.copy(),
+            batch.devices,
+            batch.end_ts.copy(),
+            batch.arrival_mono.copy(),
+            batch.padded.copy(),
+        )
+        future = self._executor.submit(_timed_run, self.model, own.windows)
+        if self._wake is not None:
+            future.add_done_callback(self._wake_on_done)
+        self._in_flight.append((own, future, time.monotonic()))
+        return decided
+
+    def _wake_on_done(self, _future: Future[_RunResult]) -> None:
+        if self._wake is not None:
+            self._wake()
+
+    def _collect(self, wait_all: bool) -> int:
+        """Decide on the batches in flight whose scores are in (all of them: ``wait_all``)."""
+        decided = 0
+        in_flight = self._in_flight
+        while in_flight and (wait_all or in_flight[0][1].done()):
+            decided += self._collect_oldest()
+        return decided
+
+    def _collect_oldest(self) -> int:
+        batch, future, _started = self._in_flight.popleft()
+        result: _RunResult | Exception
+        try:
+            result = future.result()
+        except Exception as exc:
+            result = exc
+        return self._decide(batch, result)
+
+    def _decide(self, batch: Batch, result: _RunResult | Exception) -> int:
         m = self.metrics
         n = len(batch.devices)
-        t0 = time.perf_counter()
-        try:
-            scores, contributions = self.model.run(batch.windows)
-        except Exception:
+        if isinstance(result, Exception):
             m.pipeline_errors.labels(stage="model").inc()
             m.windows_dropped.labels(reason="model_error").inc(n)
-            log.exception("model failed on a batch of %d windows (dropped)", n)
+            log.error("model failed on a batch of %d windows (dropped): %r", n, result, exc_info=result)
             return 0
-        m.inference_seconds.observe(time.perf_counter() - t0)
+        scores, contributions, seconds = result
+        m.inference_seconds.observe(seconds)
         m.batch_size.observe(n)
-        # Lag in data time: how old the newest reading of this batch already is. A backlog
-        # in the broker shows here (and nowhere else in the daemon's own figures).
-        lag = max(0.0, time.time() - float(batch.end_ts.max()))
-        m.data_lag_seconds.observe(lag)
-        m.lag_seconds.set(lag)
-        self._max_lag_since_check = max(self._max_lag_since_check, lag)
         decisions = self.detector.update(batch.devices, batch.end_ts, scores, contributions, batch.padded)
         m.windows_scored.inc(n)
         self.windows_scored += n

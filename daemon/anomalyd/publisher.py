@@ -6,19 +6,21 @@ observed once per batch.
 
 Topics and payloads (defaults; ``[output]`` in the configuration):
 
-- ``anomaly/{device}/score``, QoS ``score_qos``, rate-limited per device: a message goes
-  out when the device's newest scored window is at least ``score_interval_s`` of *data
-  time* after the window its previous message reported, and a flush sends at most one per
-  device (its newest window). So a device at 1 Hz gets about one message a second, and a
-  backlog being caught up shrinks the output instead of multiplying it. Each message
-  reports the newest window and summarises every window since the previous message::
+- ``anomaly/{device}/score``, QoS ``score_qos``, rate-limited per device: the pipeline
+  hands over its decisions batch by batch and calls ``flush_scores`` at the end of each
+  pass over the intake queue; then every device whose newest scored window is at least
+  ``score_interval_s`` of *data time* after the window its previous message reported gets
+  one message (its newest window). So a device at 1 Hz gets about one message a second,
+  and a backlog being caught up (many windows per device in one pass) shrinks the output
+  instead of multiplying it. Each message reports the newest window and summarises every
+  window since the previous message::
 
     {"device": "pump-7", "ts": 1732440000.5, "score": 0.83, "smoothed": 0.83,
      "threshold": 2.41, "anomaly": false, "alert": false, "padded": false,
      "contributions": {"temperature": 0.5, "pressure": 0.2, "vibration": 0.13},
      "max_score": 1.2, "windows": 20, "anomalous_windows": 0, "model_version": "..."}
 
-  ``score_interval_s = 0`` publishes every window (``windows`` is then 1).
+  ``score_interval_s = 0`` publishes every window at once (``windows`` is then 1).
 - ``anomaly/scores`` (``batched_scores = true``), one message per flush with every score in
   it, column-wise: ``{"model_version": ..., "features": [...], "device": [...], "ts": [...],
   "score": [...], "smoothed": [...], "threshold": [...], "anomaly": [...], "alert": [...],
@@ -75,6 +77,7 @@ class _Since:
     max_score: float = -math.inf
     windows: int = 0
     anomalous: int = 0
+    newest: Decision | None = None  # the newest window not yet reported
 
 
 class Publisher:
@@ -105,6 +108,7 @@ class Publisher:
         self._score_parts = output.score_topic.split("{device}")
         self._alert_parts = output.alert_topic.split("{device}")
         self._since: dict[str, _Since] = {}
+        self._touched: set[str] = set()  # devices with windows since the last flush_scores
 
     def set_model(self, feature_names: list[str], model_version: str) -> None:
         """Name contributions and stamp payloads for a newly loaded model."""
@@ -116,6 +120,7 @@ class Publisher:
         since = self._since
         for device in devices:
             since.pop(device, None)
+            self._touched.discard(device)
 
     # ------------------------------------------------------------------ status
 
@@ -167,7 +172,9 @@ class Publisher:
     def publish_decisions(
         self, decisions: list[Decision], arrival_mono: npt.NDArray[np.float64] | None = None
     ) -> None:
-        """Publish one flush: rate-limited scores, the batch message and alert changes.
+        """Take one scored batch: alert changes and the batch message go out now, scores are
+        folded into their devices' summaries for ``flush_scores`` (at once with
+        ``score_interval_s = 0``).
 
         ``arrival_mono`` (one per decision) feeds ``anomalyd_end_to_end_seconds``.
         """
@@ -190,27 +197,46 @@ class Publisher:
             self._metrics.end_to_end_seconds.observe_many(np.maximum(latency, 0.0))
 
     def _publish_scores(self, decisions: list[Decision]) -> None:
+        if self._out.score_interval_s <= 0:
+            self._send_scores([(d, _Since(d.ts, d.score, 1, int(d.anomaly))) for d in decisions])
+            return
+        # Fold every window into its device's summary; the messages go in flush_scores.
+        since = self._since
+        touched = self._touched
+        for d in decisions:
+            s = since.get(d.device)
+            if s is None:
+                s = since[d.device] = _Since()
+            s.windows += 1
+            if d.anomaly:
+                s.anomalous += 1
+            # max(x, nan) is x: a broken (NaN) score is never the maximum.
+            s.max_score = max(s.max_score, d.score)
+            s.newest = d
+            touched.add(d.device)
+
+    def flush_scores(self) -> None:
+        """End of a pipeline pass: one message for every device whose newest window is due."""
+        touched = self._touched
+        if not touched:
+            return
         interval = self._out.score_interval_s
         since = self._since
-        messages: list[tuple[Decision, _Since]]
-        if interval > 0:
-            # Fold every window into its device's summary; remember each device's newest.
-            newest: dict[str, Decision] = {}
-            for d in decisions:
-                s = since.get(d.device)
-                if s is None:
-                    s = since[d.device] = _Since()
-                s.windows += 1
-                if d.anomaly:
-                    s.anomalous += 1
-                # max(x, nan) is x: a broken (NaN) score is never the maximum.
-                s.max_score = max(s.max_score, d.score)
-                newest[d.device] = d
-            messages = [
-                (d, since[dev]) for dev, d in newest.items() if d.ts - since[dev].reported_ts >= interval
-            ]
-        else:
-            messages = [(d, _Since(d.ts, d.score, 1, int(d.anomaly))) for d in decisions]
+        due: list[tuple[Decision, _Since]] = []
+        for device in touched:
+            s = since[device]
+            d = s.newest
+            if d is not None and d.ts - s.reported_ts >= interval:
+                due.append((d, s))
+        touched.clear()
+        self._send_scores(due)
+        for d, s in due:
+            s.reported_ts = d.ts
+            s.max_score = -math.inf
+            s.windows = s.anomalous = 0
+            s.newest = None
+
+    def _send_scores(self, messages: list[tuple[Decision, _Since]]) -> None:
         pre, post = self._score_parts
         qos = self._out.score_qos
         version = self._model_version
@@ -226,10 +252,6 @@ class Publisher:
                 ok += 1
             else:
                 failed += 1
-            if interval > 0:
-                s.reported_ts = d.ts
-                s.max_score = -math.inf
-                s.windows = s.anomalous = 0
         self._count("score", ok, failed)
 
     def _publish_batch(self, decisions: list[Decision]) -> None:

@@ -60,6 +60,9 @@ class _Collector:
     ) -> None:
         self.decisions.extend(decisions)
 
+    def flush_scores(self) -> None:
+        pass  # every decision is kept as it comes: nothing is held back
+
     def forget(self, devices: list[str]) -> None:
         pass  # one device, never evicted: nothing to forget
 
@@ -94,6 +97,8 @@ def replay(  # noqa: PLR0917 - positional signature kept for existing callers
         update={
             "stream": config.stream.model_copy(update={"max_devices": 1}),
             "batching": config.batching.model_copy(update={"max_delay_ms": 0.0}),
+            # Each chunk is scored and decided before the next: no inference threads.
+            "model": config.model.model_copy(update={"concurrent_batches": 1}),
         }
     )
     collector = _Collector()

@@ -220,7 +220,7 @@ class Service:
         )
         link.add_connect_listener(self._publisher.online)
         self._link = link
-        self.pipeline = Pipeline(cfg, model, self.metrics, self._publisher)
+        self.pipeline = Pipeline(cfg, model, self.metrics, self._publisher, wake=self._queue.wake)
         self._announce_model(model, self.pipeline.threshold)
         self._pipeline = threading.Thread(
             target=self._run_pipeline_loop, name="anomalyd-pipeline", daemon=True
@@ -293,7 +293,11 @@ class Service:
         """The pipeline loop turned recently and the network thread lives."""
         pipeline_ok = self._pipeline is not None and self._pipeline.is_alive()
         link_ok = self._link is not None and self._link.alive
-        return pipeline_ok and link_ok and time.monotonic() - self.heartbeat < max_age_s
+        now = time.monotonic()
+        # A batch stuck in ONNX Runtime on an inference thread stalls scoring even though
+        # the pipeline thread itself still turns.
+        inference_ok = self.pipeline is None or self.pipeline.inference_age(now) < max_age_s
+        return pipeline_ok and link_ok and inference_ok and now - self.heartbeat < max_age_s
 
     def shutdown(self) -> int:
         """Stop in order; safe to call after a partial start. Returns the exit code."""
@@ -307,14 +311,14 @@ class Service:
         self._draining.set()
         self._queue.wake()
         if self._pipeline is not None and not self._pipeline_done.wait(max(0.0, deadline - time.monotonic())):
-            self._abort.set()
+            pending = self.pipeline.pending + self.pipeline.in_flight if self.pipeline is not None else 0
+            self._abort.set()  # the pipeline thread drops (and counts) its pending windows
             self._queue.wake()
             self._pipeline_done.wait(2.0)
             queued = len(self._queue)
-            pending = self.pipeline.drop_pending() if self.pipeline is not None else 0
             self.metrics.messages_dropped.labels(reason="shutdown").inc(queued)
             log.warning(
-                "drain deadline (%.1f s) passed: dropped %d queued messages and %d pending windows",
+                "drain deadline (%.1f s) passed: dropped %d queued messages and about %d pending windows",
                 self.config.shutdown.drain_timeout_s,
                 queued,
                 pending,
@@ -407,6 +411,9 @@ class Service:
             self._pipeline_failed = True
             self._wake.set()
         finally:
+            if self._abort.is_set():
+                pipeline.drop_pending()
+            pipeline.close()
             self._pipeline_done.set()
 
     def _drain_all(self, pipeline: Pipeline) -> None:

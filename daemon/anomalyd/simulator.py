@@ -16,16 +16,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -33,9 +30,11 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from anomalyd.broker import PrivateBroker
 from anomalyd.config import MqttConfig
 from anomalyd.errors import AnomalydError, BrokerError
-from anomalyd.intake import IntakeQueue, MqttLink, subscription_filter
+from anomalyd.intake import IntakeQueue
+from anomalyd.mqtt import MqttLink, subscription_filter
 from anomalyd.synthetic import FEATURES, AnomalyEvent, DeviceSeries, FleetSpec, generate_fleet, interleave
 
 if TYPE_CHECKING:
@@ -47,27 +46,47 @@ log = logging.getLogger(__name__)
 _DECIMALS = 6
 
 
+#: The fleet ``simulate`` and ``demo`` publish unless told otherwise: the generator's defaults
+#: (``FleetSpec()``) except for two choices made for watching the model at work.
+SIMULATED_FLEET = FleetSpec(
+    # Not the training fleet's seed (0): the demo must show machines the model never saw.
+    seed=1,
+    # A gap restarts the device's window in the daemon; none, so that scores keep flowing.
+    gaps_per_device_hour=0.0,
+)
+
+
 @dataclass(frozen=True)
 class SimulationSettings:
-    """What to simulate and how fast."""
+    """What to simulate (``fleet``) and how to publish it.
 
-    devices: int = 4
-    rate_hz: float = 1.0  # readings per second per device (data time)
-    duration_s: float = 3600.0  # data time
-    # Not the training fleet's seed (0): the demo must show machines the model never saw.
-    seed: int = 1
-    anomalies_per_device_hour: float = 2.0
+    ``fleet.start_ts`` is not used: the stream's first timestamp is chosen when it runs
+    (``start_ts``), so that no reading is ever stamped in the future.
+    """
+
+    fleet: FleetSpec = SIMULATED_FLEET
     speed: float = 1.0  # data seconds per wall-clock second; math.inf: no pacing
     topic_template: str = "sensors/{device}/telemetry"
     qos: int = 0
-    gaps_per_device_hour: float = 0.0  # gaps restart windows; off by default so scores flow
-    device_prefix: str = "machine-"
 
     def __post_init__(self) -> None:
         if not (self.speed > 0):
             raise ValueError(f"speed: need a number > 0 (inf: as fast as possible), got {self.speed}")
-        if not (math.isfinite(self.rate_hz) and self.rate_hz > 0):
-            raise ValueError(f"rate_hz: need a finite number > 0, got {self.rate_hz}")
+
+    @property
+    def devices(self) -> int:
+        """Number of simulated devices."""
+        return self.fleet.n_devices
+
+    @property
+    def rate_hz(self) -> float:
+        """Readings per second per device (data time)."""
+        return 1.0 / self.fleet.period_s
+
+    @property
+    def duration_s(self) -> float:
+        """Seconds of data per device (data time)."""
+        return self.fleet.duration_s
 
     def start_ts(self, now: float) -> float:
         """First timestamp such that the stream, sent at ``speed``, never runs ahead of ``now``."""
@@ -75,16 +94,8 @@ class SimulationSettings:
         return now - self.duration_s * lag
 
     def fleet_spec(self, start_ts: float) -> FleetSpec:
-        return FleetSpec(
-            n_devices=self.devices,
-            duration_s=self.duration_s,
-            period_s=1.0 / self.rate_hz,
-            seed=self.seed,
-            anomalies_per_device_hour=self.anomalies_per_device_hour,
-            gaps_per_device_hour=self.gaps_per_device_hour,
-            start_ts=start_ts,
-            device_prefix=self.device_prefix,
-        )
+        """``fleet``, its first reading at ``start_ts``."""
+        return replace(self.fleet, start_ts=start_ts)
 
 
 @dataclass
@@ -309,43 +320,21 @@ def _broker_listening(host: str, port: int) -> bool:
         return False
 
 
-class PrivateBroker:
-    """A throwaway mosquitto on a free 127.0.0.1 port for ``anomalyd demo``."""
-
-    def __init__(self) -> None:
-        exe = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None
-        )
-        if exe is None:
-            raise BrokerError(
-                "no MQTT broker listens on 127.0.0.1:1883 and mosquitto is not installed: "
-                "install one (`apt install mosquitto`) or pass --broker HOST:PORT"
-            )
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self._dir = tempfile.TemporaryDirectory(prefix="anomalyd-demo-")
-        conf = Path(self._dir.name) / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            # Faster-than-real-time telemetry: do not drop QoS 0 messages at 1000 queued.
-            "max_queued_messages 1000000\n"
-        )
-        self._proc = subprocess.Popen(
-            [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10.0
-        while not _broker_listening("127.0.0.1", self.port):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise BrokerError(f"could not start a private mosquitto ({exe}) on port {self.port}")
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            self._proc.wait(10)
-        self._dir.cleanup()
+def _start_private_broker() -> PrivateBroker:
+    """A throwaway mosquitto on a free 127.0.0.1 port, for a demo that found no broker."""
+    try:
+        private = PrivateBroker()
+    except BrokerError as exc:
+        raise BrokerError(
+            f"no MQTT broker listens on 127.0.0.1:1883 and none can be started here: {exc}; "
+            "or pass --broker HOST:PORT"
+        ) from None
+    try:
+        private.start()
+    except BrokerError:
+        private.close()
+        raise
+    return private
 
 
 def run_demo(
@@ -367,7 +356,7 @@ def run_demo(
     if broker is None:
         broker = ("127.0.0.1", 1883)
         if not _broker_listening(*broker):
-            private = PrivateBroker()
+            private = _start_private_broker()
             broker = ("127.0.0.1", private.port)
             print(f"started a private mosquitto on 127.0.0.1:{private.port}", file=out)
     host, port = broker

@@ -13,10 +13,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from anomalyd.broker import PrivateBroker
 from anomalyd.cli import main, parse_address
 from anomalyd.errors import ConfigError
 from anomalyd.model import DEFAULT_MODEL_PATH
-from anomalyd.simulator import PrivateBroker
 from tests.broker import MosquittoBroker, Subscriber, port_open
 
 
@@ -43,7 +43,7 @@ def test_version_and_help() -> None:
     assert out.returncode == 0
     assert out.stdout.startswith("anomalyd ")
     helptext = anomalyd("--help").stdout
-    for command in ("run", "check-config", "inspect-model", "simulate", "demo"):
+    for command in ("run", "check-config", "inspect-model", "simulate", "demo", "bench"):
         assert command in helptext
 
 
@@ -191,10 +191,13 @@ def test_demo_shows_scores_and_stops_on_ctrl_c(broker: MosquittoBroker) -> None:
 def test_private_broker_for_the_demo() -> None:
     b = PrivateBroker()
     try:
+        b.start()
         assert port_open(b.port)
+        assert f"max_queued_messages {1_000_000}" in b.config_path.read_text()
     finally:
         b.close()
     assert not port_open(b.port)
+    assert not b.workdir.exists()  # its temporary directory went with it
 
 
 def test_inspect_model_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
@@ -233,3 +236,29 @@ def test_demo_view_does_not_show_alert_states_left_by_earlier_runs() -> None:
     view.handle("anomaly/m-1/alert", doc)
     assert view.raised == 1
     assert "raised" in out.getvalue()
+
+
+def test_simulation_flags_left_out_keep_the_simulated_fleet() -> None:
+    import dataclasses
+
+    from anomalyd.cli import _simulation_settings, build_parser
+    from anomalyd.simulator import SIMULATED_FLEET, SimulationSettings
+    from anomalyd.synthetic import FleetSpec
+
+    # The simulator departs from the generator's defaults in these settings only.
+    default = FleetSpec()
+    differs = {
+        f.name
+        for f in dataclasses.fields(FleetSpec)
+        if getattr(SIMULATED_FLEET, f.name) != getattr(default, f.name)
+    }
+    assert differs == {"seed", "gaps_per_device_hour"}
+    assert SimulationSettings().fleet == SIMULATED_FLEET
+    assert _simulation_settings(build_parser().parse_args(["simulate"])).fleet == SIMULATED_FLEET
+    flags = ["simulate", "--devices", "2", "--rate", "2", "--duration", "60", "--seed", "3", "--speed", "inf"]
+    given = _simulation_settings(build_parser().parse_args(flags))
+    assert (given.devices, given.rate_hz, given.duration_s, given.fleet.seed) == (2, 2.0, 60.0, 3)
+    assert given.fleet.gaps_per_device_hour == 0.0
+    # A fleet the generator refuses is a configuration error, not a crash mid-run.
+    with pytest.raises(ConfigError, match="duration_s"):
+        _simulation_settings(build_parser().parse_args(["simulate", "--duration", "1"]))

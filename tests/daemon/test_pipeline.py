@@ -4,7 +4,8 @@ data time, the overloaded verdict, losses counted under a reason, and model swap
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,15 @@ class Sink:
         self.decisions: list[Decision] = []
         self.forgotten: list[str] = []
         self.overloaded: list[bool] = []
+        self.passes = 0
 
     def publish_decisions(
         self, decisions: list[Decision], arrival_mono: npt.NDArray[np.float64] | None = None
     ) -> None:
         self.decisions.extend(decisions)
+
+    def flush_scores(self) -> None:
+        self.passes += 1
 
     def forget(self, devices: list[str]) -> None:
         self.forgotten.extend(devices)
@@ -62,10 +67,22 @@ def model(tiny_model: Callable[..., Path]) -> LoadedModel:
     return load_model(tiny_model(window_length=L, threshold=1.0))
 
 
+_made: list[Pipeline] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_pipelines() -> Iterator[None]:
+    yield
+    while _made:
+        _made.pop().close()  # stops the inference threads
+
+
 def make(model: LoadedModel, registry: CollectorRegistry, **overrides: object) -> tuple[Pipeline, Sink]:
     cfg = load_config(None, {"batching.max_delay_ms": 0.0, **overrides})
     sink = Sink()
-    return Pipeline(cfg, model, Metrics(registry), sink), sink
+    pipeline = Pipeline(cfg, model, Metrics(registry), sink)
+    _made.append(pipeline)
+    return pipeline, sink
 
 
 def test_lag_in_data_time_is_measured_per_batch(model: LoadedModel, registry: CollectorRegistry) -> None:
@@ -167,3 +184,37 @@ def test_the_same_shape_keeps_windows_and_takes_the_new_threshold(
     assert pipeline.threshold == 6.0
     assert sink.forgotten == []
     assert pipeline.buffers.readings("a") == L
+
+
+def test_concurrent_batches_decide_in_order_like_one_at_a_time(
+    model: LoadedModel, tiny_model: Callable[..., Path]
+) -> None:
+    """Batches scored on inference threads are decided in submission order: the same
+    decisions, in the same order, as scoring on the pipeline thread."""
+    runs = []
+    t0 = time.time() - 100
+    for concurrent in (1, 3):
+        woken: list[int] = []
+        cfg = load_config(
+            None,
+            {
+                "batching.max_delay_ms": 0.0,
+                "batching.max_batch": 4,
+                "model.concurrent_batches": concurrent,
+                "detector.k_enter": 2,
+            },
+        )
+        sink = Sink()
+        pipeline = Pipeline(cfg, model, Metrics(CollectorRegistry()), sink, wake=partial(woken.append, 1))
+        try:
+            for device in ("a", "b", "c"):
+                pipeline.ingest(messages(device, t0, 40))
+            pipeline.flush(force=True)
+            assert pipeline.in_flight == 0
+        finally:
+            pipeline.close()
+        runs.append([(d.device, d.ts, d.score, d.alert) for d in sink.decisions])
+        assert (len(woken) > 0) == (concurrent > 1)
+    assert len(runs[0]) == 3 * (40 - L + 1)
+    for x, y in zip(runs[0], runs[1], strict=True):
+        assert x == y

@@ -66,6 +66,7 @@ def test_scores_go_to_the_device_topic_as_json(
     try:
         arrival = np.array([time.monotonic() - 0.05, time.monotonic()])
         pub.publish_decisions([_decision("pump-1", 0.5), _decision("pump-2", 3.0)], arrival)
+        pub.flush_scores()
         sub.wait_until(lambda ms: len(ms) == 2, 10, "two scores")
         by_topic = {m.topic: orjson.loads(m.payload) for m in sub.snapshot()}
     finally:
@@ -136,7 +137,7 @@ def test_batch_message_has_every_window_and_its_contributions(
 def test_scores_are_rate_limited_per_device_in_data_time(
     broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
 ) -> None:
-    """One message per device per flush, and only once score_interval_s of data time has
+    """One message per device per pass, and only once score_interval_s of data time has
     passed since the window the previous message reported; it summarises every window."""
     pub = _publisher(link, registry, score_interval_s=10.0)
     link.start()
@@ -145,13 +146,19 @@ def test_scores_are_rate_limited_per_device_in_data_time(
     t0 = 1_767_225_600.0
     try:
         # Flush 1: 20 windows of "a" (1 s apart, one anomalous) and one of "b".
+        # Pass 1: two batches, 20 windows of "a" (1 s apart, one anomalous) and one of "b".
         first = [_decision("a", 1.0 + (i == 7) * 4.0, ts=t0 + i) for i in range(20)]
-        pub.publish_decisions([*first, _decision("b", 0.5, ts=t0)])
+        pub.publish_decisions(first[:10])
+        pub.publish_decisions([*first[10:], _decision("b", 0.5, ts=t0)])
+        assert registry.get_sample_value("anomalyd_published_total", {"kind": "score"}) == 0.0
+        pub.flush_scores()
         sub.wait_until(lambda ms: len(ms) == 2, 10, "one message per device")
-        # Flush 2: 5 s later in data time, within the interval: nothing for "a".
+        # Pass 2: 5 s later in data time, within the interval: nothing for "a".
         pub.publish_decisions([_decision("a", 0.2, ts=t0 + 19 + k) for k in range(1, 6)])
-        # Flush 3: 10 s after the reported window: one message covering flushes 2 and 3.
+        pub.flush_scores()
+        # Pass 3: 10 s after the reported window: one message covering passes 2 and 3.
         pub.publish_decisions([_decision("a", 0.3, ts=t0 + 29)])
+        pub.flush_scores()
         sub.wait_until(lambda ms: len(ms) == 3, 10, "a's second message")
         time.sleep(0.2)
         msgs = [(m.topic, orjson.loads(m.payload)) for m in sub.snapshot()]
@@ -193,9 +200,12 @@ def test_forgotten_devices_start_a_fresh_summary(
     sub = Subscriber(broker, ["anomaly/+/score"])
     try:
         pub.publish_decisions([_decision("a", 1.0, ts=100.0)])
+        pub.flush_scores()
         pub.publish_decisions([_decision("a", 1.0, ts=101.0)])  # within the interval
+        pub.flush_scores()
         pub.forget(["a"])
         pub.publish_decisions([_decision("a", 1.0, ts=102.0)])  # a new device to the publisher
+        pub.flush_scores()
         sub.wait_until(lambda ms: len(ms) == 2, 10, "two messages")
         docs = [orjson.loads(m.payload) for m in sub.snapshot()]
     finally:
@@ -284,5 +294,6 @@ def test_status_online_on_connect_stopped_on_exit_offline_as_will(
 def test_publishing_while_disconnected_counts_failures(link: MqttLink, registry: CollectorRegistry) -> None:
     pub = _publisher(link, registry)  # link never started: not connected
     pub.publish_decisions([_decision("x", 1.0)])
+    pub.flush_scores()
     assert registry.get_sample_value("anomalyd_publish_failures_total", {"kind": "score"}) == 1.0
     assert pub.stopped(timeout=0.1) is False

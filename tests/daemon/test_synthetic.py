@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 from collections import Counter
 from typing import Any
 
@@ -381,3 +383,17 @@ def test_start_stagger_moves_each_device_and_changes_only_time_of_day() -> None:
     assert not np.allclose(a[2].values[:, 0], b[2].values[:, 0])
     with pytest.raises(ValueError, match="start_stagger_s"):
         FleetSpec(start_stagger_s=-1.0)
+
+
+def test_spec_takes_numpy_numbers_but_not_floats_for_integers() -> None:
+    spec = FleetSpec(n_devices=np.int64(2), seed=np.uint32(3), period_s=np.float32(0.5), duration_s=60)
+    assert len(generate_fleet(spec)) == 2
+    with pytest.raises(ValueError, match=r"^n_devices:"):
+        FleetSpec(n_devices=np.float64(2.0))
+
+
+def test_spec_module_imports_no_numpy() -> None:
+    # Configs that declare a fleet (the training config) import FleetSpec without the generator.
+    code = "import sys, anomalyd.synthetic_spec; print('numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "False"

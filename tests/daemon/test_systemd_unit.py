@@ -118,7 +118,12 @@ def test_the_daemon_scores_under_memory_deny_write_execute(tmp_path: Path, broke
                     for i in range(60)
                 ],
             )
-            sub.wait_until(lambda ms: len(ms) == 60 - 50 + 1, 20, "scores under MDWE")
+            # Rate-limited score messages: together they cover every window scored.
+            sub.wait_until(
+                lambda ms: sum(orjson.loads(m.payload)["windows"] for m in ms) == 60 - 50 + 1,
+                20,
+                "scores under MDWE",
+            )
         finally:
             sub.close()
         d.signal(signal.SIGTERM)

@@ -30,6 +30,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,9 @@ import orjson
 import pytest
 
 from anomalyd.config import MqttConfig
-from anomalyd.intake import MqttLink
 from anomalyd.model import DEFAULT_MODEL_PATH, load_model, read_contract
-from anomalyd.simulator import SimulationSettings, Stream, build_stream, publish_stream
+from anomalyd.mqtt import MqttLink
+from anomalyd.simulator import SIMULATED_FLEET, SimulationSettings, Stream, build_stream, publish_stream
 from tests.broker import MosquittoBroker, Subscriber, publish_many, wait_for
 from tests.daemon_process import DaemonProcess
 
@@ -100,14 +101,16 @@ def test_injected_anomalies_are_flagged_and_clean_data_mostly_is_not(
     assert model.is_file(), "the committed default model is missing (exported_models/default/model.onnx)"
     contract = read_contract(model)
     window = contract.window_length
-    settings = SimulationSettings(
-        devices=4, duration_s=2 * 3600.0, seed=STREAM_SEED, anomalies_per_device_hour=3.0, speed=math.inf
+    fleet = replace(
+        SIMULATED_FLEET, n_devices=4, duration_s=2 * 3600.0, seed=STREAM_SEED, anomalies_per_device_hour=3.0
     )
+    settings = SimulationSettings(fleet=fleet, speed=math.inf)
     stream = build_stream(settings, _start_of_yesterday_at(STREAM_START_HOUR))
     assert len(stream.events) >= 15  # enough events for the recall bound to mean something
     expected = sum(len(d.ts) - window + 1 for d in stream.fleet)
 
-    d = daemon_factory(model)
+    # Every window's score is checked below: one score message per window.
+    d = daemon_factory(model, sections={"output": {"score_interval_s": 0.0}})
     d.wait_ready(60)
     sub = Subscriber(broker, ["anomaly/+/score", "anomaly/+/alert"])
     try:
@@ -200,7 +203,7 @@ def test_broker_killed_and_restarted_mid_stream(
     broker: MosquittoBroker, daemon_factory: Callable[..., DaemonProcess], tiny_model: Callable[..., Path]
 ) -> None:
     window = 4
-    d = daemon_factory(tiny_model(window_length=window))
+    d = daemon_factory(tiny_model(window_length=window), sections={"output": {"score_interval_s": 0.0}})
     d.wait_ready()
     status_sub = Subscriber(broker, ["anomaly/status"])
     status_sub.wait_until(lambda ms: ms and ms[-1].payload == b"online", 10, "online")

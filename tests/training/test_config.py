@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,10 @@ import pytest
 
 from anomalyd.contract import Feature
 from anomalyd.errors import ConfigError
+from anomalyd.synthetic_spec import FleetSpec
 from anomalyd_train.config import (
+    TRAINING_FLEET,
+    SyntheticDataConfig,
     TrainConfig,
     config_to_dict,
     load_train_config,
@@ -96,6 +100,27 @@ def test_unknown_key_names_its_path(tmp_path: Path, text: str, key_path: str) ->
     err = load_error(tmp_path, text)
     assert err.key_path == key_path
     assert "unknown key" in str(err)
+
+
+def test_synthetic_keys_are_the_generators_settings_with_training_defaults() -> None:
+    syn = SyntheticDataConfig()
+    assert set(SyntheticDataConfig.model_fields) <= {f.name for f in dataclasses.fields(FleetSpec)}
+    for name in SyntheticDataConfig.model_fields:
+        assert getattr(syn, name) == getattr(TRAINING_FLEET, name), name
+    assert syn.fleet_spec() == TRAINING_FLEET
+    # Training departs from the generator's defaults in these settings only.
+    differs = {
+        f.name
+        for f in dataclasses.fields(FleetSpec)
+        if getattr(TRAINING_FLEET, f.name) != getattr(FleetSpec(), f.name)
+    }
+    assert differs == {"n_devices", "duration_s", "anomalies_per_device_hour"}
+
+
+def test_fleet_the_generator_refuses_is_an_error_at_load(tmp_path: Path) -> None:
+    err = load_error(tmp_path, "[data.synthetic]\nduration_s = 1.0")
+    assert err.key_path == "data.synthetic"
+    assert "duration_s: need a finite number >= 2" in str(err)
 
 
 def test_unknown_key_in_csv_table(tmp_path: Path) -> None:

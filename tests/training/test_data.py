@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from anomalyd.errors import DataError
-from anomalyd_train.config import CsvDataConfig, SyntheticDataConfig, TrainConfig
+from anomalyd.model import read_contract
+from anomalyd_train.config import CsvDataConfig, SyntheticDataConfig, TrainConfig, load_train_config
 from anomalyd_train.data import load_csv, load_dataset, synthetic_dataset
+from anomalyd_train.windows import dataset_sha256
 
 T0 = datetime(2020, 3, 9, 10, 14, 33, tzinfo=UTC).timestamp()
 
@@ -364,3 +366,14 @@ def test_load_dataset_dispatches_on_source(tmp_path: Path) -> None:
         load_dataset(cfg.model_copy(update={"window": cfg.window.model_copy(update={"length": 40})}))
     syn = TrainConfig.model_validate({"data": {"synthetic": {"n_devices": 2, "duration_s": 1800.0}}})
     assert load_dataset(syn).features == ["temperature", "pressure", "vibration"]
+
+
+def test_committed_default_config_still_generates_the_default_models_training_data() -> None:
+    # The generator's defaults (FleetSpec) fill whatever [data.synthetic] leaves out, so a
+    # change to them would silently change what the committed config trains on.
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_train_config(root / "training" / "configs" / "default.toml")
+    contract = read_contract(root / "exported_models" / "default" / "model.onnx")
+    ds = synthetic_dataset(cfg.data.synthetic)
+    assert ds.source == contract.training_data.source
+    assert dataset_sha256(ds.segments) == contract.training_data.sha256

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd.calibration import calibrate_threshold
 from anomalyd.errors import DataError
 from anomalyd.model import load_model, read_contract
+from anomalyd_train.calibration import calibrate_threshold
 from anomalyd_train.config import TrainConfig
 from anomalyd_train.pipeline import TrainResult, prepare
 from anomalyd_train.windows import held_out_origins, make_windows, split_by_time

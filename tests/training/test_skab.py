@@ -245,6 +245,32 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     assert isinstance(load_skab_config(None).daemon_config(), Config)
 
 
+def test_unknown_daemon_key_lists_the_daemon_keys(tmp_path: Path) -> None:
+    # [daemon] is validated with the daemon's schema: its keys are the ones to suggest.
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[daemon.model]\npth = "x"\n')
+    with pytest.raises(ConfigError) as err:
+        load_skab_config(bad)
+    assert err.value.key_path == "daemon.model.pth"
+    text = str(err.value)
+    assert text.startswith("daemon.model.pth: unknown key")
+    for key in ("path", "providers", "intra_op_threads", "allow_spinning"):
+        assert key in text
+    assert "did you mean 'path'" in text
+    for training_key in ("centering", "dropout", "units", "layers"):
+        assert training_key not in text
+
+
+def test_unknown_train_key_lists_the_training_keys(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train.training]\nepochz = 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_skab_config(bad)
+    assert err.value.key_path == "train.training.epochz"
+    assert str(err.value).startswith("train.training.epochz: unknown key")
+    assert "did you mean 'epochs'" in str(err.value)
+
+
 def test_no_experiment_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "anomaly-free").mkdir()
     (tmp_path / "anomaly-free" / "a.csv").write_text("x")

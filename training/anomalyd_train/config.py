@@ -11,6 +11,7 @@ should answer in well under a second).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -27,10 +28,13 @@ from pydantic import (
     model_validator,
 )
 
+from anomalyd.config_errors import validation_errors
 from anomalyd.contract import Feature
 from anomalyd.errors import ConfigError
+from anomalyd.synthetic_spec import FleetSpec
 
 __all__ = [
+    "TRAINING_FLEET",
     "CalibrationConfig",
     "CsvDataConfig",
     "DataConfig",
@@ -43,6 +47,7 @@ __all__ = [
     "TrainingConfig",
     "WindowConfig",
     "config_to_dict",
+    "error_from_validation",
     "load_train_config",
     "sanitise_feature_name",
 ]
@@ -56,26 +61,60 @@ class _Section(BaseModel):
 # ----------------------------------------------------------------------------------------- data
 
 
-class SyntheticDataConfig(_Section):
-    """The synthetic fleet of ``anomalyd.synthetic`` (the default training data)."""
+#: The fleet training generates where ``[data.synthetic]`` says nothing: the generator's own
+#: defaults (``FleetSpec()``) except for what training needs differently.
+TRAINING_FLEET = FleetSpec(
+    # A fleet model needs history: 48 device-hours, not the generator's one-hour stream of 4.
+    n_devices=8,
+    duration_s=6 * 3600.0,
+    # Training never reads labels, so injected anomalies would be learnt as normal behaviour.
+    anomalies_per_device_hour=0.0,
+)
 
-    n_devices: int = Field(default=8, ge=1, le=10_000, description="number of simulated devices")
-    duration_s: float = Field(default=6 * 3600, gt=0, description="simulated history per device, seconds")
-    period_s: float = Field(default=1.0, gt=0, description="nominal sample period, seconds")
-    seed: int = Field(default=0, ge=0, description="generator seed; same seed, same data")
+
+class SyntheticDataConfig(_Section):
+    """The synthetic fleet of ``anomalyd.synthetic`` (the default training data).
+
+    Each key is the ``FleetSpec`` setting of the same name and defaults to ``TRAINING_FLEET``'s
+    value; the generator's settings that have no key here (gaps, jitter, anomaly kinds, ...)
+    are ``TRAINING_FLEET``'s. ``fleet_spec()`` is what the generator gets, and FleetSpec's own
+    checks run at load, so a fleet it would refuse is a config error.
+    """
+
+    n_devices: int = Field(
+        default=TRAINING_FLEET.n_devices, ge=1, le=10_000, description="number of simulated devices"
+    )
+    duration_s: float = Field(
+        default=TRAINING_FLEET.duration_s, gt=0, description="simulated history per device, seconds"
+    )
+    period_s: float = Field(
+        default=TRAINING_FLEET.period_s, gt=0, description="nominal sample period, seconds"
+    )
+    seed: int = Field(default=TRAINING_FLEET.seed, ge=0, description="generator seed; same seed, same data")
     anomalies_per_device_hour: float = Field(
-        default=0.0,
+        default=TRAINING_FLEET.anomalies_per_device_hour,
         ge=0,
         description="injected anomalies per device-hour; 0 keeps the training data normal",
     )
     start_stagger_s: float = Field(
-        default=0.0,
+        default=TRAINING_FLEET.start_stagger_s,
         ge=0,
         description=(
             "device k starts k * start_stagger_s after the first; ambient temperature follows the "
             "time of day, so staggered starts let short histories cover the whole daily cycle"
         ),
     )
+
+    @model_validator(mode="after")
+    def _generator_accepts(self) -> SyntheticDataConfig:
+        # The cross-setting rules (at least two samples, a cap on samples per device) are
+        # FleetSpec's; its ValueError names the setting.
+        self.fleet_spec()
+        return self
+
+    def fleet_spec(self) -> FleetSpec:
+        """The generator's settings: ``TRAINING_FLEET`` with this table's values."""
+        return dataclasses.replace(TRAINING_FLEET, **self.model_dump())
 
 
 _SANITISE_CAMEL_LOWER = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
@@ -350,50 +389,24 @@ class TrainConfig(_Section):
 # ---------------------------------------------------------------------------------- loading
 
 
-def _key_path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+def error_from_validation(
+    exc: ValidationError, root: type[BaseModel], where: str | None, prefix: str = ""
+) -> ConfigError:
+    """The first problem ``exc`` found in ``root`` as one ``ConfigError``, with a count of the others.
 
-
-def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
-    """Keys of the table at ``loc`` (for "unknown key" messages); [] when not a table."""
-    model: Any = TrainConfig
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            return []
-        info = model.model_fields.get(part)
-        if info is None:
-            return []
-        model = next(
-            (t for t in (info.annotation, *getattr(info.annotation, "__args__", ())) if _is_model(t)),
-            None,
-        )
-    return sorted(model.model_fields) if model is not None else []
-
-
-def _is_model(t: object) -> bool:
-    return isinstance(t, type) and issubclass(t, BaseModel)
-
-
-def error_from_validation(exc: ValidationError, where: str) -> ConfigError:
-    err = exc.errors(include_url=False)[0]
-    loc = tuple(err["loc"])
-    if err["type"] == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1])
-        msg = "unknown key" + (f" (allowed here: {', '.join(allowed)})" if allowed else "")
-    elif err["type"] == "missing":
-        msg = "required key is missing"
-    else:
-        msg = err["msg"].removeprefix("Value error, ")
-        value = err.get("input")
-        if not isinstance(value, dict) and err["type"].endswith("_type"):
-            msg += f", got {type(value).__name__} {value!r}"
-    more = len(exc.errors()) - 1
+    The key path and message are ``anomalyd.config_errors``' (the daemon's wording); ``prefix``
+    is the path of the validated table within its file (``"train"`` for a benchmark config's
+    ``[train]``), and ``where``, when given, names the file at the end of the message.
+    """
+    errors = validation_errors(exc, root, prefix)
+    first = errors[0]
+    msg = str(first).removeprefix(f"{first.key_path}: ") if first.key_path else str(first)
+    more = len(errors) - 1
     if more:
         msg += f" (and {more} more problem{'s' if more > 1 else ''})"
-    return ConfigError(f"{msg} [{where}]", key_path=_key_path(loc) or None)
+    if where is not None:
+        msg += f" [{where}]"
+    return ConfigError(msg, first.key_path)
 
 
 def load_train_config(path: str | os.PathLike[str] | None) -> TrainConfig:
@@ -421,7 +434,7 @@ def load_train_config(path: str | os.PathLike[str] | None) -> TrainConfig:
     try:
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        raise error_from_validation(exc, str(file)) from None
+        raise error_from_validation(exc, TrainConfig, str(file)) from None
     csv = cfg.data.csv
     if csv is not None and not csv.path.is_absolute():
         csv.path = (file.parent / csv.path).resolve()

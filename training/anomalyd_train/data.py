@@ -352,14 +352,7 @@ def synthetic_dataset(cfg: SyntheticDataConfig) -> Dataset:
     The gap threshold is ``GAP_FACTOR`` × the fleet's median step, the same rule as for a
     CSV file without ``max_gap_s``.
     """
-    spec = synthetic.FleetSpec(
-        n_devices=cfg.n_devices,
-        duration_s=cfg.duration_s,
-        period_s=cfg.period_s,
-        seed=cfg.seed,
-        anomalies_per_device_hour=cfg.anomalies_per_device_hour,
-        start_stagger_s=cfg.start_stagger_s,
-    )
+    spec = cfg.fleet_spec()
     fleet = synthetic.generate_fleet(spec)
     steps = [np.diff(np.asarray(d.ts, dtype=np.float64)) for d in fleet if len(d.ts) > 1]
     pooled = np.concatenate(steps) if steps else np.zeros(0)

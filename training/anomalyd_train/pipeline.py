@@ -7,7 +7,7 @@ whole devices for calibration and split the rest by time) → fit the
 scaler on training rows only → cut windows → subsample the training windows → fit
 (Adam, MSE on normalised targets, early stopping on validation loss, best weights
 restored) → residual scales from training windows → scores on the held-out
-calibration windows → threshold (``anomalyd.calibration``) → export with checks →
+calibration windows → threshold (``anomalyd_train.calibration``) → export with checks →
 report.
 
 Nothing here reads global state; the config says everything, and the seed in it
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from anomalyd.calibration import Calibration, calibrate_threshold, to_contract_threshold
 from anomalyd.errors import DataError
+from anomalyd_train.calibration import Calibration, calibrate_threshold, to_contract_threshold
 from anomalyd_train.config import TrainConfig, config_to_dict
 from anomalyd_train.data import Dataset, Segment, load_dataset
 from anomalyd_train.windows import (

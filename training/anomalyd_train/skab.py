@@ -127,10 +127,8 @@ class SkabConfig(_Section):
         try:
             return DaemonConfig.model_validate(self.daemon)
         except ValidationError as exc:
-            err = error_from_validation(exc, "[daemon]")
-            raise ConfigError(
-                str(err), key_path=f"daemon.{err.key_path}" if err.key_path else "daemon"
-            ) from None
+            # The daemon's schema, so that an unknown key lists the daemon's keys.
+            raise error_from_validation(exc, DaemonConfig, None, prefix="daemon") from None
 
     def train_config(self, csv_path: Path, max_gap_s: float) -> TrainConfig:
         """The training config of one file: the template plus the file's first ``train_rows``."""
@@ -157,10 +155,7 @@ class SkabConfig(_Section):
         try:
             return TrainConfig.model_validate(raw)
         except ValidationError as exc:
-            err = error_from_validation(exc, "[train]")
-            raise ConfigError(
-                str(err), key_path=f"train.{err.key_path}" if err.key_path else "train"
-            ) from None
+            raise error_from_validation(exc, TrainConfig, None, prefix="train") from None
 
 
 def default_config_path() -> Path | None:
@@ -188,7 +183,7 @@ def load_skab_config(path: str | os.PathLike[str] | None) -> SkabConfig:
         try:
             cfg = SkabConfig.model_validate(raw)
         except ValidationError as exc:
-            raise error_from_validation(exc, str(file)) from None
+            raise error_from_validation(exc, SkabConfig, str(file)) from None
     # Check both embedded configs now, not after the first file has trained.
     daemon = cfg.daemon_config()
     cfg.train_config(Path("check.csv"), daemon.stream.max_gap_s)

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from anomalyd.calibration import (
+from anomalyd.contract import Threshold
+from anomalyd_train.calibration import (
     Calibration,
     GpdFit,
     calibrate_threshold,
@@ -19,7 +20,6 @@ from anomalyd.calibration import (
     fit_gpd,
     to_contract_threshold,
 )
-from anomalyd.contract import Threshold
 
 Sampler = Callable[[np.random.Generator, int], np.ndarray]
 

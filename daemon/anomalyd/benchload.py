@@ -1,0 +1,263 @@
+"""The load of ``anomalyd bench``: publisher and counting-subscriber child processes.
+
+Run as ``python -m anomalyd.benchload publish ...`` or ``... count ...`` by the bench,
+never by hand. Each child is its own process (its own interpreter lock), so the load it
+offers or receives is not limited by the bench process, nor the bench by it.
+
+A child talks to the bench over its standard streams: it prepares (values, connection),
+prints ``ready``, waits for a ``go`` line on stdin, does its work, and prints one JSON
+object as its last line.
+
+``publish`` sends telemetry for ``--devices`` devices named ``<prefix><k>``:
+
+* paced (``--rate R``, ``--seconds T``): every device publishes R readings per second,
+  one per message, or ``--array A`` readings per message every A/R seconds; devices are
+  spread evenly over the period. Each reading is stamped with the wall-clock time it is
+  due (an array's readings are 1/R s apart and end at the message's due time), so a
+  reading's age when its score comes back is the real lag. A publisher that falls behind
+  keeps the stamps and catches up; its lateness is reported.
+* burst (``--burst K``): every device sends K readings as fast as the connection takes
+  them, stamped with the time of sending (readings of one device strictly increasing).
+
+Values come from ``anomalyd.synthetic.generate_fleet`` (normal data, no anomalies, no
+gaps), so none is rejected as malformed or out of order.
+
+``count`` subscribes to a topic filter and only counts what arrives (its message
+callback does nothing else): the most a bare paho subscriber receives from the broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+#: Distinct value series generated for the fleet; devices beyond this reuse them at an offset.
+_POOL_DEVICES = 16
+_POOL_SAMPLES = 1200
+#: A paced publisher sleeps only when it is at least this far ahead of its schedule.
+_MIN_SLEEP_S = 0.001
+#: Burst mode: readings of one device are at least this far apart in data time.
+_BURST_MIN_SPACING_S = 1e-5
+#: Keep one lateness sample per this many messages (enough for a p99, cheap to keep).
+_LATE_SAMPLE_EVERY = 8
+
+
+def value_pool(features: int, seed: int = 11) -> list[list[list[float]]]:
+    """``pool[i][k]``: reading k of series i, ``features`` values (synthetic channels in turn)."""
+    from anomalyd.synthetic import FleetSpec, generate_fleet
+
+    spec = FleetSpec(
+        n_devices=_POOL_DEVICES,
+        duration_s=float(_POOL_SAMPLES),
+        period_s=1.0,
+        seed=seed,
+        anomalies_per_device_hour=0.0,
+        gaps_per_device_hour=0.0,
+    )
+    pool = []
+    for series in generate_fleet(spec):
+        rows = series.values.astype("float64").round(4)
+        pool.append([[float(row[j % rows.shape[1]]) for j in range(features)] for row in rows])
+    return pool
+
+
+def _client(client_id: str) -> Any:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    # Unbounded client-side queue: publish() never refuses; the socket paces a burst.
+    client.max_queued_messages_set(0)
+    return client
+
+
+def _connect(client: Any, host: str, port: int, timeout: float = 10.0) -> None:
+    connected = threading.Event()
+    client.on_connect = lambda *_a: connected.set()
+    client.connect(host, port, keepalive=60)
+    client.loop_start()
+    if not connected.wait(timeout):
+        raise SystemExit(f"benchload: no CONNACK from {host}:{port} within {timeout:.0f} s")
+
+
+def _wait_go() -> None:
+    print("ready", flush=True)
+    line = sys.stdin.readline()
+    if line.strip() != "go":
+        raise SystemExit(0)  # the bench gave up on this run before it started
+
+
+def _cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def publish(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``publish`` child: see the module docstring. Returns the result object."""
+    features: list[str] = args.features.split(",")
+    pool = value_pool(len(features))
+    n = args.devices
+    per_msg = max(args.array, 1)
+    pre, post = args.topic.split("{device}")
+    topics = [f"{pre}{args.prefix}{k}{post}" for k in range(n)]
+    series = [pool[k % len(pool)] for k in range(n)]
+    cursor = [(k * 131) % _POOL_SAMPLES for k in range(n)]
+    last_ts = [-math.inf] * n
+
+    def encode(k: int, end_ts: float, spacing: float) -> bytes:
+        docs = []
+        for j in range(per_msg):
+            row = series[k][cursor[k] % _POOL_SAMPLES]
+            cursor[k] += 1
+            doc: dict[str, float] = {"ts": end_ts - (per_msg - 1 - j) * spacing}
+            doc.update(zip(features, row, strict=True))
+            docs.append(doc)
+        last_ts[k] = end_ts
+        return orjson.dumps(docs if args.array >= 1 else docs[0])
+
+    client = _client(f"bench-pub-{args.prefix}{os.getpid()}")
+    _connect(client, args.host, args.port)
+    _wait_go()
+    messages = 0
+    late: list[float] = []
+    late_max = 0.0
+    info = None
+    cpu0 = _cpu_s()
+    first = time.time()
+    if args.burst:
+        per_device = math.ceil(args.burst / per_msg)
+        for _ in range(per_device):
+            for k in range(n):
+                now = time.time()
+                end_ts = max(now, last_ts[k] + per_msg * _BURST_MIN_SPACING_S)
+                spacing = min(1e-3, (end_ts - last_ts[k]) / per_msg)
+                info = client.publish(topics[k], encode(k, end_ts, spacing), qos=0)
+                messages += 1
+    else:
+        period = per_msg / args.rate  # seconds between two messages of one device
+        t0 = first
+        end = t0 + args.seconds
+        i = 0
+        while True:
+            k, rnd = i % n, i // n
+            due = t0 + (rnd + k / n) * period
+            if due >= end:
+                break
+            now = time.time()
+            if due - now > _MIN_SLEEP_S:
+                time.sleep(due - now)
+            elif now - due > late_max:
+                late_max = now - due
+            if i % _LATE_SAMPLE_EVERY == 0:
+                late.append(max(0.0, now - due))
+            info = client.publish(topics[k], encode(k, due, 1.0 / args.rate), qos=0)
+            messages += 1
+            i += 1
+    last = time.time()
+    flushed = True
+    if info is not None:
+        # QoS 0: "published" means written to the socket, in order, so the last one is all.
+        info.wait_for_publish(args.flush_timeout)
+        flushed = bool(info.is_published())
+    cpu = _cpu_s() - cpu0
+    client.disconnect()
+    client.loop_stop()
+    late.sort()
+    return {
+        "messages": messages,
+        "readings": messages * per_msg,
+        "first": first,
+        "last": last,
+        "flushed": flushed,
+        "cpu_s": cpu,
+        "late_p99_s": late[int(0.99 * (len(late) - 1))] if late else 0.0,
+        "late_max_s": late_max,
+    }
+
+
+def count(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``count`` child: subscribe, count until ``--idle`` s pass without a message."""
+    received = 0
+    subscribed = threading.Event()
+
+    def on_message(_c: Any, _u: Any, _m: Any) -> None:
+        nonlocal received
+        received += 1  # nothing else: this is the bare subscriber's limit
+
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"bench-count-{os.getpid()}", protocol=mqtt.MQTTv5
+    )
+    client.on_connect = lambda c, *_a: c.subscribe(args.topic, qos=0)
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.on_message = on_message
+    client.connect(args.host, args.port, keepalive=60)
+    client.loop_start()
+    if not subscribed.wait(10):
+        raise SystemExit("benchload: the counting subscriber got no SUBACK")
+    _wait_go()
+    cpu0 = _cpu_s()
+    start = time.time()
+    first = last = math.nan
+    seen = 0
+    # The main thread samples the count, so the callback stays a bare increment; the time
+    # of the last message is known to within one poll.
+    while True:
+        time.sleep(0.005)
+        now = time.time()
+        if received != seen:
+            seen = received
+            last = now
+            if math.isnan(first):
+                first = now
+        if (not math.isnan(last) and now - last > args.idle) or now - start > args.timeout:
+            break
+    cpu = _cpu_s() - cpu0
+    client.disconnect()
+    client.loop_stop()
+    return {"received": seen, "first": first, "last": last, "cpu_s": cpu}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m anomalyd.benchload", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("publish")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--topic", default="sensors/{device}/telemetry")
+    p.add_argument("--prefix", required=True, help="device ids are <prefix><k>")
+    p.add_argument("--devices", type=int, required=True)
+    p.add_argument("--features", default="temperature,pressure,vibration")
+    p.add_argument(
+        "--array", type=int, default=0, help="readings per message as a JSON array (0: one object)"
+    )
+    p.add_argument("--rate", type=float, default=1.0, help="paced: readings per second per device")
+    p.add_argument("--seconds", type=float, default=10.0, help="paced: how long")
+    p.add_argument("--burst", type=int, default=0, help="burst: readings per device, as fast as possible")
+    p.add_argument("--flush-timeout", type=float, default=120.0)
+    p.set_defaults(run=publish)
+    p = sub.add_parser("count")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--topic", default="sensors/+/telemetry")
+    p.add_argument("--idle", type=float, default=2.0, help="stop this long after the last message")
+    p.add_argument("--timeout", type=float, default=120.0, help="stop after this long in any case")
+    p.set_defaults(run=count)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = args.run(args)
+    print(orjson.dumps(result).decode(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,494 @@
+"""The moving parts of ``anomalyd bench``: the daemon under test, the probe device, the
+load publishers (``anomalyd.benchload`` children), and what is read from them.
+
+* ``DaemonProcess``: ``python -m anomalyd run --config FILE`` with ``$NOTIFY_SOCKET``
+  pointing at a unix datagram socket owned here, so start-up is timed from spawn to the
+  daemon's own ``READY=1``; its ``/metrics`` scraped over HTTP; its CPU time and memory
+  read from ``/proc/<pid>``.
+* ``Probe``: probe devices publishing single readings at a steady rate, stamped
+  ``time.time()``, and a subscription to their score topics: publish-to-score latency is
+  the receive time minus the score's ``ts`` (the newest reading of the window scored).
+* ``Children``: load processes started together (a ready/go handshake over their
+  standard streams), each reporting what it did as one JSON line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+#: One scrape: (sample name, sorted labels) -> value.
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+class BenchError(Exception):
+    """A phase of the benchmark could not be run (daemon did not start, child failed ...)."""
+
+
+# --------------------------------------------------------------------------- /proc and /metrics
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/<pid>/stat (fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        # The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def memory_bytes(pid: int) -> dict[str, int]:
+    """``{"rss": VmRSS, "peak": VmHWM}`` in bytes, from /proc/<pid>/status."""
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out["rss" if key == "VmRSS" else "peak"] = int(value.split()[0]) * 1024
+    return out
+
+
+def scrape(port: int, timeout: float = 5.0) -> Samples:
+    """Every sample of ``http://127.0.0.1:<port>/metrics``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
+        text = resp.read().decode()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 when the daemon does not export it (yet)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def has_metric(samples: Samples, name: str) -> bool:
+    return any(n == name or n.startswith(f"{name}_") for n, _ in samples)
+
+
+def rejected_by_reason(samples: Samples) -> dict[str, float]:
+    return {dict(lb)["reason"]: v for (n, lb), v in samples.items() if n == "anomalyd_rejected_total"}
+
+
+def diff_reasons(after: Samples, before: Samples) -> dict[str, int]:
+    """Rejections by reason between two scrapes, only the reasons that moved."""
+    a, b = rejected_by_reason(after), rejected_by_reason(before)
+    return {k: int(v - b.get(k, 0.0)) for k, v in sorted(a.items()) if v - b.get(k, 0.0) > 0}
+
+
+def histogram_quantile(after: Samples, before: Samples | None, name: str, q: float) -> float | None:
+    """Prometheus-style quantile of a histogram's increase between two scrapes (linear
+    interpolation inside the bucket holding rank q); None if nothing was observed."""
+    base = before or {}
+    buckets = sorted(
+        (float(dict(lb)["le"]), v - base.get((n, lb), 0.0))
+        for (n, lb), v in after.items()
+        if n == f"{name}_bucket"
+    )
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lo_le, lo_count = 0.0, 0.0
+    for le, cnt in buckets:
+        if cnt >= rank:
+            if math.isinf(le):
+                return lo_le  # beyond the last finite bucket: only a lower bound is known
+            return lo_le + (le - lo_le) * (rank - lo_count) / max(cnt - lo_count, 1e-12)
+        lo_le, lo_count = le, cnt
+    return None
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float | int | None]:
+    """n, p50, p95, p99 and max of ``values`` (nearest rank); None when empty."""
+    v = sorted(values)
+    if not v:
+        return {"n": 0, "p50": None, "p95": None, "p99": None, "max": None}
+
+    def rank(q: float) -> float:
+        return v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))]
+
+    return {"n": len(v), "p50": rank(0.5), "p95": rank(0.95), "p99": rank(0.99), "max": v[-1]}
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+class DaemonProcess:
+    """The daemon under test, started the way systemd starts it (``Type=notify``)."""
+
+    def __init__(self, workdir: Path, config_path: Path, metrics_port: int) -> None:
+        self.workdir = workdir
+        self.metrics_port = metrics_port
+        self.log_path = workdir / "daemon.log"
+        self._notify_path = workdir / "notify.sock"
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(str(self._notify_path))
+        self._notify.settimeout(0.2)
+        self._ready = threading.Event()
+        self._ready_at = math.nan
+        self._closed = False
+        self._listener = threading.Thread(target=self._listen, name="bench-notify", daemon=True)
+        self._listener.start()
+        env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID")}
+        env["NOTIFY_SOCKET"] = str(self._notify_path)
+        cmd = [sys.executable, "-m", "anomalyd", "run", "--config", str(config_path)]
+        with self.log_path.open("wb") as log:
+            self._spawned_at = time.monotonic()
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        self.pid = self.proc.pid
+
+    def _listen(self) -> None:
+        while not self._closed:
+            try:
+                data = self._notify.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if b"READY=1" in data.split(b"\n") and not self._ready.is_set():
+                self._ready_at = time.monotonic()
+                self._ready.set()
+
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds from spawn to ``READY=1``. Raises ``BenchError`` with the exit code and
+        the end of the daemon's log if it exits or is not ready within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None:
+                raise BenchError(f"daemon exited with {self.proc.returncode}: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"daemon not ready after {timeout:.0f} s: {self.log_tail()}")
+        return self._ready_at - self._spawned_at
+
+    def log_tail(self, chars: int = 1500) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text[-chars:].strip() or "(no log output)"
+
+    def scrape(self) -> Samples:
+        """The daemon's metrics; ``BenchError`` with its log if it no longer answers."""
+        try:
+            return scrape(self.metrics_port)
+        except (urllib.error.URLError, OSError) as exc:
+            state = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else "running"
+            raise BenchError(f"cannot scrape the daemon ({state}): {exc}: {self.log_tail()}") from None
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def memory(self) -> dict[str, int]:
+        return memory_bytes(self.pid)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (the daemon drains, then exits); SIGKILL after ``timeout``. The exit code."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+        finally:
+            self._closed = True
+            self._notify.close()
+            self._listener.join(2)
+        return self.proc.returncode
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+class Probe:
+    """Probe devices publishing single readings at a steady rate, and the latency of each
+    of their scores.
+
+    The daemon publishes a device's score at most once per ``output.score_interval_s`` of
+    data time (one a second by default), so one device yields about one latency a second;
+    ``devices`` probe devices, staggered, yield that many. Each starts with one array of a
+    window's worth of past readings, so that it is scored from its first live reading on.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        prefix: str,
+        *,
+        devices: int,
+        rate: float,
+        window: int,
+        features: Sequence[str],
+        topic_in: str = "sensors/{device}/telemetry",
+        score_topic: str = "anomaly/{device}/score",
+    ) -> None:
+        from anomalyd.benchload import value_pool
+
+        self.devices = [f"{prefix}{k}" for k in range(devices)]
+        self.rate = rate  # readings per second per device
+        self._features = list(features)
+        self._rows = value_pool(len(features), seed=5)
+        self._topics = [topic_in.replace("{device}", d) for d in self.devices]
+        self.lock = threading.Lock()
+        self.samples: list[tuple[float, float]] = []  # (receive time, latency), under lock
+        self.messages = 0  # published so far, under lock
+        self.readings = 0
+        self._last_ts = [0.0] * devices
+        self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+        self._publishing = threading.Lock()  # held while one reading is published and counted
+        self._subscribed = threading.Event()
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"bench-probe-{prefix}", protocol=mqtt.MQTTv5
+        )
+        scores = [(score_topic.replace("{device}", d), 0) for d in self.devices]
+        self._client.on_connect = lambda c, *_a: c.subscribe(scores)
+        self._client.on_subscribe = lambda *_a: self._subscribed.set()
+        self._client.on_message = self._on_message
+        self._client.connect(host, port, keepalive=60)
+        self._client.loop_start()
+        if not self._subscribed.wait(10):
+            self.close()
+            raise BenchError(f"probe: no SUBACK from {host}:{port}")
+        now = time.time()
+        for k, topic in enumerate(self._topics):
+            past = [now - (window - j) / rate for j in range(window)]
+            docs = [self._doc(k, ts, j) for j, ts in enumerate(past)]
+            self._client.publish(topic, orjson.dumps(docs), qos=0)
+            self._last_ts[k] = past[-1]
+            self.messages += 1
+            self.readings += window
+        self._thread = threading.Thread(target=self._publish_loop, name="bench-probe", daemon=True)
+        self._thread.start()
+
+    def _doc(self, k: int, ts: float, i: int) -> dict[str, float]:
+        row = self._rows[k % len(self._rows)]
+        doc = {"ts": ts}
+        doc.update(zip(self._features, row[i % len(row)], strict=True))
+        return doc
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        received = time.time()
+        try:
+            ts = float(orjson.loads(msg.payload)["ts"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return
+        with self.lock:
+            self.samples.append((received, received - ts))
+
+    def _publish_loop(self) -> None:
+        n = len(self.devices)
+        period = 1.0 / (self.rate * n)  # the devices take turns, evenly spaced
+        next_due = time.time()
+        i = 0
+        while not self._stop.is_set():
+            if not self._running.is_set():
+                self._running.wait(0.1)
+                next_due = time.time()
+                continue
+            ahead = next_due - time.time()
+            if ahead > 0 and self._stop.wait(ahead):
+                break
+            with self._publishing:
+                if not self._running.is_set():
+                    continue
+                k = i % n
+                # Stamped when sent: the probe's true lag is receive time minus this.
+                ts = max(time.time(), self._last_ts[k] + 1e-6)
+                self._last_ts[k] = ts
+                payload = orjson.dumps(self._doc(k, ts, i // n))
+                self._client.publish(self._topics[k], payload, qos=0)
+                with self.lock:
+                    self.messages += 1
+                    self.readings += 1
+            i += 1
+            next_due += period
+            if time.time() - next_due > 1.0:
+                next_due = time.time()  # starved for a second: do not burst to catch up
+
+    def pause(self) -> None:
+        """Stop publishing until ``resume``, so that the counts stand still while the daemon
+        drains; returns once a reading being published has been counted."""
+        self._running.clear()
+        with self._publishing:
+            pass
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def counts(self) -> tuple[int, int]:
+        """(messages, readings) published so far."""
+        with self.lock:
+            return self.messages, self.readings
+
+    def latencies(self, t0: float = 0.0, t1: float = math.inf) -> list[float]:
+        """Latencies of the scores received between wall-clock times ``t0`` and ``t1``."""
+        with self.lock:
+            return [lat for rec, lat in self.samples if t0 <= rec < t1]
+
+    def latest(self, max_age: float) -> float | None:
+        """Latency of the last score received, if it came within ``max_age`` seconds."""
+        with self.lock:
+            if not self.samples or time.time() - self.samples[-1][0] > max_age:
+                return None
+            return self.samples[-1][1]
+
+    def wait_scored(self, timeout: float, after: float = 0.0) -> bool:
+        """Wait until a score received after ``after`` (wall clock) is in."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.latencies(after):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        """Stop publishing (the subscription stays until ``close``)."""
+        self._stop.set()
+        if hasattr(self, "_thread"):
+            self._thread.join(5)
+
+    def close(self) -> None:
+        self.stop()
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+# --------------------------------------------------------------------------- load children
+
+
+@dataclass
+class LoadSpec:
+    """What one group of publishers offers (see ``anomalyd.benchload``)."""
+
+    devices: int
+    prefix: str
+    array: int = 0  # readings per message as a JSON array; 0: one reading, one object
+    rate: float = 1.0  # paced: readings per second per device
+    seconds: float = 0.0  # paced: how long
+    burst: int = 0  # burst: readings per device, as fast as possible
+
+    @property
+    def per_message(self) -> int:
+        return max(self.array, 1)
+
+
+class Children:
+    """Child processes that print ``ready``, wait for ``go`` on stdin, and end with one
+    JSON line; killed if still running at ``close``."""
+
+    def __init__(self, commands: list[list[str]]) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        for cmd in commands:
+            self.procs.append(
+                subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+            )
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            assert proc.stdout is not None
+            line = _readline(proc, max(0.1, deadline - time.monotonic()))
+            if line.strip() != "ready":
+                raise BenchError(f"load process {proc.args!r} did not get ready (exit {proc.poll()})")
+
+    def go(self) -> float:
+        """Tell every child to start; returns the wall-clock time of the signal."""
+        now = time.time()
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        return now
+
+    def results(self, timeout: float) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        out = []
+        for proc in self.procs:
+            try:
+                stdout, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise BenchError(
+                    f"load process {proc.args!r} did not finish within {timeout:.0f} s"
+                ) from None
+            if proc.returncode != 0 or not stdout.strip():
+                raise BenchError(f"load process {proc.args!r} exited with {proc.returncode}")
+            out.append(orjson.loads(stdout.strip().splitlines()[-1]))
+        return out
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired, ValueError, OSError):
+                proc.communicate(timeout=10)
+
+
+def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
+    """One line of a child's stdout, or '' if none comes within ``timeout``."""
+    box: list[str] = []
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    reader = threading.Thread(target=lambda: box.append(stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return box[0] if box else ""
+
+
+def publisher_commands(
+    host: str, port: int, spec: LoadSpec, publishers: int, features: Sequence[str]
+) -> list[list[str]]:
+    """Split ``spec``'s devices over ``publishers`` processes (device ids stay unique)."""
+    base = [sys.executable, "-m", "anomalyd.benchload", "publish", "--host", host, "--port", str(port)]
+    base += ["--features", ",".join(features), "--array", str(spec.array)]
+    if spec.burst:
+        base += ["--burst", str(spec.burst)]
+    else:
+        base += ["--rate", repr(spec.rate), "--seconds", repr(spec.seconds)]
+    cmds = []
+    n = max(1, min(publishers, spec.devices))
+    for p in range(n):
+        devices = spec.devices // n + (1 if p < spec.devices % n else 0)
+        cmds.append([*base, "--prefix", f"{spec.prefix}p{p}-", "--devices", str(devices)])
+    return cmds
+
+
+def summarise_publishers(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over a group's publishers."""
+    first = min(r["first"] for r in results)
+    last = max(r["last"] for r in results)
+    messages = sum(int(r["messages"]) for r in results)
+    return {
+        "messages": messages,
+        "readings": sum(int(r["readings"]) for r in results),
+        "first": first,
+        "last": last,
+        "messages_per_s": messages / max(last - first, 1e-9),
+        "cpu_s": sum(float(r["cpu_s"]) for r in results),
+        "late_p99_s": max(float(r["late_p99_s"]) for r in results),
+        "late_max_s": max(float(r["late_max_s"]) for r in results),
+        "flushed": all(bool(r["flushed"]) for r in results),
+    }
