@@ -314,7 +314,8 @@ class StreamConfig(_Section):
     overload_lag_s: float = Field(
         default=10.0,
         gt=0,
-        description="report overloaded when scored readings are older than this (data time) on arrival",
+        description="overloaded when every pipeline pass in a check (about 1 s) scored readings whose "
+        "newest was older than this in data time",
     )
 
     @field_validator("device_id_pattern")
@@ -416,7 +417,9 @@ class OutputConfig(_Section):
         description="per-device score topic (latest score, rate-limited by score_interval_s)",
     )
     alert_topic: str = Field(default="anomaly/{device}/alert", description="alert state changes (retained)")
-    status_topic: str = Field(default="anomaly/status", description="online / offline (last will) / stopped")
+    status_topic: str = Field(
+        default="anomaly/status", description="online / overloaded / offline (last will) / stopped (retained)"
+    )
     batch_topic: str = Field(
         default="anomaly/scores", description="every score of a flush in one message (batched_scores)"
     )

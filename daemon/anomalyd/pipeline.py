@@ -14,11 +14,12 @@ Besides the flow, the pipeline owns:
 
 * the model swap (a reload): windows pending for the old model are scored with it
   first; a new window length or feature list restarts every device's window;
-* housekeeping: idle eviction, gauges, and the *overloaded* verdict. The daemon is
-  overloaded while the newest reading of a pass is older than ``stream.overload_lag_s``
-  in data time when its windows are scored (a backlog in the broker, where the daemon's
-  own queues cannot see it), or its intake queue is at least half full, or telemetry
-  was dropped because that queue was full.
+* housekeeping: idle eviction, gauges, and the *overloaded* verdict, checked about once a
+  second. The daemon is overloaded when every pass since the previous check was late —
+  its newest reading older than ``stream.overload_lag_s`` in data time when its windows
+  were scored (a backlog in the broker, where the daemon's own queues cannot see it) —,
+  or its intake queue is at least half full, or telemetry was dropped because that
+  queue was full.
 """
 
 from __future__ import annotations
@@ -99,7 +100,10 @@ class Pipeline:
         self.windows_scored = 0
         self.overloaded = False
         self._reject_log = RateLimitedLog(log, config.logging.rejection_log_interval_s)
-        self._max_lag_since_check = 0.0
+        # Smallest pass lag since the previous overload check (inf: no pass measured). The
+        # smallest, not the largest: one device whose clock runs behind makes the passes it
+        # is alone in look late, but a real backlog makes *every* pass late.
+        self._min_lag_since_check = math.inf
         self._newest_ts = -math.inf  # newest reading taken in since the lag was last observed
         self._dropped_seen = 0
         self._wake = wake
@@ -220,7 +224,7 @@ class Pipeline:
         self._newest_ts = -math.inf
         self.metrics.data_lag_seconds.observe(lag)
         self.metrics.lag_seconds.set(lag)
-        self._max_lag_since_check = max(self._max_lag_since_check, lag)
+        self._min_lag_since_check = min(self._min_lag_since_check, lag)
 
     @property
     def in_flight(self) -> int:
@@ -404,28 +408,34 @@ class Pipeline:
         self._check_overload(queue_fill, queue_dropped)
 
     def _check_overload(self, queue_fill: float, queue_dropped: int) -> None:
-        lag = self._max_lag_since_check
+        lag = self._min_lag_since_check
+        self._min_lag_since_check = math.inf
         dropped = queue_dropped - self._dropped_seen
         self._dropped_seen = queue_dropped
-        self._max_lag_since_check = 0.0
+        if math.isinf(lag) and queue_fill == 0:
+            # Nothing was scored and nothing waits: no backlog that the daemon could see,
+            # so the gauge must not keep showing an old pass's lag.
+            self.metrics.lag_seconds.set(0.0)
         limit = self.config.stream.overload_lag_s
-        overloaded = lag > limit or queue_fill >= _QUEUE_CONGESTED or dropped > 0
+        late = not math.isinf(lag) and lag > limit
+        overloaded = late or queue_fill >= _QUEUE_CONGESTED or dropped > 0
         if overloaded == self.overloaded:
             return
         self.overloaded = overloaded
         self.metrics.overloaded.set(1 if overloaded else 0)
+        lag_text = "none scored" if math.isinf(lag) else f"{lag:.1f} s"
         if overloaded:
             log.warning(
-                "overloaded: data lag %.1f s (limit %.1f s), intake queue %.0f %% full, %d messages "
+                "overloaded: data lag %s (limit %.1f s), intake queue %.0f %% full, %d messages "
                 "dropped since the last check",
-                lag,
+                lag_text,
                 limit,
                 100 * queue_fill,
                 dropped,
             )
         else:
             log.info(
-                "no longer overloaded: data lag %.2f s, intake queue %.0f %% full", lag, 100 * queue_fill
+                "no longer overloaded: data lag %s, intake queue %.0f %% full", lag_text, 100 * queue_fill
             )
         if self.sink is not None:
             self.sink.set_overloaded(overloaded)

@@ -218,3 +218,29 @@ def test_concurrent_batches_decide_in_order_like_one_at_a_time(
     assert len(runs[0]) == 3 * (40 - L + 1)
     for x, y in zip(runs[0], runs[1], strict=True):
         assert x == y
+
+
+def test_one_device_with_a_clock_behind_does_not_make_the_daemon_overloaded(
+    model: LoadedModel, registry: CollectorRegistry
+) -> None:
+    """Overloaded needs every pass of a check to be late: a device whose clock runs 30 s
+    behind, alone in some passes, is not a backlog; other devices' passes are on time."""
+    pipeline, sink = make(model, registry, **{"stream.overload_lag_s": 10.0})
+    pipeline.ingest(messages("behind", time.time() - 30 - L, L))
+    pipeline.flush(force=True)
+    pipeline.ingest(messages("on-time", time.time() - L + 1, L))
+    pipeline.flush(force=True)
+    pipeline.housekeeping(time.monotonic())
+    assert sink.overloaded == []
+    assert registry.get_sample_value("anomalyd_overloaded") == 0.0
+
+
+def test_an_idle_check_resets_the_lag_gauge(model: LoadedModel, registry: CollectorRegistry) -> None:
+    pipeline, _sink = make(model, registry)
+    pipeline.ingest(messages("late", time.time() - 30 - L, L))
+    pipeline.flush(force=True)
+    pipeline.housekeeping(time.monotonic())
+    assert registry.get_sample_value("anomalyd_lag_seconds") >= 30.0
+    pipeline.housekeeping(time.monotonic(), queue_fill=0.0)  # nothing scored, nothing queued
+    assert registry.get_sample_value("anomalyd_lag_seconds") == 0.0
+    assert registry.get_sample_value("anomalyd_overloaded") == 0.0
