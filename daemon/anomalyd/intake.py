@@ -49,16 +49,23 @@ class IntakeQueue:
         """Wake a waiting consumer (shutdown, reload) without queueing anything."""
         self._nonempty.set()
 
-    def drain(self, max_items: int) -> list[RawMessage]:
-        """Take up to ``max_items`` messages, oldest first."""
+    def drain(self, max_items: int, max_bytes: int | None = None) -> list[RawMessage]:
+        """Take up to ``max_items`` messages, oldest first, stopping once their payloads add
+        up to ``max_bytes`` (at least one message is taken)."""
         # Clear before taking: a put after this point sets the event again, so no
         # wake-up is lost; a put before it is taken below.
         self._nonempty.clear()
         items = self._items
         out: list[RawMessage] = []
         pop = items.popleft
+        budget = max_bytes if max_bytes is not None else -1
         for _ in range(min(max_items, len(items))):
-            out.append(pop())
+            msg = pop()
+            out.append(msg)
+            if budget >= 0:
+                budget -= len(msg.payload)
+                if budget <= 0:
+                    break
         if items:
             self._nonempty.set()
         return out

@@ -53,6 +53,9 @@ _AUTH_FAILURES = frozenset({_BAD_CREDENTIALS, _NOT_AUTHORIZED})
 _SESSION_EXPIRY_S = 3600
 #: QoS>0 messages paho keeps while disconnected (alerts, status): bounded, like everything.
 _MAX_QUEUED_OUT = 10000
+#: Bytes read from the broker per system call (see ``_ReadAhead``): a few hundred small
+#: telemetry messages, and short enough that writes and keep-alives are not held back.
+_CHUNK = 64 * 1024
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
@@ -79,6 +82,48 @@ class _TrackingContext(ssl.SSLContext):
         sock = super().wrap_socket(*args, **kwargs)
         self.last_socket = sock
         return sock
+
+
+class _ReadAhead:
+    """A socket for paho that reads the broker's byte stream ``_CHUNK`` bytes at a time.
+
+    paho asks for one byte (the packet type), then the length bytes one by one, then the
+    rest of the packet, each a ``recv()`` system call; this serves those requests from a
+    buffer filled by one large ``recv()``. paho's ``loop()`` consults ``pending()`` (meant
+    for bytes an SSL socket has already decrypted) and reads without waiting in
+    ``select()`` when it is non-zero. Everything else is the wrapped socket's.
+    """
+
+    __slots__ = ("_buf", "_pos", "_sock")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the socket and not yet handed to paho."""
+        return len(self._buf) - self._pos
+
+    def recv(self, size: int) -> bytes:
+        left = len(self._buf) - self._pos
+        if left <= 0:
+            data: bytes = self._sock.recv(_CHUNK)  # BlockingIOError when empty, as paho expects
+            if not data:
+                return data  # the broker closed the connection
+            self._buf, self._pos, left = data, 0, len(data)
+        take = min(size, left)
+        start = self._pos
+        self._pos = start + take
+        return self._buf[start : start + take]
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)
+        return self.buffered + (inner() if inner is not None else 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 def subscription_filter(topic_template: str) -> str:
@@ -331,9 +376,7 @@ class MqttLink:
                     exc,
                 )
             else:
-                rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-                while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stop.is_set():
-                    rc = self._client.loop(timeout=1.0)
+                rc = self._serve_connection()
                 self._set_connected(False)
                 if not self._closing and not self._stop.is_set() and self.fatal is None:
                     log.warning("lost connection to MQTT broker %s:%d (%s)", cfg.host, cfg.port, rc.name)
@@ -346,6 +389,31 @@ class MqttLink:
             attempt += 1
             log.debug("reconnecting in %.2f s (attempt %d)", delay, attempt)
             self._stop.wait(delay)
+
+    def _serve_connection(self) -> MQTTErrorCode:
+        """Run paho's loop on the connection just made until it ends; returns why it ended.
+
+        paho reads one packet per ``loop()``: a ``select()`` and three or four ``recv()``
+        calls for every message, which under a flood of small telemetry messages is most of
+        the network thread's time. So its socket is wrapped in a ``_ReadAhead`` that reads
+        the broker's stream in large chunks, and the packets already read are handed to
+        paho with ``loop_read()`` (no ``select()``, no system call) before the next
+        ``loop()``, which also writes what is queued and keeps the connection alive.
+        """
+        client = self._client
+        sock = client._sock
+        reader = _ReadAhead(sock) if sock is not None else None
+        if reader is not None:
+            client._sock = reader
+        ok = MQTTErrorCode.MQTT_ERR_SUCCESS
+        rc = ok
+        stop = self._stop
+        while rc == ok and not stop.is_set():
+            rc = client.loop(timeout=1.0)
+            if reader is not None:
+                while rc == ok and reader.buffered:
+                    rc = client.loop_read()
+        return rc
 
     def _count_failure(self, kind: str) -> None:
         if self._metrics is not None:

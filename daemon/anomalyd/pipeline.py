@@ -107,12 +107,14 @@ class Pipeline:
         self._newest_ts = -math.inf  # newest reading taken in since the lag was last observed
         self._dropped_seen = 0
         self._wake = wake
-        self._max_in_flight = config.model.concurrent_batches
+        # Twice as many batches in flight as threads: while the pipeline thread decodes the
+        # next pass, the inference threads still have queued batches to score.
+        self._max_in_flight = 2 * config.model.concurrent_batches
         # (batch, its scores to come, monotonic time it was handed to ONNX Runtime)
         self._in_flight: collections.deque[tuple[Batch, Future[_RunResult], float]] = collections.deque()
         self._executor = (
-            ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="anomalyd-inference")
-            if self._max_in_flight > 1
+            ThreadPoolExecutor(config.model.concurrent_batches, thread_name_prefix="anomalyd-inference")
+            if config.model.concurrent_batches > 1
             else None
         )
         self._build_stages(model)

@@ -297,3 +297,20 @@ def test_stop_intake_unsubscribes(broker: MosquittoBroker, links: list[MqttLink]
     finally:
         sub.close()
     assert q.drain(100) == []
+
+
+def test_read_ahead_delivers_every_message_intact_across_chunk_boundaries(
+    broker: MosquittoBroker, links: list[MqttLink]
+) -> None:
+    """The network thread reads the broker's stream in 64 KiB chunks: packets split across
+    chunks, packets larger than a chunk and many small ones must all arrive whole, in order."""
+    rng = random.Random(5)
+    sizes = [rng.choice([1, 7, 120, 1500, 40_000, 70_000, 200_000]) for _ in range(300)]
+    sizes += [90] * 3000  # a run of small ones: many packets per chunk
+    sent = [(f"sensors/d{i % 7}/telemetry", bytes([i % 251]) * n) for i, n in enumerate(sizes)]
+    queue = IntakeQueue(100_000)
+    link = _link(links, _cfg(broker), queue)
+    assert link.wait_connected(10)
+    publish_many(broker, sent, qos=0)
+    got = _wait_queue(queue, len(sent), timeout=30)
+    assert [(m.topic, m.payload) for m in got] == sent
