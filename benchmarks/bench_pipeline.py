@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="time for the model-only limit")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     ap.add_argument("--concurrent", type=int, default=2, help="model.concurrent_batches")
+    ap.add_argument("--providers", default="cpu", choices=("cpu", "cuda"), help="model.providers")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--drain", type=int, default=4096, help="messages per pass, as the service drains")
     ap.add_argument("--score-interval", type=float, default=1.0, help="output.score_interval_s")
@@ -110,19 +111,30 @@ def main() -> None:
                 "model.path": args.model,
                 "model.intra_op_threads": args.threads,
                 "model.concurrent_batches": args.concurrent,
+                "model.providers": args.providers,
                 "batching.max_batch": args.max_batch,
+                # Warming every size up to a large max_batch would take longer than the run.
+                "batching.warmup_batch_sizes": sorted({1, args.max_batch}),
                 "output.score_interval_s": args.score_interval,
                 "logging.level": "WARNING",
             },
         )
-        model = load_model(cfg.model.path, SessionOptions(providers="cpu", intra_op_threads=args.threads))
-        # The limit is the model alone at its best on this machine: 1 or 2 intra-op threads.
+        model = load_model(
+            cfg.model.path, SessionOptions(providers=args.providers, intra_op_threads=args.threads)
+        )
+        # The limit is the model alone at its best on this machine and provider: 1 or 2
+        # intra-op threads.
         alone = [
-            load_model(cfg.model.path, SessionOptions(providers="cpu", intra_op_threads=t)) for t in (1, 2)
+            load_model(cfg.model.path, SessionOptions(providers=args.providers, intra_op_threads=t))
+            for t in (1, 2)
         ]
         model.warm_up(cfg.batching.warmup_sizes())
         c = model.contract
-        print(f"model {c.model_version}: L={c.window_length} F={c.n_features}, threads={args.threads}")
+        print(
+            f"model {c.model_version}: L={c.window_length} F={c.n_features}, provider "
+            f"{model.active_provider}, threads={args.threads}, concurrent batches {args.concurrent}, "
+            f"batch {args.max_batch}"
+        )
         limit_before = max(bench_model(m, args.max_batch, args.seconds / 4) for m in alone)
 
         registry = CollectorRegistry()
@@ -155,7 +167,8 @@ def main() -> None:
         return int(registry.get_sample_value("anomalyd_published_total", {"kind": kind}) or 0)
 
     print(
-        f"limit_model      {limit:10.0f} windows/s  (ONNX Runtime alone, batch {args.max_batch}, best of 1-2 threads)"
+        f"limit_model      {limit:10.0f} windows/s  (ONNX Runtime alone, batch {args.max_batch}, "
+        "best of 1-2 threads)"
     )
     print(
         f"pipeline         {rate:10.0f} windows/s  ({len(messages)} messages of {args.array}, "

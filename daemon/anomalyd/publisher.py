@@ -237,22 +237,25 @@ class Publisher:
             s.newest = None
 
     def _send_scores(self, messages: list[tuple[Decision, _Since]]) -> None:
+        if not messages:
+            return
         pre, post = self._score_parts
         qos = self._out.score_qos
         version = self._model_version
-        publish = self._link.publish
-        ok = failed = 0
+        built: list[tuple[str, bytes]] = []
         for d, s in messages:
             doc = self._payload(d)
             doc["max_score"] = np.float32(s.max_score) if math.isfinite(s.max_score) else None
             doc["windows"] = s.windows
             doc["anomalous_windows"] = s.anomalous
             doc["model_version"] = version
-            if publish(pre + d.device + post, _dumps(doc), qos=qos):
-                ok += 1
-            else:
-                failed += 1
-        self._count("score", ok, failed)
+            built.append((pre + d.device + post, _dumps(doc)))
+        if qos == 0:
+            # One write for the whole pass (see MqttLink.publish_many).
+            ok = len(built) if self._link.publish_many(built) else 0
+        else:
+            ok = sum(1 for topic, body in built if self._link.publish(topic, body, qos=qos))
+        self._count("score", ok, len(built) - ok)
 
     def _publish_batch(self, decisions: list[Decision]) -> None:
         doc: dict[str, Any] = {

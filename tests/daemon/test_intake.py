@@ -314,3 +314,33 @@ def test_read_ahead_delivers_every_message_intact_across_chunk_boundaries(
     publish_many(broker, sent, qos=0)
     got = _wait_queue(queue, len(sent), timeout=30)
     assert [(m.topic, m.payload) for m in got] == sent
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_publish_many_sends_every_message_whole_and_in_order(
+    broker: MosquittoBroker, links: list[MqttLink], protocol: str
+) -> None:
+    """Score messages go out as one write of many QoS 0 PUBLISH packets built by us: lengths
+    across the varint boundaries (127, 16,383 bytes) and both protocol versions."""
+    sizes = [0, 1, 126, 127, 128, 300, 16_382, 16_383, 16_384, 70_000] * 3
+    batch = [(f"anomaly/dev-{i}/score", bytes([65 + i % 26]) * n) for i, n in enumerate(sizes)]
+    sub = Subscriber(broker, ["anomaly/#"])
+    link = _link(links, _cfg(broker, protocol=protocol))
+    try:
+        assert link.wait_connected(10)
+        assert link.publish_many(batch)
+        assert link.publish("anomaly/after/score", b"last")  # paho's own path, after ours
+        sub.wait_until(lambda ms: len(ms) == len(batch) + 1, 10, "every message")
+        got = [(m.topic, m.payload, m.retain) for m in sub.snapshot()]
+    finally:
+        sub.close()
+    assert got == [(t, p, False) for t, p in batch] + [("anomaly/after/score", b"last", False)]
+
+
+def test_publish_many_while_disconnected_sends_nothing(
+    broker: MosquittoBroker, links: list[MqttLink]
+) -> None:
+    link = MqttLink(_cfg(broker))  # never started: not connected
+    links.append(link)
+    assert link.publish_many([("anomaly/x/score", b"{}")]) is False
+    assert link.publish_many([]) is True
