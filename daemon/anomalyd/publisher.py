@@ -164,9 +164,8 @@ class Publisher:
             "padded": bool(d.padded),
         }
         if self._out.include_contributions:
-            doc["contributions"] = dict(
-                zip(self._features, np.asarray(d.contributions, dtype=np.float32), strict=True)
-            )
+            # The model's float32 row: its numpy scalars serialise as float32 too.
+            doc["contributions"] = dict(zip(self._features, d.contributions, strict=True))
         return doc
 
     def publish_decisions(
