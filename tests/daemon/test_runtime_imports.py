@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 FORBIDDEN = ("tensorflow", "keras", "tf2onnx", "onnx", "scipy", "matplotlib")
 
@@ -28,3 +29,29 @@ def test_importing_every_runtime_module_loads_no_training_library() -> None:
     loaded = set(report["loaded"])
     bad = sorted(m for m in loaded if m.split(".")[0] in FORBIDDEN)
     assert bad == [], f"runtime package imported training-only modules: {bad[:10]}"
+
+
+_CHECK_CONFIG = """
+import json, sys
+from anomalyd.cli import main
+code = main(["check-config", sys.argv[1]])
+print(json.dumps({"code": code, "loaded": sorted(sys.modules)}))
+"""
+
+
+def test_check_config_does_not_load_onnx_runtime(tmp_path: Path) -> None:
+    """Checking a configuration is cheap: it must not pay for ONNX Runtime (or numpy)."""
+    cfg = tmp_path / "anomalyd.toml"
+    cfg.write_text('[mqtt]\nhost = "broker.example"\n[batching]\nmax_batch = 32\n')
+    out = subprocess.run(
+        [sys.executable, "-c", _CHECK_CONFIG, str(cfg)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["code"] == 0
+    loaded = {m.split(".")[0] for m in report["loaded"]}
+    assert "onnxruntime" not in loaded
+    assert "numpy" not in loaded
