@@ -2,9 +2,10 @@
 
 Everything runs on this machine over 127.0.0.1: a private Mosquitto (or ``--broker``),
 the daemon as its own process (``python -m anomalyd run --config <generated TOML>``),
-load from publisher processes (``anomalyd.benchload``) and probe devices in this
-process (``anomalyd.benchrun``). Machines are shared and noisy, so the headline figures
-are ratios against limits measured beside them:
+load from publisher processes (``anomalyd.benchload``) and the probe devices in a process
+of their own (``anomalyd.benchload probe``, driven by ``anomalyd.benchrun.Probe``), so
+that the bench's own work does not delay the latencies they measure. Machines are shared
+and noisy, so the headline figures are ratios against limits measured beside them:
 
 * raw ONNX Runtime: the same model at the daemon's batch size, alone in this process
   (best of 1 and 2 intra-op threads, spinning off), while no daemon runs;

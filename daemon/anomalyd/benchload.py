@@ -1,12 +1,12 @@
-"""The load of ``anomalyd bench``: publisher and counting-subscriber child processes.
+"""The load of ``anomalyd bench``: publisher, counting-subscriber and probe child processes.
 
-Run as ``python -m anomalyd.benchload publish ...`` or ``... count ...`` by the bench,
-never by hand. Each child is its own process (its own interpreter lock), so the load it
+Run as ``python -m anomalyd.benchload publish ...``, ``... count ...`` or ``... probe ...``
+by the bench, never by hand. Each child is its own process (its own interpreter lock), so the load it
 offers or receives is not limited by the bench process, nor the bench by it.
 
 A child talks to the bench over its standard streams: it prepares (values, connection),
 prints ``ready``, waits for a ``go`` line on stdin, does its work, and prints one JSON
-object as its last line.
+object as its last line (the probe also answers commands in between, see below).
 
 ``publish`` sends telemetry for ``--devices`` devices named ``<prefix><k>``:
 
@@ -24,11 +24,25 @@ gaps), so none is rejected as malformed or out of order.
 
 ``count`` subscribes to a topic filter and only counts what arrives (its message
 callback does nothing else): the most a bare paho subscriber receives from the broker.
+
+``probe`` is the bench's latency probe (``anomalyd.benchrun.Probe`` drives it): ``--devices``
+devices publish single readings at ``--rate`` each, stamped ``time.time()`` when sent, and
+a second client subscribed to their score topics records (receive time, latency) for each
+score, the latency being the receive time minus the score's ``ts``. It is a process of its
+own so that its timestamps are not delayed by the bench's work (scraping and parsing
+``/metrics``, its other threads) competing for one interpreter lock. After ``ready`` and
+``go`` (which sends each device a window of past readings, then starts the paced
+readings) it answers each line on stdin with one JSON object: ``poll``, ``pause``,
+``resume``, ``stop`` (no more readings; the subscription stays) and ``exit``. Each answer
+holds the messages and readings published so far and the samples received since the
+previous answer; ``pause`` and ``stop`` answer once the last reading published is on the
+socket, so the counts they give are what the broker was sent.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import sys
@@ -224,6 +238,171 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
     return {"received": seen, "first": first, "last": last, "cpu_s": cpu}
 
 
+class _ProbeChild:
+    """The ``probe`` child's state: see the module docstring."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        features: list[str] = args.features.split(",")
+        self.features = features
+        self.rows = value_pool(len(features), seed=5)
+        self.rate: float = args.rate
+        self.window: int = args.window
+        self.devices = [f"{args.prefix}{k}" for k in range(args.devices)]
+        self.topics = [args.topic.replace("{device}", d) for d in self.devices]
+        self.last_ts = [0.0] * len(self.devices)
+        # Appended by the receiving client's network thread only, read by the main thread
+        # (list append and slicing are atomic under the interpreter lock: no lock needed).
+        self.samples: list[tuple[float, float]] = []
+        self.sent = 0  # samples already handed to the bench
+        self.messages = 0  # published, under self.publishing
+        self.readings = 0
+        self.publishing = threading.Lock()  # held while one reading is published and counted
+        self.running = threading.Event()
+        self.stopping = threading.Event()
+        self.last_info: Any = None
+        self.thread: threading.Thread | None = None
+
+        # Two clients: a score's arrival is never queued behind the probe's own publishing.
+        self.pub = _client(f"bench-probe-pub-{args.prefix}{os.getpid()}")
+        _connect(self.pub, args.host, args.port)
+        subscribed = threading.Event()
+        scores = [(args.score_topic.replace("{device}", d), 0) for d in self.devices]
+        self.sub = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"bench-probe-sub-{args.prefix}{os.getpid()}",
+            protocol=mqtt.MQTTv5,
+        )
+        self.sub.on_connect = lambda c, *_a: c.subscribe(scores)
+        self.sub.on_subscribe = lambda *_a: subscribed.set()
+        self.sub.on_message = self._on_message
+        self.sub.connect(args.host, args.port, keepalive=60)
+        self.sub.loop_start()
+        if not subscribed.wait(10):
+            raise SystemExit(f"benchload: the probe got no SUBACK from {args.host}:{args.port}")
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        # The receive time first, and nothing but the latency after it: this is the figure.
+        received = time.time()
+        try:
+            ts = float(orjson.loads(msg.payload)["ts"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return
+        self.samples.append((received, received - ts))
+
+    def _doc(self, k: int, ts: float, i: int) -> dict[str, float]:
+        row = self.rows[k % len(self.rows)]
+        doc = {"ts": ts}
+        doc.update(zip(self.features, row[i % len(row)], strict=True))
+        return doc
+
+    def start(self) -> None:
+        """One array of a window's worth of past readings per device, so that each is
+        scored from its first live reading on; then the paced readings."""
+        now = time.time()
+        with self.publishing:
+            for k, topic in enumerate(self.topics):
+                past = [now - (self.window - j) / self.rate for j in range(self.window)]
+                docs = [self._doc(k, ts, j) for j, ts in enumerate(past)]
+                self.last_info = self.pub.publish(topic, orjson.dumps(docs), qos=0)
+                self.last_ts[k] = past[-1]
+                self.messages += 1
+                self.readings += self.window
+        self.running.set()
+        self.thread = threading.Thread(target=self._publish_loop, name="probe-publish", daemon=True)
+        self.thread.start()
+
+    def _publish_loop(self) -> None:
+        n = len(self.devices)
+        period = 1.0 / (self.rate * n)  # the devices take turns, evenly spaced
+        next_due = time.time()
+        i = 0
+        while not self.stopping.is_set():
+            if not self.running.is_set():
+                self.running.wait(0.1)
+                next_due = time.time()
+                continue
+            ahead = next_due - time.time()
+            if ahead > 0 and self.stopping.wait(ahead):
+                break
+            with self.publishing:
+                if not self.running.is_set():
+                    continue
+                k = i % n
+                # Stamped when sent: the probe's true lag is receive time minus this.
+                ts = max(time.time(), self.last_ts[k] + 1e-6)
+                self.last_ts[k] = ts
+                payload = orjson.dumps(self._doc(k, ts, i // n))
+                self.last_info = self.pub.publish(self.topics[k], payload, qos=0)
+                self.messages += 1
+                self.readings += 1
+            i += 1
+            next_due += period
+            if time.time() - next_due > 1.0:
+                next_due = time.time()  # starved for a second: do not burst to catch up
+
+    def pause(self, flush_timeout: float) -> None:
+        """No reading after this returns; the last one published is on the socket."""
+        self.running.clear()
+        with self.publishing:
+            if self.last_info is not None:
+                # QoS 0: "published" means written to the socket, in order, so the last is all.
+                self.last_info.wait_for_publish(flush_timeout)
+
+    def stop(self, flush_timeout: float) -> None:
+        self.stopping.set()
+        self.pause(flush_timeout)
+        if self.thread is not None:
+            self.thread.join(5)
+
+    def answer(self) -> dict[str, Any]:
+        with self.publishing:
+            messages, readings = self.messages, self.readings
+        end = len(self.samples)
+        new = self.samples[self.sent : end]
+        self.sent = end
+        return {"messages": messages, "readings": readings, "samples": new, "t": time.time()}
+
+    def close(self) -> None:
+        for client in (self.pub, self.sub):
+            client.disconnect()
+            client.loop_stop()
+
+
+def probe(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``probe`` child: see the module docstring. Returns the answer to ``exit``."""
+    child = _ProbeChild(args)
+    # Whatever was allocated so far (the value pool, paho, numpy) is left out of the
+    # cyclic collector's full passes, which would otherwise stall the receive timestamps.
+    gc.freeze()
+    _wait_go()
+    child.start()
+
+    def say(obj: dict[str, Any]) -> None:
+        sys.stdout.write(orjson.dumps(obj).decode() + "\n")
+        sys.stdout.flush()
+
+    say(child.answer())
+    try:
+        while True:
+            command = sys.stdin.readline().strip()
+            if command == "poll":
+                pass
+            elif command == "pause":
+                child.pause(args.flush_timeout)
+            elif command == "resume":
+                child.running.set()
+            elif command == "stop":
+                child.stop(args.flush_timeout)
+            elif command in ("exit", ""):  # "": the bench closed stdin (it has gone)
+                child.stop(args.flush_timeout)
+                return child.answer()
+            else:
+                raise SystemExit(f"benchload: unknown probe command {command!r}")
+            say(child.answer())
+    finally:
+        child.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m anomalyd.benchload", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -249,6 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle", type=float, default=2.0, help="stop this long after the last message")
     p.add_argument("--timeout", type=float, default=120.0, help="stop after this long in any case")
     p.set_defaults(run=count)
+    p = sub.add_parser("probe")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--topic", default="sensors/{device}/telemetry")
+    p.add_argument("--score-topic", default="anomaly/{device}/score")
+    p.add_argument("--prefix", required=True, help="device ids are <prefix><k>")
+    p.add_argument("--devices", type=int, required=True)
+    p.add_argument("--rate", type=float, required=True, help="readings per second per device")
+    p.add_argument("--window", type=int, required=True, help="past readings sent to each device first")
+    p.add_argument("--features", default="temperature,pressure,vibration")
+    p.add_argument("--flush-timeout", type=float, default=10.0)
+    p.set_defaults(run=probe)
     return ap
 
 

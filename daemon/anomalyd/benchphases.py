@@ -261,9 +261,13 @@ class Phases:
             probe.resume()
             t_go = kids.go()
             time.sleep(max(0.0, t_go + warm - time.time()))
+            # /metrics only at the two ends of the measured interval: rendering it takes the
+            # daemon's time (a few ms), which would lengthen the probe's latencies. The
+            # interval starts after the first scrape and ends before the second.
             s0, c0, p0, t0 = d.scrape(), d.cpu_seconds(), probe.counts()[1], time.time()
             time.sleep(max(0.0, t0 + measure - time.time()))
-            s1, c1, p1, t1 = d.scrape(), d.cpu_seconds(), probe.counts()[1], time.time()
+            t1 = time.time()
+            s1, c1, p1 = d.scrape(), d.cpu_seconds(), probe.counts()[1]
             pub = summarise_publishers(kids.results(warm + measure + 60))
         finally:
             kids.close()
@@ -417,10 +421,9 @@ class Phases:
         recovered: float | None = None
         deadline = time.monotonic() + 180.0
         while recovered is None and time.monotonic() < deadline:
-            with probe.lock:
-                young = [rec for rec, lat in probe.samples if rec > t_end and lat < RECOVERED_LAG_S]
-            if young:
-                recovered = young[0] - t_end
+            first = probe.first_received(t_end, RECOVERED_LAG_S)
+            if first is not None:
+                recovered = first - t_end
             else:
                 time.sleep(0.1)
         probe.pause()

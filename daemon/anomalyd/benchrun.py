@@ -8,6 +8,8 @@ load publishers (``anomalyd.benchload`` children), and what is read from them.
 * ``Probe``: probe devices publishing single readings at a steady rate, stamped
   ``time.time()``, and a subscription to their score topics: publish-to-score latency is
   the receive time minus the score's ``ts`` (the newest reading of the window scored).
+  Both run in a child process of their own (``anomalyd.benchload probe``), driven over
+  its standard streams.
 * ``Children``: load processes started together (a ready/go handshake over their
   standard streams), each reporting what it did as one JSON line.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -31,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -223,7 +224,12 @@ class DaemonProcess:
 
 class Probe:
     """Probe devices publishing single readings at a steady rate, and the latency of each
-    of their scores.
+    of their scores, from a child process (``python -m anomalyd.benchload probe``).
+
+    The child publishes and receives; this object only sends it commands and keeps the
+    samples it hands back. Timestamps taken in this process would be late by whatever
+    else this process does (scraping and parsing ``/metrics``, its other threads) while
+    holding the interpreter lock.
 
     The daemon publishes a device's score at most once per ``output.score_interval_s`` of
     data time (one a second by default), so one device yields about one latency a second;
@@ -243,118 +249,99 @@ class Probe:
         features: Sequence[str],
         topic_in: str = "sensors/{device}/telemetry",
         score_topic: str = "anomaly/{device}/score",
+        timeout: float = 60.0,
     ) -> None:
-        from anomalyd.benchload import value_pool
-
         self.devices = [f"{prefix}{k}" for k in range(devices)]
         self.rate = rate  # readings per second per device
-        self._features = list(features)
-        self._rows = value_pool(len(features), seed=5)
-        self._topics = [topic_in.replace("{device}", d) for d in self.devices]
-        self.lock = threading.Lock()
-        self.samples: list[tuple[float, float]] = []  # (receive time, latency), under lock
-        self.messages = 0  # published so far, under lock
+        self.samples: list[tuple[float, float]] = []  # (receive time, latency), as received
+        self.messages = 0  # published so far, as of the child's last answer
         self.readings = 0
-        self._last_ts = [0.0] * devices
-        self._stop = threading.Event()
-        self._running = threading.Event()
-        self._running.set()
-        self._publishing = threading.Lock()  # held while one reading is published and counted
-        self._subscribed = threading.Event()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"bench-probe-{prefix}", protocol=mqtt.MQTTv5
+        self._publishing = False  # True between resume and pause: the counts move
+        self._timeout = timeout
+        cmd = [sys.executable, "-m", "anomalyd.benchload", "probe", "--host", host, "--port", str(port)]
+        cmd += ["--prefix", prefix, "--devices", str(devices), "--rate", repr(rate)]
+        cmd += ["--window", str(window), "--features", ",".join(features)]
+        cmd += ["--topic", topic_in, "--score-topic", score_topic]
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
         )
-        scores = [(score_topic.replace("{device}", d), 0) for d in self.devices]
-        self._client.on_connect = lambda c, *_a: c.subscribe(scores)
-        self._client.on_subscribe = lambda *_a: self._subscribed.set()
-        self._client.on_message = self._on_message
-        self._client.connect(host, port, keepalive=60)
-        self._client.loop_start()
-        if not self._subscribed.wait(10):
-            self.close()
-            raise BenchError(f"probe: no SUBACK from {host}:{port}")
-        now = time.time()
-        for k, topic in enumerate(self._topics):
-            past = [now - (window - j) / rate for j in range(window)]
-            docs = [self._doc(k, ts, j) for j, ts in enumerate(past)]
-            self._client.publish(topic, orjson.dumps(docs), qos=0)
-            self._last_ts[k] = past[-1]
-            self.messages += 1
-            self.readings += window
-        self._thread = threading.Thread(target=self._publish_loop, name="bench-probe", daemon=True)
-        self._thread.start()
-
-    def _doc(self, k: int, ts: float, i: int) -> dict[str, float]:
-        row = self._rows[k % len(self._rows)]
-        doc = {"ts": ts}
-        doc.update(zip(self._features, row[i % len(row)], strict=True))
-        return doc
-
-    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
-        received = time.time()
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name="bench-probe-out", daemon=True)
+        self._reader.start()
         try:
-            ts = float(orjson.loads(msg.payload)["ts"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return
-        with self.lock:
-            self.samples.append((received, received - ts))
+            if self._next_line(timeout).strip() != "ready":
+                raise BenchError(f"probe process did not get ready (exit {self._proc.poll()})")
+            self._command("go")
+        except BaseException:
+            self.close()
+            raise
+        self._publishing = True
 
-    def _publish_loop(self) -> None:
-        n = len(self.devices)
-        period = 1.0 / (self.rate * n)  # the devices take turns, evenly spaced
-        next_due = time.time()
-        i = 0
-        while not self._stop.is_set():
-            if not self._running.is_set():
-                self._running.wait(0.1)
-                next_due = time.time()
-                continue
-            ahead = next_due - time.time()
-            if ahead > 0 and self._stop.wait(ahead):
-                break
-            with self._publishing:
-                if not self._running.is_set():
-                    continue
-                k = i % n
-                # Stamped when sent: the probe's true lag is receive time minus this.
-                ts = max(time.time(), self._last_ts[k] + 1e-6)
-                self._last_ts[k] = ts
-                payload = orjson.dumps(self._doc(k, ts, i // n))
-                self._client.publish(self._topics[k], payload, qos=0)
-                with self.lock:
-                    self.messages += 1
-                    self.readings += 1
-            i += 1
-            next_due += period
-            if time.time() - next_due > 1.0:
-                next_due = time.time()  # starved for a second: do not burst to catch up
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._lines.put(line)
+        self._lines.put("")  # end of output: the child has gone
+
+    def _next_line(self, timeout: float) -> str:
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
+            return ""
+
+    def _command(self, command: str) -> None:
+        """Send one command and take in its answer (counts, new samples)."""
+        if self._proc.poll() is not None:
+            raise BenchError(f"probe process exited with {self._proc.returncode}")
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(f"{command}\n")
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise BenchError(f"probe process gone (exit {self._proc.poll()})") from None
+        line = self._next_line(self._timeout)
+        if not line.strip():
+            raise BenchError(f"probe process did not answer {command!r} (exit {self._proc.poll()})")
+        answer = orjson.loads(line)
+        self.messages, self.readings = int(answer["messages"]), int(answer["readings"])
+        self.samples.extend((float(rec), float(lat)) for rec, lat in answer["samples"])
+
+    def poll(self) -> None:
+        """Take in the samples received so far and the current counts."""
+        self._command("poll")
 
     def pause(self) -> None:
         """Stop publishing until ``resume``, so that the counts stand still while the daemon
-        drains; returns once a reading being published has been counted."""
-        self._running.clear()
-        with self._publishing:
-            pass
+        drains; returns once the last reading published is on the socket and counted."""
+        self._command("pause")
+        self._publishing = False
 
     def resume(self) -> None:
-        self._running.set()
+        self._command("resume")
+        self._publishing = True
 
     def counts(self) -> tuple[int, int]:
-        """(messages, readings) published so far."""
-        with self.lock:
-            return self.messages, self.readings
+        """(messages, readings) published so far; asks the child only while it publishes."""
+        if self._publishing:
+            self.poll()
+        return self.messages, self.readings
 
     def latencies(self, t0: float = 0.0, t1: float = math.inf) -> list[float]:
         """Latencies of the scores received between wall-clock times ``t0`` and ``t1``."""
-        with self.lock:
-            return [lat for rec, lat in self.samples if t0 <= rec < t1]
+        self.poll()
+        return [lat for rec, lat in self.samples if t0 <= rec < t1]
 
     def latest(self, max_age: float) -> float | None:
         """Latency of the last score received, if it came within ``max_age`` seconds."""
-        with self.lock:
-            if not self.samples or time.time() - self.samples[-1][0] > max_age:
-                return None
-            return self.samples[-1][1]
+        self.poll()
+        if not self.samples or time.time() - self.samples[-1][0] > max_age:
+            return None
+        return self.samples[-1][1]
+
+    def first_received(self, after: float, below: float) -> float | None:
+        """Receive time of the first score after ``after`` whose latency is under ``below``."""
+        self.poll()
+        return next((rec for rec, lat in self.samples if rec > after and lat < below), None)
 
     def wait_scored(self, timeout: float, after: float = 0.0) -> bool:
         """Wait until a score received after ``after`` (wall clock) is in."""
@@ -362,19 +349,35 @@ class Probe:
         while time.monotonic() < deadline:
             if self.latencies(after):
                 return True
-            time.sleep(0.05)
+            time.sleep(0.1)
         return False
 
     def stop(self) -> None:
-        """Stop publishing (the subscription stays until ``close``)."""
-        self._stop.set()
-        if hasattr(self, "_thread"):
-            self._thread.join(5)
+        """Stop publishing for good (the subscription stays until ``close``)."""
+        self._command("stop")
+        self._publishing = False
+
+    @property
+    def exit_code(self) -> int | None:
+        """The child's exit code; None while it runs."""
+        return self._proc.poll()
 
     def close(self) -> None:
-        self.stop()
-        self._client.disconnect()
-        self._client.loop_stop()
+        """End the child: its last answer is taken in if it gives one; killed otherwise."""
+        with contextlib.suppress(BenchError, OSError, ValueError):
+            if self._proc.poll() is None:
+                self._command("exit")
+        self._publishing = False
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(10)
+        self._reader.join(2)  # it ends at the child's end of output; then its pipe can close
+        for stream in (self._proc.stdin, self._proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
 
 
 # --------------------------------------------------------------------------- load children

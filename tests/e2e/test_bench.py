@@ -12,11 +12,62 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from anomalyd.benchreport import TARGETS
+from anomalyd.benchrun import Probe
+from tests.broker import MosquittoBroker, Received, Subscriber, publish_many
+
+
+def readings_in(messages: list[Received]) -> int:
+    """Readings in telemetry messages: an array's length, or one for a single object."""
+    docs = [orjson.loads(m.payload) for m in messages]
+    return sum(len(d) if isinstance(d, list) else 1 for d in docs)
+
+
+def test_probe_process_counts_what_it_sent_and_times_the_scores_it_receives(
+    broker: MosquittoBroker,
+) -> None:
+    """The probe child against a bare broker, the test standing in for the daemon: what it
+    reports as published is what reached the broker, and a score's latency is its receive
+    time minus its ``ts``."""
+    seen = Subscriber(broker, ["sensors/+/telemetry"])
+    probe = Probe(broker.host, broker.port, "t-probe-", devices=2, rate=20.0, window=5, features=["a", "b"])
+    try:
+        time.sleep(0.3)
+        probe.pause()
+        messages, readings = probe.counts()
+        assert messages > 2  # one window of past readings per device, then live readings
+
+        seen.wait_until(lambda got: len(got) >= messages, 10, "the probe's readings")
+        time.sleep(0.3)
+        # Paused: nothing more is sent, and the counts are exactly what the broker got.
+        assert probe.counts() == (messages, readings)
+        assert len(seen.snapshot()) == messages
+        assert readings_in(seen.snapshot()) == readings
+
+        publish_many(broker, [("anomaly/t-probe-1/score", orjson.dumps({"ts": time.time() - 0.25}))])
+        assert probe.wait_scored(10)
+        (latency,) = probe.latencies()
+        assert 0.25 <= latency < 5
+
+        probe.resume()
+        time.sleep(0.2)
+        probe.stop()
+        after = probe.counts()
+        assert after[0] > messages
+        seen.wait_until(lambda got: len(got) >= after[0], 10, "the readings sent after resume")
+        time.sleep(0.2)
+        assert probe.counts() == after
+        assert len(seen.snapshot()) == after[0]
+    finally:
+        probe.close()
+        seen.close()
+    assert probe.exit_code == 0
 
 
 @pytest.mark.slow
