@@ -305,6 +305,12 @@ class StreamConfig(_Section):
     intake_queue_size: int = Field(
         default=100000, ge=1, description="messages waiting for the pipeline; overflow is dropped, counted"
     )
+    intake_queue_mib: float = Field(
+        default=32.0,
+        gt=0,
+        description="... and their size in MiB (payloads, topics, about 200 bytes each besides): "
+        "bounds the daemon's memory and the lag it can build under a flood; overflow is dropped, counted",
+    )
     device_id_pattern: str = Field(
         default=r"^[A-Za-z0-9_.:\-]{1,64}$", description="regular expression a device id must match"
     )

@@ -213,6 +213,11 @@ class Metrics:
         self.intake_queue_capacity = Gauge(
             "anomalyd_intake_queue_capacity", "Size limit of the intake queue", registry=r
         )
+        self.intake_queue_bytes = Gauge(
+            "anomalyd_intake_queue_bytes",
+            "Bytes held by the intake queue (payloads, topics, per-message overhead)",
+            registry=r,
+        )
         self.pending_windows = Gauge(
             "anomalyd_pending_windows", "Ready windows waiting in the batcher", registry=r
         )
@@ -303,10 +308,14 @@ class Metrics:
         )
         self.model_threshold.set(threshold)
 
-    def track_queue(self, depth: Callable[[], int], capacity: int) -> None:
-        """Read the intake queue depth at scrape time (no per-message gauge updates)."""
+    def track_queue(
+        self, depth: Callable[[], int], capacity: int, nbytes: Callable[[], int] | None = None
+    ) -> None:
+        """Read the intake queue depth (and bytes) at scrape time (no per-message updates)."""
         self.intake_queue_depth.set_function(lambda: float(depth()))
         self.intake_queue_capacity.set(capacity)
+        if nbytes is not None:
+            self.intake_queue_bytes.set_function(lambda: float(nbytes()))
 
 
 class MetricsServer:

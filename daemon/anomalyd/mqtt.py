@@ -542,6 +542,7 @@ class MqttLink:
         self._drop_log.log(
             logging.WARNING,
             "queue_full",
-            "intake queue full (%d messages): dropping telemetry; the pipeline is not keeping up",
+            "intake queue full (%d messages or %s bytes): dropping telemetry; the pipeline is not keeping up",
             queue.maxsize,
+            queue.max_bytes,
         )

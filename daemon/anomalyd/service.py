@@ -88,8 +88,12 @@ class Service:
         self._abort = threading.Event()
         self._pipeline_done = threading.Event()
         self._pipeline_failed = False
-        self._queue = IntakeQueue(config.stream.intake_queue_size)
-        self.metrics.track_queue(lambda: len(self._queue), config.stream.intake_queue_size)
+        self._queue = IntakeQueue(
+            config.stream.intake_queue_size, int(config.stream.intake_queue_mib * 2**20)
+        )
+        self.metrics.track_queue(
+            lambda: len(self._queue), config.stream.intake_queue_size, lambda: self._queue.nbytes
+        )
         self._link: MqttLink | None = None
         self._publisher: Publisher | None = None
         self._pipeline: threading.Thread | None = None
@@ -408,7 +412,7 @@ class Service:
                     link = self._link
                     pipeline.housekeeping(
                         now,
-                        queue_fill=len(self._queue) / self._queue.maxsize,
+                        queue_fill=self._queue.fill,
                         queue_dropped=link.dropped if link is not None else 0,
                     )
         except Exception:

@@ -344,3 +344,21 @@ def test_publish_many_while_disconnected_sends_nothing(
     links.append(link)
     assert link.publish_many([("anomaly/x/score", b"{}")]) is False
     assert link.publish_many([]) is True
+
+
+def test_queue_is_bounded_by_bytes_as_well_as_messages() -> None:
+    """Large array messages fill the queue by size long before its message count."""
+    q = IntakeQueue(1000, max_bytes=10_000)
+    big = RawMessage("sensors/a/telemetry", b"x" * 3000, 0.0, 0.0)
+    for _ in range(3):
+        assert q.put(big)
+    assert not q.put(big)  # a fourth would pass 10,000 bytes (3,000 + topic + overhead each)
+    assert len(q) == 3
+    assert q.nbytes == 3 * (3000 + len(big.topic) + 200)
+    assert q.fill == pytest.approx(q.nbytes / 10_000)
+    assert len(q.drain(2)) == 2
+    assert q.nbytes == 3000 + len(big.topic) + 200
+    assert q.put(big)  # room again
+    q.drain(10)
+    assert q.nbytes == 0
+    assert q.fill == 0.0
