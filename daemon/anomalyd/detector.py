@@ -59,7 +59,7 @@ __all__ = ["Decision", "Detector"]
 _LOG_FLOOR = 1e-12
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     """The verdict on one window."""
 
@@ -75,7 +75,7 @@ class Decision:
     padded: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class _DeviceState:
     smoothed: float = math.nan
     above: int = 0  # consecutive anomalous windows

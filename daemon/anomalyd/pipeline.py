@@ -2,8 +2,9 @@
 
 ``Pipeline`` is the only place where the stages are wired together. The service runs one
 on its pipeline thread, ``anomalyd.replay`` (and through it the SKAB evaluation) runs one
-over recorded readings, and the benchmarks run the service, so what they measure is what
-production runs, publisher and metrics included.
+over recorded readings, ``benchmarks/bench_pipeline.py`` runs one with the real publisher,
+and ``anomalyd bench`` runs the service, so what they measure is what production runs,
+publisher and metrics included.
 
 One thread owns a pipeline, so nothing in it takes a lock. The stages know nothing of
 each other beyond the values passed between them; where their decisions go is the

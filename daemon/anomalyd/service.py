@@ -1,4 +1,4 @@
-"""The daemon: wires the stages together and owns the lifecycle.
+"""The daemon's lifecycle: start, run, reload, stop. The stages are wired in ``Pipeline``.
 
 Start, in order (a failure stops the start with one line and its exit code):
 config → logging (both done by the CLI) → secrets → model load, contract check, warm-up
@@ -7,7 +7,8 @@ delays readiness; it does not kill the start) → ``READY=1``.
 
 Threads: the paho network thread (``anomalyd.mqtt``) only enqueues into the intake queue;
 ``_run_pipeline_loop`` owns the ``Pipeline`` (decoder, buffers, batcher, model, detector,
-publisher: no locks) and feeds it from the queue; the main thread only waits for signals,
+publisher: no locks) and feeds it from the queue, in passes; the pipeline's inference
+threads only run ONNX Runtime on batches it hands them; the main thread only waits for signals,
 pings the watchdog while the pipeline makes progress, and starts reloads; a short-lived
 reload thread loads and warms a new model beside the serving one, and the pipeline
 thread swaps it in.
