@@ -6,7 +6,7 @@ always the contiguous slice ``[c % L, c % L + L)`` (``c`` readings so far) and a
 of windows is one gather through a strided view, with no modulo per element.
 
 ``ingest`` is vectorised across devices. A fancy-index write with repeated indices
-keeps only one value (FIELD_NOTES), so when a batch holds several readings of one
+keeps only one value (numpy's documented behaviour), so when a batch holds several readings of one
 device it is processed in *rounds*: round r writes the r-th reading of every device in
 the batch at once, then copies out the windows that became ready, before round r+1 can
 overwrite them. A batch of one reading per device is one round.
@@ -76,7 +76,7 @@ class IngestResult:
 class DeviceBuffers:
     """Rolling windows for up to ``max_devices`` devices. Owned by the pipeline thread."""
 
-    def __init__(  # noqa: PLR0917 - positional signature fixed by DAEMON_API.md
+    def __init__(  # noqa: PLR0917 - positional signature kept for existing callers
         self,
         max_devices: int,
         window_length: int,

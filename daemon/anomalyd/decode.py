@@ -165,7 +165,7 @@ def _number(value: object, what: str) -> float:
 class Decoder:
     """Turns ``RawMessage`` lists into ``DecodedBatch`` es for one model's feature list."""
 
-    def __init__(  # noqa: PLR0917 - positional signature fixed by DAEMON_API.md
+    def __init__(  # noqa: PLR0917 - positional signature kept for existing callers
         self,
         feature_names: list[str],
         topic_template: str,

@@ -91,7 +91,7 @@ class _DeviceState:
 class Detector:
     """Turns scores into decisions. Owned by the pipeline thread."""
 
-    def __init__(  # the first five are positional: DAEMON_API.md fixes them
+    def __init__(  # the first five are positional: existing callers pass them so
         self,
         threshold: float,
         smoothing: str,

@@ -43,7 +43,7 @@ class SessionOptions:
     providers: ProviderChoice = "auto"
     intra_op_threads: int = 1
     # ORT's idle worker threads busy-wait by default, taking a core from the MQTT
-    # thread on small machines (FIELD_NOTES: 114 % vs 23 % CPU at the same load).
+    # thread on small machines (measured on 2 cores: 114 % vs 23 % CPU at the same load).
     allow_spinning: bool = False
 
 
@@ -210,7 +210,7 @@ def load_model(path: str | os.PathLike[str], options: SessionOptions | None = No
     check_graph(session, contract, str(p))
     model = LoadedModel(p, session, contract)
     # With the CPU wheel, asking for CUDA only warns and quietly runs on CPU:
-    # get_providers() is the truth (FIELD_NOTES).
+    # get_providers() is the truth (the CPU wheel only warns when asked for CUDA).
     if options.providers == "cuda" and model.active_provider != "cuda":
         raise ProviderError(
             "providers = 'cuda' was requested but ONNX Runtime runs this model on "

@@ -522,7 +522,8 @@ class MqttLink:
         self._unsubscribed.set()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        # The only work on the network thread: stamp arrival and hand over (HOUSE_STYLE 3).
+        # The only work on the network thread: stamp arrival and hand over; decoding is the
+        # pipeline thread's job, in bulk.
         queue = self._queue
         if queue is None:
             return

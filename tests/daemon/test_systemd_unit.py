@@ -19,7 +19,7 @@ from tests.broker import MosquittoBroker, Subscriber, publish_many
 from tests.daemon_process import DaemonProcess
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "anomalyd.service"
-#: The bound we promise: FIELD_NOTES measured 1.2 ("OK") for this set of directives.
+#: The bound we promise: `systemd-analyze security --offline` rated this set of directives 1.2 ("OK").
 EXPOSURE_MAX = 1.5
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
 INSTALLED_EXEC = "/opt/anomalyd/venv/bin/anomalyd"

@@ -289,7 +289,7 @@ def test_unparseable_row_is_a_data_error(tmp_path: Path) -> None:
 
 
 def test_without_config_the_command_uses_the_committed_benchmark_config() -> None:
-    """`anomalyd-train skab DIR --out OUT` (issue 4's command) runs the configuration that
+    """`anomalyd-train skab DIR --out OUT` (the documented command) runs the configuration that
     docs/skab.md reports, not the generic training defaults."""
     from anomalyd_train.skab import default_config_path
 
