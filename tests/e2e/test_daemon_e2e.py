@@ -29,10 +29,9 @@ import itertools
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import orjson
@@ -67,20 +66,6 @@ def _start_of_yesterday_at(hour: int) -> float:
     so a fixed hour makes the stream (and the scores) the same on every run."""
     now = time.time()
     return math.floor(now / 86_400) * 86_400 - 86_400 + hour * 3_600
-
-
-@pytest.fixture
-def daemon_factory(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Callable[..., DaemonProcess]]:
-    made: list[DaemonProcess] = []
-
-    def make(model: Path, **kwargs: Any) -> DaemonProcess:
-        d = DaemonProcess(tmp_path / f"daemon{len(made)}", broker, model, **kwargs)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.close()
 
 
 def _publish(broker: MosquittoBroker, stream: Stream, settings: SimulationSettings) -> None:

@@ -16,9 +16,8 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import orjson
 import paho.mqtt.client as mqtt
@@ -53,20 +52,6 @@ def rejected_total(samples: Samples) -> float:
 
 def dropped_total(samples: Samples, name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
-
-
-@pytest.fixture
-def daemons(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Callable[..., DaemonProcess]]:
-    made: list[DaemonProcess] = []
-
-    def make(model: Path, **kwargs: Any) -> DaemonProcess:
-        d = DaemonProcess(tmp_path / f"daemon{len(made)}", broker, model, **kwargs)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.close()
 
 
 class Feeder:
@@ -106,10 +91,10 @@ class Feeder:
 
 
 def test_a_backlog_in_the_broker_shows_as_lag_and_overloaded_then_clears(
-    broker: MosquittoBroker, daemons: Callable[..., DaemonProcess], tiny_model: Callable[..., Path]
+    broker: MosquittoBroker, daemon_factory: Callable[..., DaemonProcess], tiny_model: Callable[..., Path]
 ) -> None:
     age = 60.0  # how far behind (data time) the simulated backlog in the broker is
-    d = daemons(tiny_model(window_length=L))
+    d = daemon_factory(tiny_model(window_length=L))
     d.wait_ready()
     sub = Subscriber(broker, [STATUS])
     feeders: list[Feeder] = []
@@ -162,11 +147,11 @@ def test_a_backlog_in_the_broker_shows_as_lag_and_overloaded_then_clears(
 
 
 def test_a_full_intake_queue_drops_are_counted_and_reported_as_overloaded(
-    broker: MosquittoBroker, daemons: Callable[..., DaemonProcess], tiny_model: Callable[..., Path]
+    broker: MosquittoBroker, daemon_factory: Callable[..., DaemonProcess], tiny_model: Callable[..., Path]
 ) -> None:
     # A tiny queue in front of a pipeline made slow on purpose (one window per model run,
     # one message per window), so a flood overflows it.
-    d = daemons(
+    d = daemon_factory(
         tiny_model(window_length=L),
         sections={
             "stream": {"intake_queue_size": 50, "overload_lag_s": 3600.0},  # only the queue counts
@@ -227,14 +212,14 @@ def test_a_full_intake_queue_drops_are_counted_and_reported_as_overloaded(
 @pytest.mark.parametrize(("clean_start", "kept"), [(False, True), (True, False)])
 def test_a_persistent_session_keeps_what_was_published_while_the_daemon_was_down(
     broker: MosquittoBroker,
-    daemons: Callable[..., DaemonProcess],
+    daemon_factory: Callable[..., DaemonProcess],
     tiny_model: Callable[..., Path],
     clean_start: bool,
     kept: bool,
 ) -> None:
     model = tiny_model(window_length=L)
     sections = {"mqtt": {"clean_start": clean_start, "qos_in": 1, "client_id": "anomalyd-persistent"}}
-    a = daemons(model, sections=sections)
+    a = daemon_factory(model, sections=sections)
     a.wait_ready()
     a.signal(signal.SIGKILL)  # no clean disconnect: the broker is left holding the session
     a.wait()
@@ -243,7 +228,7 @@ def test_a_persistent_session_keeps_what_was_published_while_the_daemon_was_down
     t0 = time.time() - 2 * n
     publish_many(broker, [reading("m1", t0 + i) for i in range(n)], qos=1)
 
-    b = daemons(model, sections=sections)
+    b = daemon_factory(model, sections=sections)
     b.wait_ready()
     # Readings published now are delivered after anything the broker kept: once they are
     # in, whatever was kept is in too.
