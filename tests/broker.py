@@ -88,7 +88,8 @@ class TlsFiles:
 
 class MosquittoBroker(PrivateBroker):
     """``anomalyd.broker.PrivateBroker`` in ``workdir``, plus what tests need: a password
-    file (``users``: anonymous access off) and a TLS listener (``tls``)."""
+    file (``users``: anonymous access off), a TLS listener (``tls``) and an ACL file
+    (``acl``: its text)."""
 
     def __init__(
         self,
@@ -97,9 +98,16 @@ class MosquittoBroker(PrivateBroker):
         users: dict[str, str] | None = None,
         tls: TlsFiles | None = None,
         port: int | None = None,
+        acl: str | None = None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         extra: list[str] = []
+        if acl is not None:
+            # Mosquitto's ACL file: `topic` lines before any `user` line apply to anonymous
+            # clients; `user NAME` starts that user's lines. Without an ACL, all is allowed.
+            acl_file = workdir / "acl"
+            acl_file.write_text(acl)
+            extra.append(f"acl_file {acl_file}")
         if users is not None:
             pw_file = workdir / "passwords"
             pw_file.write_text("")

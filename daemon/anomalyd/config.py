@@ -41,6 +41,7 @@ from anomalyd.paths import DEFAULT_MODEL_PATH
 
 __all__ = [
     "BatchingConfig",
+    "CommandsConfig",
     "Config",
     "DetectorConfig",
     "LoggingConfig",
@@ -49,6 +50,7 @@ __all__ = [
     "MqttConfig",
     "OutputConfig",
     "ShutdownConfig",
+    "StateConfig",
     "StreamConfig",
     "TlsConfig",
     "config_errors",
@@ -323,6 +325,24 @@ class StreamConfig(_Section):
         description="overloaded when every pipeline pass in a check (about 1 s) scored readings whose "
         "newest was older than this in data time",
     )
+    cadence_check: bool = Field(
+        default=True,
+        description="check each device's sample period against the model's (false: score every device "
+        "whatever its cadence, e.g. for load tests that run faster than real time)",
+    )
+    cadence_tolerance: float = Field(
+        default=0.25,
+        gt=0,
+        lt=1,
+        description="a device whose median step between readings is off the model's sample period by "
+        "more than this fraction, and outside the training data's 5-95 % spread, is not scored "
+        "(or is resampled)",
+    )
+    resample: Literal["off", "linear"] = Field(
+        default="off",
+        description='"linear": interpolate a device at the wrong cadence onto the model\'s sample '
+        "period and score it, instead of not scoring it (CPU grows with the ratio of periods)",
+    )
 
     @field_validator("device_id_pattern")
     @classmethod
@@ -458,6 +478,68 @@ class OutputConfig(_Section):
         return _check_topic_template(v, 0)
 
 
+class CommandsConfig(_Section):
+    """Operator commands over MQTT (shelve, rebaseline, out of service: docs/operations.md)."""
+
+    enabled: bool = Field(default=True, description="subscribe to the command topic")
+    topic: str = Field(
+        default="anomalyd/cmd/{device}/{verb}",
+        description="command topic template: '{device}' and '{verb}' each a whole level (grant it "
+        "to operators only in the broker's ACL)",
+    )
+    default_shelve_s: float = Field(
+        default=3600.0, gt=0, description="how long `shelve` lasts when the command gives no duration_s"
+    )
+    max_shelve_s: float = Field(default=7 * 86400.0, gt=0, description="the longest shelving accepted")
+
+    @field_validator("topic")
+    @classmethod
+    def _command_topic(cls, v: str) -> str:
+        levels = v.split("/")
+        if any(ch in v for ch in "+#\x00") or not v or v.startswith("$"):
+            raise ValueError(f"expected a topic without '+', '#' and not starting with '$', got {v!r}")
+        for name in ("{device}", "{verb}"):
+            if v.count(name) != 1 or name not in levels:
+                raise ValueError(f"expected exactly one {name!r}, as a whole topic level, got {v!r}")
+        stripped = v.replace("{device}", "").replace("{verb}", "")
+        if "{" in stripped or "}" in stripped:
+            raise ValueError(f"expected no placeholder other than '{{device}}' and '{{verb}}', got {v!r}")
+        return v
+
+    @field_validator("max_shelve_s")
+    @classmethod
+    def _max_not_below_default(cls, v: float, info: ValidationInfo) -> float:
+        default = info.data.get("default_shelve_s")
+        if default is not None and v < default:
+            raise ValueError(f"expected max_shelve_s >= default_shelve_s ({default}), got {v}")
+        return v
+
+
+class StateConfig(_Section):
+    """Snapshots of per-device state (windows, detector, alert states) across restarts."""
+
+    directory: PathField | None = Field(
+        default=None,
+        description="where snapshots go; unset: $STATE_DIRECTORY (systemd's StateDirectory=) if set, "
+        "else no snapshots",
+        examples=["/var/lib/anomalyd"],
+    )
+    snapshot_interval_s: float = Field(
+        default=300.0, ge=0, description="snapshot this often while running (0: only on a clean stop)"
+    )
+    max_age_s: float = Field(
+        default=3600.0, gt=0, description="a snapshot older than this at start is ignored (stale)"
+    )
+
+    def resolved_directory(self) -> Path | None:
+        """``directory``, else ``$STATE_DIRECTORY`` (first entry), else None (snapshots off)."""
+        if self.directory is not None:
+            return self.directory
+        env = os.environ.get("STATE_DIRECTORY", "")
+        first = env.split(":")[0]
+        return Path(first) if first else None
+
+
 class MetricsConfig(_Section):
     """The Prometheus endpoint."""
 
@@ -493,6 +575,8 @@ class Config(_Section):
     batching: BatchingConfig = Field(default_factory=BatchingConfig, description="dynamic batching")
     detector: DetectorConfig = Field(default_factory=DetectorConfig, description="thresholds and alerts")
     output: OutputConfig = Field(default_factory=OutputConfig, description="published topics")
+    commands: CommandsConfig = Field(default_factory=CommandsConfig, description="operator commands")
+    state: StateConfig = Field(default_factory=StateConfig, description="snapshots across restarts")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="logging")
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig, description="shutdown")

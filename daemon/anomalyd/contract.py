@@ -108,7 +108,32 @@ class TrainingData(_Strict):
     train_windows: int = Field(ge=0)
     validation_windows: int = Field(ge=0)
     calibration_windows: int = Field(default=0, ge=0)
-    sample_period_s: float | None = Field(default=None, gt=0)
+    sample_period_s: float | None = Field(
+        default=None, gt=0, description="median step between readings inside segments, seconds"
+    )
+    # The spread of those steps. Optional: models exported before it was recorded still
+    # load, and the daemon's cadence band then rests on its tolerance alone.
+    sample_period_p05_s: float | None = Field(default=None, gt=0, description="5th percentile of the steps")
+    sample_period_p95_s: float | None = Field(default=None, gt=0, description="95th percentile of the steps")
+
+    @field_validator("sample_period_s", "sample_period_p05_s", "sample_period_p95_s")
+    @classmethod
+    def _finite_period(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered_periods(self) -> TrainingData:
+        p05, p, p95 = self.sample_period_p05_s, self.sample_period_s, self.sample_period_p95_s
+        if (p05 is not None or p95 is not None) and p is None:
+            raise ValueError("sample_period_p05_s and sample_period_p95_s need sample_period_s")
+        if p is not None and not ((p05 is None or p05 <= p) and (p95 is None or p <= p95)):
+            raise ValueError(
+                "expected sample_period_p05_s <= sample_period_s <= sample_period_p95_s, "
+                f"got {p05}, {p}, {p95}"
+            )
+        return self
 
 
 class Contract(_Strict):
@@ -179,6 +204,15 @@ class Contract(_Strict):
                 field, msg = (head, rest) if sep and _FIELD_PATH.match(head) else (METADATA_KEY, msg)
             raise ModelContractError(msg, field=field, path=path) from None
 
+    def _describe_period(self) -> str:
+        d = self.training_data
+        if d.sample_period_s is None:
+            return "not recorded (the daemon checks no cadence)"
+        text = f"{d.sample_period_s:.6g} s"
+        if d.sample_period_p05_s is not None and d.sample_period_p95_s is not None:
+            text += f" (5-95 %: {d.sample_period_p05_s:.6g} to {d.sample_period_p95_s:.6g} s)"
+        return text
+
     def describe(self) -> str:
         """A person-readable summary, printed by ``anomalyd inspect-model``."""
         t = self.threshold
@@ -186,6 +220,7 @@ class Contract(_Strict):
             f"model version   {self.model_version}",
             f"kind            {self.kind}",
             f"window length   {self.window_length} samples",
+            f"sample period   {self._describe_period()}",
             "features        "
             + ", ".join(f"{ft.name} [{ft.unit}]" if ft.unit else ft.name for ft in self.features),
             f"threshold       {t.value:.6g}  ({t.method}"

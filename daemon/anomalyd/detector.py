@@ -39,16 +39,44 @@ early. A non-finite score (NaN, inf) means a broken model or input, not a verdic
 machine: that window is reported with ``anomaly = False``, it leaves the smoothing state,
 the adaptive statistics and both counters untouched, so it can neither raise nor clear an
 alert, and it is counted in ``non_finite`` for the service to export and log.
+
+**Published state** (``anomalyd.alerts``). Besides the alert, each device carries the state
+its retained alert message shows: ``unknown`` until its first finite window is decided,
+then ``normal`` / ``anomalous``, under the overlays an operator (``shelve``,
+``out_of_service``) or the cadence check puts on it. ``Decision.state_changed`` marks the
+windows that changed it; ``record(device)`` builds the message. While an alert is active
+the detector keeps its peak score and the contributions at the peak.
+
+**Operator verbs.** ``shelve`` suppresses a device's alert state until a time (the
+detector goes on deciding underneath; ``expire_shelves`` ends it), ``set_out_of_service``
+does the same without end and also stops the adaptive statistics from learning (a
+machine under maintenance is not a model of normal), and ``rebaseline`` accepts the
+present behaviour as the new normal: smoothing, hysteresis, alert and adaptive statistics
+restart, and with ``adaptive`` on no alert is raised until the statistics have warmed up
+again on the new behaviour (``adaptive_min_windows`` windows). Without ``adaptive``,
+``rebaseline`` clears the alert and the hysteresis only: the static threshold stays, so an
+alert comes back if the new behaviour stays above it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+from anomalyd.alerts import (
+    ANOMALOUS,
+    CADENCE_MISMATCH,
+    NORMAL,
+    OUT_OF_SERVICE,
+    SHELVED,
+    UNKNOWN,
+    AlertRecord,
+    OperatorAction,
+)
 
 if TYPE_CHECKING:
     from anomalyd.config import DetectorConfig
@@ -73,6 +101,8 @@ class Decision:
     alert_changed: bool  # this window raised or cleared the alert
     contributions: npt.NDArray[np.float32]  # (F,) per-feature share of the score
     padded: bool
+    state_changed: bool = False  # this window changed the device's published state (anomalyd.alerts)
+    record: AlertRecord | None = None  # ... and this is the state message it calls for
 
 
 @dataclass(slots=True)
@@ -86,6 +116,38 @@ class _DeviceState:
     log_mean: float = 0.0
     log_var: float = 0.0
     adaptive: float = math.nan  # the device's threshold once warmed up; NaN before
+    # published state (anomalyd.alerts)
+    decided: bool = False  # a finite window was decided since the state (re)started
+    published: str = UNKNOWN  # the state the device's alert message shows
+    since: float = math.nan  # when that state began
+    last_ts: float = math.nan  # data time of the newest decided window
+    last_score: float = math.nan
+    last_threshold: float = math.nan
+    peak_score: float = math.nan  # highest score since the alert was raised
+    peak_ts: float = math.nan
+    peak_contributions: npt.NDArray[np.float32] | None = None
+    # overlays: None, or the overlay state (out_of_service > shelved > cadence_mismatch)
+    overlay: str | None = None
+    shelved_until: float = math.nan  # UNIX time; NaN: not shelved
+    out_of_service: bool = False
+    operator: OperatorAction | None = None
+    cadence: tuple[float, float] | None = None  # (measured, expected) period while mismatched
+    rebaselining: bool = False  # no alert until the adaptive statistics warmed up again
+
+    def condition(self) -> str:
+        if not self.decided:
+            return UNKNOWN
+        return ANOMALOUS if self.alert else NORMAL
+
+    def refresh_overlay(self) -> None:
+        if self.out_of_service:
+            self.overlay = OUT_OF_SERVICE
+        elif not math.isnan(self.shelved_until):
+            self.overlay = SHELVED
+        elif self.cadence is not None:
+            self.overlay = CADENCE_MISMATCH
+        else:
+            self.overlay = None
 
 
 class Detector:
@@ -182,8 +244,8 @@ class Detector:
 
     @property
     def active_alerts(self) -> int:
-        """Devices currently in alert."""
-        return sum(1 for s in self._states.values() if s.alert)
+        """Devices whose published state is ``anomalous``."""
+        return sum(1 for s in self._states.values() if s.published == ANOMALOUS)
 
     def alert_state(self, device: str) -> bool:
         """Whether ``device`` is in alert (False for a device never seen or forgotten)."""
@@ -197,10 +259,270 @@ class Detector:
             return self.threshold
         return state.adaptive
 
-    def forget(self, devices: list[str]) -> None:
-        """Drop the state of evicted devices (their next window starts afresh)."""
+    def forget(self, devices: list[str], reason: str, now: float) -> list[AlertRecord]:
+        """Drop the state of devices the pipeline stopped tracking (their next window starts
+        afresh). Returns the ``unknown`` record (with ``reason``) each of them now has, for
+        the ones whose published state was something else."""
+        out: list[AlertRecord] = []
         for device in devices:
-            self._states.pop(device, None)
+            state = self._states.pop(device, None)
+            if state is not None and state.published != UNKNOWN:
+                out.append(AlertRecord(device, UNKNOWN, UNKNOWN, now, now, reason=reason))
+        return out
+
+    def knows(self, device: str) -> bool:
+        """Whether the detector holds a state for ``device``."""
+        return device in self._states
+
+    def devices(self) -> list[str]:
+        """Every device with a state."""
+        return list(self._states)
+
+    def record(self, device: str, now: float | None = None) -> AlertRecord | None:
+        """The device's alert state message (None for a device without a state)."""
+        state = self._states.get(device)
+        if state is None:
+            return None
+        newest = state.since if math.isnan(state.last_ts) else state.last_ts
+        return self._make_record(device, state, newest if now is None else now)
+
+    def _make_record(self, device: str, state: _DeviceState, ts: float) -> AlertRecord:
+        condition = state.condition()
+        active = state.alert and state.decided
+        cadence = state.cadence
+        return AlertRecord(
+            device,
+            state.published,
+            condition,
+            state.since,
+            ts,
+            reason="warming_up" if state.published == UNKNOWN else None,
+            score=None if math.isnan(state.last_score) else state.last_score,
+            threshold=None if math.isnan(state.last_threshold) else state.last_threshold,
+            peak_score=state.peak_score if active else None,
+            peak_ts=state.peak_ts if active else None,
+            peak_contributions=state.peak_contributions if active else None,
+            shelved_until=None if math.isnan(state.shelved_until) else state.shelved_until,
+            operator=state.operator,
+            period_s=cadence[0] if cadence is not None else None,
+            expected_period_s=cadence[1] if cadence is not None else None,
+        )
+
+    def count_states(self) -> dict[str, int]:
+        """Devices per published state."""
+        counts: dict[str, int] = {}
+        for state in self._states.values():
+            counts[state.published] = counts.get(state.published, 0) + 1
+        return counts
+
+    def oldest_alert_since(self) -> float | None:
+        """``since`` of the oldest published ``anomalous`` state (None: no active alert)."""
+        oldest = math.inf
+        for state in self._states.values():
+            if state.published == ANOMALOUS and state.since < oldest:
+                oldest = state.since
+        return None if math.isinf(oldest) else oldest
+
+    # ------------------------------------------------------------------ overlays and verbs
+
+    def _state(self, device: str) -> _DeviceState:
+        state = self._states.get(device)
+        if state is None:
+            state = self._states[device] = _DeviceState()
+        return state
+
+    def _republish(self, device: str, state: _DeviceState, now: float) -> AlertRecord | None:
+        """After an overlay changed: the new record if the published state changed."""
+        state.refresh_overlay()
+        published = state.overlay or state.condition()
+        if published == state.published and published not in (SHELVED, OUT_OF_SERVICE):
+            return None  # (an operator state is re-published: who and why may have changed)
+        if published != state.published:
+            state.published = published
+            state.since = now
+        return self.record(device, now)
+
+    def shelve(self, device: str, until: float, action: OperatorAction) -> AlertRecord | None:
+        """Suppress the device's alert state until ``until`` (UNIX time)."""
+        state = self._state(device)
+        state.shelved_until = until
+        state.operator = action
+        return self._republish(device, state, action.at)
+
+    def set_out_of_service(self, device: str, out: bool, action: OperatorAction) -> AlertRecord | None:
+        """Take the device out of service (``out``) or put it back."""
+        state = self._state(device)
+        state.out_of_service = out
+        if not out:
+            state.shelved_until = math.nan  # back in service: whatever was shelved is done too
+        state.operator = action if out else None
+        return self._republish(device, state, action.at)
+
+    def unshelve(self, device: str, action: OperatorAction) -> AlertRecord | None:
+        """End the device's shelving now (an operator's ``unshelve``)."""
+        state = self._state(device)
+        if math.isnan(state.shelved_until):
+            return None
+        state.shelved_until = math.nan
+        if not state.out_of_service:
+            state.operator = action
+        return self._republish(device, state, action.at)
+
+    def expire_shelves(self, now: float) -> list[AlertRecord]:
+        """Unshelve every device whose shelving ended by ``now``; their new records."""
+        out: list[AlertRecord] = []
+        for device, state in self._states.items():
+            if not math.isnan(state.shelved_until) and state.shelved_until <= now:
+                state.shelved_until = math.nan
+                if not state.out_of_service:
+                    state.operator = None
+                record = self._republish(device, state, now)
+                if record is not None:
+                    out.append(record)
+        return out
+
+    def rebaseline(self, device: str, action: OperatorAction) -> AlertRecord | None:
+        """Accept the device's present behaviour as its new normal (see the module docstring)."""
+        state = self._state(device)
+        state.smoothed = math.nan
+        state.above = state.below = 0
+        state.alert = False
+        state.learnt = 0
+        state.log_mean = state.log_var = 0.0
+        state.adaptive = math.nan
+        state.rebaselining = self.adaptive
+        state.peak_score = state.peak_ts = math.nan
+        state.peak_contributions = None
+        state.operator = action
+        published = state.published
+        record = self._republish(device, state, action.at)
+        if record is None and published in (NORMAL, UNKNOWN):
+            return self.record(device, action.at)  # say who re-baselined it, even if it stays normal
+        return record
+
+    def set_cadence(
+        self, device: str, mismatched: bool, period_s: float, expected_s: float, ts: float
+    ) -> AlertRecord | None:
+        """The cadence check's verdict on a device changed (data time ``ts``)."""
+        state = self._state(device)
+        state.cadence = (period_s, expected_s) if mismatched else None
+        if not mismatched:
+            # Its window restarts: until a full window is decided its condition is unknown.
+            state.decided = False
+        return self._republish(device, state, ts)
+
+    # ------------------------------------------------------------------ snapshot
+
+    def export_state(self) -> list[dict[str, Any]]:
+        """Every device's state as JSON-ready dicts (NaN as None), for a snapshot."""
+
+        def f(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
+        out: list[dict[str, Any]] = []
+        for device, st in self._states.items():
+            op = st.operator
+            out.append(
+                {
+                    "device": device,
+                    "smoothed": f(st.smoothed),
+                    "above": st.above,
+                    "below": st.below,
+                    "alert": st.alert,
+                    "learnt": st.learnt,
+                    "log_mean": st.log_mean,
+                    "log_var": st.log_var,
+                    "adaptive": f(st.adaptive),
+                    "decided": st.decided,
+                    "published": st.published,
+                    "since": f(st.since),
+                    "last_ts": f(st.last_ts),
+                    "last_score": f(st.last_score),
+                    "last_threshold": f(st.last_threshold),
+                    "peak_score": f(st.peak_score),
+                    "peak_ts": f(st.peak_ts),
+                    "peak_contributions": None
+                    if st.peak_contributions is None
+                    else [float(c) for c in st.peak_contributions],
+                    "shelved_until": f(st.shelved_until),
+                    "out_of_service": st.out_of_service,
+                    "operator": None if op is None else [op.verb, op.by, op.why, op.at],
+                    "cadence": None if st.cadence is None else list(st.cadence),
+                    "rebaselining": st.rebaselining,
+                }
+            )
+        return out
+
+    def import_state(self, states: list[dict[str, Any]], n_features: int) -> int:
+        """Restore what ``export_state`` gave (into a detector without states). Raises
+        ``ValueError`` on anything malformed, before changing anything. Returns devices restored."""
+
+        def f(x: object) -> float:
+            if x is None:
+                return math.nan
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise ValueError(f"expected a number or null, got {x!r}")
+            return float(x)
+
+        def i(x: object) -> int:
+            if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+                raise ValueError(f"expected a non-negative integer, got {x!r}")
+            return x
+
+        def b(x: object) -> bool:
+            if not isinstance(x, bool):
+                raise ValueError(f"expected true or false, got {x!r}")
+            return x
+
+        restored: dict[str, _DeviceState] = {}
+        for raw in states:
+            if not isinstance(raw, dict) or not isinstance(raw.get("device"), str):
+                raise ValueError("each detector state needs a 'device' string")
+            published = raw.get("published")
+            if published not in (NORMAL, ANOMALOUS, UNKNOWN, CADENCE_MISMATCH, SHELVED, OUT_OF_SERVICE):
+                raise ValueError(f"unknown published state {published!r}")
+            peak = raw.get("peak_contributions")
+            if peak is not None and (not isinstance(peak, list) or len(peak) != n_features):
+                raise ValueError(f"peak_contributions must hold {n_features} numbers")
+            op = raw.get("operator")
+            if op is not None and not (
+                isinstance(op, list) and len(op) == 4 and all(isinstance(x, str) for x in op[:3])
+            ):
+                raise ValueError(f"malformed operator action {op!r}")
+            cadence = raw.get("cadence")
+            if cadence is not None and not (isinstance(cadence, list) and len(cadence) == 2):
+                raise ValueError(f"malformed cadence {cadence!r}")
+            try:
+                st = _DeviceState(
+                    smoothed=f(raw["smoothed"]),
+                    above=i(raw["above"]),
+                    below=i(raw["below"]),
+                    alert=b(raw["alert"]),
+                    learnt=i(raw["learnt"]),
+                    log_mean=f(raw["log_mean"]),
+                    log_var=f(raw["log_var"]),
+                    adaptive=f(raw["adaptive"]),
+                    decided=b(raw["decided"]),
+                    published=str(published),
+                    since=f(raw["since"]),
+                    last_ts=f(raw["last_ts"]),
+                    last_score=f(raw["last_score"]),
+                    last_threshold=f(raw["last_threshold"]),
+                    peak_score=f(raw["peak_score"]),
+                    peak_ts=f(raw["peak_ts"]),
+                    peak_contributions=None if peak is None else np.asarray([f(c) for c in peak], np.float32),
+                    shelved_until=f(raw["shelved_until"]),
+                    out_of_service=b(raw["out_of_service"]),
+                    operator=None if op is None else OperatorAction(op[0], op[1], op[2], f(op[3])),
+                    cadence=None if cadence is None else (f(cadence[0]), f(cadence[1])),
+                    rebaselining=b(raw["rebaselining"]),
+                )
+            except KeyError as exc:
+                raise ValueError(f"detector state of {raw['device']!r} lacks {exc}") from None
+            st.refresh_overlay()
+            restored[raw["device"]] = st
+        self._states.update(restored)
+        return len(restored)
 
     def _learn(self, state: _DeviceState, smoothed: float) -> None:
         """Fold one normal window's smoothed score into the device's log-score statistics."""
@@ -215,6 +537,7 @@ class Detector:
         if state.learnt >= self.adaptive_min_windows:
             learnt = math.exp(state.log_mean + self.adaptive_k * math.sqrt(state.log_var))
             state.adaptive = max(self.adaptive_floor * self.threshold, learnt)
+            state.rebaselining = False
 
     def update(
         self,
@@ -229,6 +552,8 @@ class Detector:
         ewma = self.smoothing == "ewma"
         alpha = self.ewma_alpha
         adaptive = self.adaptive
+        min_learnt = self.adaptive_min_windows
+        k_enter, k_exit = self.k_enter, self.k_exit
         states = self._states
         out: list[Decision] = []
         # Python floats in the loop: numpy scalar arithmetic costs several times more.
@@ -263,25 +588,44 @@ class Detector:
             state.smoothed = smoothed
             anomaly = smoothed > threshold
             # Warm-up learns every window (SPOT's initialisation step); afterwards only
-            # the windows that say "normal" (see the module docstring).
+            # the windows that say "normal" (see the module docstring). Nothing is learnt
+            # from a device out of service.
             if (
                 adaptive
                 and not pad
-                and (state.learnt < self.adaptive_min_windows or not (anomaly or state.alert))
+                and not state.out_of_service
+                and (state.learnt < min_learnt or not (anomaly or state.alert))
             ):
                 self._learn(state, smoothed)
             changed = False
             if anomaly:
-                state.above += 1
+                # While re-baselining, the static threshold's verdicts do not count towards
+                # an alert: the statistics are still learning what the new normal is.
+                state.above = 0 if state.rebaselining else state.above + 1
                 state.below = 0
-                if not state.alert and state.above >= self.k_enter:
+                if not state.alert and state.above >= k_enter:
                     state.alert = changed = True
+                    state.peak_score = -math.inf
             else:
                 state.below += 1
                 state.above = 0
-                if state.alert and state.below >= self.k_exit:
+                if state.alert and state.below >= k_exit:
                     state.alert = False
                     changed = True
+            if state.alert and score > state.peak_score:
+                state.peak_score = score
+                state.peak_ts = t
+                state.peak_contributions = np.array(contributions[i])
+            state.decided = True
+            state.last_ts = t
+            state.last_score = score
+            state.last_threshold = threshold
+            published = state.overlay or (ANOMALOUS if state.alert else NORMAL)
+            record = None
+            if published != state.published:
+                state.published = published
+                state.since = t
+                record = self._make_record(device, state, t)
             out.append(
                 Decision(
                     device,
@@ -294,6 +638,8 @@ class Detector:
                     changed,
                     contributions[i],
                     pad,
+                    record is not None,
+                    record,
                 )
             )
         return out

@@ -48,7 +48,8 @@ class ProviderError(AnomalydError):
 
 
 class BrokerError(AnomalydError):
-    """The MQTT broker refused us for a reason retrying will not fix (bad credentials)."""
+    """The MQTT broker refused us, at start, for a reason retrying will not fix: our
+    credentials, or the telemetry subscription (its ACL)."""
 
     exit_code = 76  # EX_PROTOCOL
 

@@ -30,6 +30,10 @@ from prometheus_client import (
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from anomalyd.alerts import ANOMALOUS, STATES
+from anomalyd.commands import REJECT_REASONS, VERBS
+from anomalyd.snapshot import RESTORE_RESULTS
+
 log = logging.getLogger(__name__)
 
 #: Rejection reasons are a closed set (``anomalyd.decode.Reason``); model reload results too.
@@ -37,10 +41,14 @@ RELOAD_RESULTS = ("success", "failure")
 ALERT_DIRECTIONS = ("raised", "cleared")
 EVICTION_CAUSES = ("idle", "capacity")
 PUBLISH_KINDS = ("score", "batch", "alert", "status")
+#: Why a message was not published: never handed to the client (not connected, its
+#: out-queue full), or refused by the broker in its acknowledgement (not_authorized: an
+#: ACL, reason code 0x87; refused: any other failure code).
+PUBLISH_FAILURE_REASONS = ("not_connected", "queue_full", "not_authorized", "refused")
 PIPELINE_STAGES = ("decode", "model", "publish")
 #: Why scored-to-be windows or queued messages were lost inside the daemon (rejected input
 #: has its own counter, ``anomalyd_rejected_total``).
-WINDOW_DROP_REASONS = ("model_error", "shutdown")
+WINDOW_DROP_REASONS = ("model_error", "shutdown", "cadence_mismatch")
 MESSAGE_DROP_REASONS = ("decode_error", "shutdown")
 
 # Inference of one batch: ~0.1 ms (batch 1, CPU) to tens of ms (batch 256) or more on a
@@ -244,12 +252,36 @@ class Metrics:
             registry=r,
         )
         self.published = Counter(
-            "anomalyd_published", "Messages handed to the MQTT client, by kind", ["kind"], registry=r
+            "anomalyd_published",
+            "Messages published, by kind: QoS 1/2 when the broker acknowledged them with success, "
+            "QoS 0 when handed to the MQTT client (unless the broker refuses that kind)",
+            ["kind"],
+            registry=r,
         )
         self.publish_failures = Counter(
             "anomalyd_publish_failures",
-            "Messages that could not be published (not connected, queue full), by kind",
+            "Messages not published, by kind and reason (not_connected, queue_full: never handed over; "
+            "not_authorized, refused: the broker's acknowledgement refused them, or QoS 0 messages "
+            "sent while the broker refuses their kind)",
+            ["kind", "reason"],
+            registry=r,
+        )
+        self.publish_denied = Gauge(
+            "anomalyd_publish_denied",
+            "1 while the broker's newest acknowledgement of a message of this kind was a refusal "
+            "(MQTT 5 only)",
             ["kind"],
+            registry=r,
+        )
+        self.mqtt_subscription_denied = Gauge(
+            "anomalyd_mqtt_subscription_denied",
+            "1 while the broker refuses the telemetry subscription (retried every 30 s; not ready meanwhile)",
+            registry=r,
+        )
+        self.mqtt_subscription_refusals = Counter(
+            "anomalyd_mqtt_subscription_refusals",
+            "Subscriptions the broker refused in its SUBACK (retries included), by topic filter",
+            ["topic_filter"],
             registry=r,
         )
         self.pipeline_errors = Counter(
@@ -268,6 +300,43 @@ class Metrics:
         self.model_reloads = Counter(
             "anomalyd_model_reloads", "Model reloads (SIGHUP), by result", ["result"], registry=r
         )
+        # ---- alert states (anomalyd.alerts), commands, snapshots
+        self.alerts_active = Gauge(
+            "anomalyd_alerts_active", "Devices whose published alert state is anomalous", registry=r
+        )
+        self.alert_oldest_age_seconds = Gauge(
+            "anomalyd_alert_oldest_age_seconds",
+            "Age of the oldest active alert (now minus its since; 0: none)",
+            registry=r,
+        )
+        self.alert_states = Gauge(
+            "anomalyd_alert_states", "Devices per published alert state", ["state"], registry=r
+        )
+        self.devices_cadence_mismatch = Gauge(
+            "anomalyd_devices_cadence_mismatch",
+            "Devices whose sample period is outside the model's tolerance",
+            registry=r,
+        )
+        self.commands = Counter(
+            "anomalyd_commands", "Operator commands applied, by verb", ["verb"], registry=r
+        )
+        self.commands_rejected = Counter(
+            "anomalyd_commands_rejected", "Operator commands refused, by reason", ["reason"], registry=r
+        )
+        self.snapshot_saves = Counter(
+            "anomalyd_snapshot_saves", "State snapshots written, by result", ["result"], registry=r
+        )
+        self.snapshot_restores = Counter(
+            "anomalyd_snapshot_restores",
+            "Snapshot restores at start, by result (restored, missing, stale, model_mismatch, corrupt)",
+            ["result"],
+            registry=r,
+        )
+        self.snapshot_last_success = Gauge(
+            "anomalyd_snapshot_last_success_timestamp_seconds",
+            "UNIX time of the newest snapshot written (0: none yet)",
+            registry=r,
+        )
         # Pre-create the labelled children so that every series exists (at 0) from the
         # first scrape: rate() and absent() work, and dashboards do not show "no data".
         for direction in ALERT_DIRECTIONS:
@@ -278,11 +347,23 @@ class Metrics:
             self.model_reloads.labels(result=result)
         for kind in PUBLISH_KINDS:
             self.published.labels(kind=kind)
-            self.publish_failures.labels(kind=kind)
+            self.publish_denied.labels(kind=kind)
+            for reason in PUBLISH_FAILURE_REASONS:
+                self.publish_failures.labels(kind=kind, reason=reason)
         for kind in ("network", "refused"):
             self.mqtt_connect_failures.labels(kind=kind)
         for stage in PIPELINE_STAGES:
             self.pipeline_errors.labels(stage=stage)
+        for state in STATES:
+            self.alert_states.labels(state=state)
+        for verb in VERBS:
+            self.commands.labels(verb=verb)
+        for reason in REJECT_REASONS:
+            self.commands_rejected.labels(reason=reason)
+        for result in ("ok", "failed"):
+            self.snapshot_saves.labels(result=result)
+        for result in RESTORE_RESULTS:
+            self.snapshot_restores.labels(result=result)
         for reason in WINDOW_DROP_REASONS:
             self.windows_dropped.labels(reason=reason)
         for reason in MESSAGE_DROP_REASONS:
@@ -307,6 +388,13 @@ class Metrics:
             }
         )
         self.model_threshold.set(threshold)
+
+    def set_alert_states(self, counts: dict[str, int], oldest_since: float | None, now: float) -> None:
+        """Refresh the alert-state gauges (housekeeping, about once a second)."""
+        for state in STATES:
+            self.alert_states.labels(state=state).set(counts.get(state, 0))
+        self.alerts_active.set(counts.get(ANOMALOUS, 0))
+        self.alert_oldest_age_seconds.set(0.0 if oldest_since is None else max(0.0, now - oldest_since))
 
     def track_queue(
         self, depth: Callable[[], int], capacity: int, nbytes: Callable[[], int] | None = None

@@ -15,8 +15,13 @@ Besides the flow, the pipeline owns:
 
 * the model swap (a reload): windows pending for the old model are scored with it
   first; a new window length or feature list restarts every device's window;
-* housekeeping: idle eviction, gauges, and the *overloaded* verdict, checked about once a
-  second. The daemon is overloaded when every pass since the previous check was late —
+* the devices' alert states (``anomalyd.alerts``): every change goes to the sink, and so
+  does the ``unknown`` state of every device it stops tracking (evicted, idle, a model
+  with another window shape); operator commands, shelving expiry, the cadence check's
+  verdicts, re-asserting every state after a reconnect and reconciling the states the
+  broker retains; snapshots of the per-device state (``anomalyd.snapshot``);
+* housekeeping: idle eviction, shelving expiry, gauges, and the *overloaded* verdict,
+  checked about once a second. The daemon is overloaded when every pass since the previous check was late —
   its newest reading older than ``stream.overload_lag_s`` in data time when its windows
   were scored (a backlog in the broker, where the daemon's own queues cannot see it) —,
   or its intake queue is at least half full, or telemetry was dropped because that
@@ -36,14 +41,18 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from anomalyd.alerts import UNKNOWN, AlertRecord, OperatorAction
 from anomalyd.batcher import Batch, Batcher
 from anomalyd.buffers import DeviceBuffers, IngestResult
+from anomalyd.cadence import period_band
+from anomalyd.commands import IN_SERVICE, OUT_OF_SERVICE, REBASELINE, SHELVE, UNSHELVE, Command
 from anomalyd.config import Config
 from anomalyd.decode import DecodedBatch, Decoder, RawMessage, Rejection
 from anomalyd.detector import Decision, Detector
 from anomalyd.logsetup import RateLimitedLog
 from anomalyd.metrics import Metrics
 from anomalyd.model import LoadedModel
+from anomalyd.snapshot import Snapshot
 
 __all__ = ["DecisionSink", "Pipeline"]
 
@@ -51,6 +60,10 @@ log = logging.getLogger(__name__)
 
 #: The intake queue counts as congested from this fill fraction on.
 _QUEUE_CONGESTED = 0.5
+#: Alert states re-asserted per housekeeping round (about a second) after a reconnect: ten
+#: thousand devices are spread over a few seconds, so the client's bounded out-queue of
+#: acknowledged messages and the broker take them in stride.
+_REASSERT_PER_ROUND = 2000
 
 #: What an inference thread hands back: scores, contributions, seconds inside ONNX Runtime.
 _RunResult = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float]
@@ -75,6 +88,9 @@ class DecisionSink(Protocol):
 
     def forget(self, devices: list[str]) -> None:
         """The pipeline stopped tracking these devices."""
+
+    def publish_states(self, records: list[AlertRecord]) -> None:
+        """Devices' alert states changed (or are re-asserted): publish them, retained."""
 
     def set_overloaded(self, overloaded: bool) -> None:
         """The daemon started or stopped falling behind."""
@@ -108,6 +124,8 @@ class Pipeline:
         self._newest_ts = -math.inf  # newest reading taken in since the lag was last observed
         self._dropped_seen = 0
         self._wake = wake
+        self._reassert: list[str] = []  # devices whose alert state is still to re-assert
+        self._cadence_log = RateLimitedLog(log, config.logging.rejection_log_interval_s)
         # Twice as many batches in flight as threads: while the pipeline thread decodes the
         # next pass, the inference threads still have queued batches to score.
         self._max_in_flight = 2 * config.model.concurrent_batches
@@ -133,6 +151,7 @@ class Pipeline:
             cfg.stream.device_id_pattern,
             cfg.stream.max_future_skew_s,
         )
+        data = c.training_data
         self.buffers = DeviceBuffers(
             cfg.stream.max_devices,
             c.window_length,
@@ -140,6 +159,16 @@ class Pipeline:
             cfg.stream.hop,
             cfg.stream.warmup,
             cfg.stream.max_gap_s,
+            period_band=period_band(
+                data.sample_period_s,
+                data.sample_period_p05_s,
+                data.sample_period_p95_s,
+                cfg.stream.cadence_tolerance,
+            )
+            if cfg.stream.cadence_check
+            else None,
+            sample_period_s=data.sample_period_s,
+            resample=cfg.stream.resample == "linear",
         )
         self.batcher = Batcher(
             cfg.batching.max_batch, cfg.batching.max_delay_ms / 1000.0, c.window_length, c.n_features
@@ -186,8 +215,12 @@ class Pipeline:
             self._newest_ts = max(self._newest_ts, float(batch.ts.max()))
         self._count_rejections(result.rejections)
         if result.evicted:
-            self._forget(result.evicted)
+            self._forget(result.evicted, "evicted")
             m.devices_evicted.labels(cause="capacity").inc(len(result.evicted))
+        if result.cadence_changes:
+            self._cadence_changed(result)
+        if result.skipped_cadence:
+            m.windows_dropped.labels(reason="cadence_mismatch").inc(result.skipped_cadence)
         if result.resets:
             m.buffer_resets.inc(result.resets)
         if len(result.ready.devices):
@@ -332,16 +365,30 @@ class Pipeline:
         anomalies = sum(1 for d in decisions if d.anomaly)
         if anomalies:
             m.anomalous_windows.inc(anomalies)
+        # Every change of a device's alert state, in order, each as it was at its window: an
+        # alert raised and cleared within one batch (a backlog caught up) is still told.
+        changed: list[AlertRecord] = []
         for d in decisions:
             if d.alert_changed:
                 direction = "raised" if d.alert else "cleared"
                 m.alert_transitions.labels(direction=direction).inc()
+                # No state message for this change: an overlay (shelved, out of service) hides it.
+                hidden = "" if d.record is not None else " (not shown: the device's alerts are suppressed)"
                 log.info(
-                    "alert %s for %s (score %.4g, threshold %.4g)", direction, d.device, d.score, d.threshold
+                    "alert %s for %s (score %.4g, threshold %.4g)%s",
+                    direction,
+                    d.device,
+                    d.score,
+                    d.threshold,
+                    hidden,
                 )
+            if d.record is not None:
+                changed.append(d.record)
         if self.sink is not None:
             try:
                 self.sink.publish_decisions(decisions, batch.arrival_mono)
+                if changed:
+                    self.sink.publish_states(changed)
             except Exception:
                 m.pipeline_errors.labels(stage="publish").inc()
                 log.exception("publishing %d decisions failed", n)
@@ -361,10 +408,147 @@ class Pipeline:
                 logging.WARNING, str(reason), "rejected (%s) on %r: %s", reason, r.topic[:200], r.detail
             )
 
-    def _forget(self, devices: list[str]) -> None:
-        self.detector.forget(devices)
+    def _forget(self, devices: list[str], reason: str) -> None:
+        """Stop tracking ``devices``: each becomes ``unknown`` with ``reason``."""
+        records = self.detector.forget(devices, reason, time.time())
         if self.sink is not None:
             self.sink.forget(devices)
+            self._publish_states(records)
+
+    def _publish_states(self, records: list[AlertRecord]) -> None:
+        if records and self.sink is not None:
+            try:
+                self.sink.publish_states(records)
+            except Exception:
+                self.metrics.pipeline_errors.labels(stage="publish").inc()
+                log.exception("publishing %d alert states failed", len(records))
+
+    def _cadence_changed(self, result: IngestResult) -> None:
+        resampled = self.config.stream.resample != "off"
+        records: list[AlertRecord] = []
+        for change in result.cadence_changes:
+            self._cadence_log.log(
+                logging.WARNING if change.mismatched else logging.INFO,
+                "cadence",
+                "device %r: median sample period %.4g s, the model expects %.4g s: %s",
+                change.device[:64],
+                change.period_s,
+                change.expected_s,
+                ("resampled onto the model's period" if resampled else "not scored until it returns")
+                if change.mismatched
+                else "back within the model's tolerance (its window restarts)",
+            )
+            if not resampled:
+                record = self.detector.set_cadence(
+                    change.device, change.mismatched, change.period_s, change.expected_s, change.ts
+                )
+                if record is not None:
+                    records.append(record)
+        self._publish_states(records)
+
+    # ------------------------------------------------------------------ alert states
+
+    def apply_command(self, command: Command, now: float | None = None) -> bool:
+        """Apply an operator command (``anomalyd.commands``); False if the device is not tracked."""
+        device = command.device
+        if not (self.detector.knows(device) or self.buffers.readings(device) > 0):
+            return False
+        at = time.time() if now is None else now
+        action = OperatorAction(command.verb, command.by, command.why, at)
+        det = self.detector
+        verb = command.verb
+        if verb == SHELVE:
+            assert command.duration_s is not None
+            record = det.shelve(device, at + command.duration_s, action)
+        elif verb == UNSHELVE:
+            record = det.unshelve(device, action)
+        elif verb == REBASELINE:
+            record = det.rebaseline(device, action)
+        elif verb == OUT_OF_SERVICE:
+            record = det.set_out_of_service(device, True, action)
+        elif verb == IN_SERVICE:
+            record = det.set_out_of_service(device, False, action)
+        else:  # parse_command admits only the verbs above
+            raise ValueError(f"unknown verb {verb!r}")
+        if record is not None:
+            self._publish_states([record])
+        return True
+
+    def request_reassert(self) -> None:
+        """Re-publish every device's alert state over the next passes (after a (re)connect)."""
+        self._reassert = self.detector.devices()
+        self._reassert.reverse()  # popped from the end: oldest-known devices first
+
+    def reconcile(self, retained: list[tuple[str, str]]) -> None:
+        """The broker retains these (device, state) alert messages: every device this daemon
+        holds no state for, and which the broker shows as other than ``unknown``, becomes
+        ``unknown`` (until its first full window decides)."""
+        now = time.time()
+        records = [
+            AlertRecord(
+                device,
+                UNKNOWN,
+                UNKNOWN,
+                now,
+                now,
+                reason="warming_up" if self.buffers.readings(device) > 0 else "no_state",
+            )
+            for device, state in retained
+            if state != UNKNOWN and not self.detector.knows(device)
+        ]
+        if records:
+            log.info(
+                "%d alert states retained by the broker belong to devices without a state here: now unknown",
+                len(records),
+            )
+        self._publish_states(records)
+
+    def _reassert_some(self) -> None:
+        pending = self._reassert
+        if not pending:
+            return
+        records: list[AlertRecord] = []
+        for _ in range(min(_REASSERT_PER_ROUND, len(pending))):
+            record = self.detector.record(pending.pop())
+            if record is not None:
+                records.append(record)
+        self._publish_states(records)
+
+    def forget_all(self, reason: str) -> None:
+        """Every tracked device becomes ``unknown`` (a stop without a snapshot to resume from)."""
+        self._forget(self.detector.devices(), reason)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def export_snapshot(self) -> Snapshot:
+        """A copy of every device's window and detector state (see ``anomalyd.snapshot``)."""
+        c = self.model.contract
+        return Snapshot(
+            c.model_version,
+            c.feature_names,
+            c.window_length,
+            self.buffers.export_state(),
+            self.detector.export_state(),
+        )
+
+    def restore_snapshot(self, snap: Snapshot, now_mono: float | None = None) -> int:
+        """Load a snapshot (checked by ``load_snapshot``) into empty stages. ValueError if it
+        is malformed (nothing is kept then). Returns the devices restored."""
+        now = time.monotonic() if now_mono is None else now_mono
+        c = self.model.contract
+        try:
+            n = self.buffers.import_state(snap.buffers, now)
+            # Only the devices whose windows came back (a smaller stream.max_devices keeps
+            # the most recent ones): a detector state without a window would never be evicted.
+            kept = set(self.buffers.devices())
+            self.detector.import_state(
+                [s for s in snap.detector if not isinstance(s, dict) or s.get("device") in kept], c.n_features
+            )
+        except ValueError:
+            self._build_stages(self.model)  # nothing half-restored
+            raise
+        self.metrics.devices_tracked.set(self.buffers.n_devices)
+        return n
 
     # ------------------------------------------------------------------ model swap
 
@@ -389,6 +573,7 @@ class Pipeline:
                 old.contract.window_length,
                 old.contract.feature_names,
             )
+            self._publish_states(self.detector.forget(self.detector.devices(), "model_changed", time.time()))
             if self.sink is not None:
                 self.sink.forget(list(self.buffers.devices()))
             self._build_stages(new)
@@ -403,11 +588,17 @@ class Pipeline:
         """
         evicted = self.buffers.evict_idle(now_mono, self.config.stream.idle_evict_s)
         if evicted:
-            self._forget(evicted)
+            self._forget(evicted, "idle")
             self.metrics.devices_evicted.labels(cause="idle").inc(len(evicted))
             log.info("forgot %d idle devices", len(evicted))
-        self.metrics.devices_tracked.set(self.buffers.n_devices)
-        self.metrics.pending_windows.set(self.batcher.pending)
+        now = time.time()
+        self._publish_states(self.detector.expire_shelves(now))
+        self._reassert_some()
+        m = self.metrics
+        m.devices_tracked.set(self.buffers.n_devices)
+        m.pending_windows.set(self.batcher.pending)
+        m.set_alert_states(self.detector.count_states(), self.detector.oldest_alert_since(), now)
+        m.devices_cadence_mismatch.set(self.buffers.n_cadence_mismatched)
         self._check_overload(queue_fill, queue_dropped)
 
     def _check_overload(self, queue_fill: float, queue_dropped: int) -> None:

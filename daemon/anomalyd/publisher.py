@@ -25,11 +25,17 @@ Topics and payloads (defaults; ``[output]`` in the configuration):
   it, column-wise: ``{"model_version": ..., "features": [...], "device": [...], "ts": [...],
   "score": [...], "smoothed": [...], "threshold": [...], "anomaly": [...], "alert": [...],
   "padded": [...], "contributions": [[...], ...]}`` (entry i of each list is window i).
-- ``anomaly/{device}/alert``, retained, QoS ``alert_qos``, at once on every change of the
-  alert state: the window's score object plus ``"state": "anomalous" | "normal"``.
+- ``anomaly/{device}/alert``, retained, QoS ``alert_qos``: the device's alert state
+  (``anomalyd.alerts``: ``normal``, ``anomalous``, ``unknown``, ``cadence_mismatch``,
+  ``shelved``, ``out_of_service``, with since, peak and who acted), at once on every
+  change, and again for every device after each (re)connect.
 - ``anomaly/status``, retained, QoS ``status_qos``: ``online`` on every connect, ``overloaded``
-  while the daemon falls behind (then ``online`` again), ``offline`` (the last will, sent by
-  the broker if we vanish), ``stopped`` on a clean exit.
+  while the daemon falls behind (then ``online`` again), ``degraded`` while the broker
+  refuses a kind of our messages or the telemetry subscription (``MqttLink.degraded``; it
+  wins over ``overloaded``: a daemon whose output is refused is worse than a slow one),
+  ``offline`` (the last will, sent by the broker if we vanish), ``stopped`` on a clean
+  exit. Republished when the word changes (the service makes ``online`` a health listener
+  of the link). A refused status message itself shows only in metrics and logs.
 """
 
 from __future__ import annotations
@@ -44,18 +50,20 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from anomalyd.alerts import AlertRecord, alert_payload
 from anomalyd.config import OutputConfig
 from anomalyd.detector import Decision
 from anomalyd.logsetup import RateLimitedLog
 from anomalyd.metrics import Metrics
 from anomalyd.mqtt import MqttLink, Will
 
-__all__ = ["OFFLINE", "ONLINE", "OVERLOADED", "STOPPED", "Publisher", "last_will"]
+__all__ = ["DEGRADED", "OFFLINE", "ONLINE", "OVERLOADED", "STOPPED", "Publisher", "last_will"]
 
 log = logging.getLogger(__name__)
 
 ONLINE = b"online"
 OVERLOADED = b"overloaded"
+DEGRADED = b"degraded"
 OFFLINE = b"offline"
 STOPPED = b"stopped"
 
@@ -125,27 +133,46 @@ class Publisher:
     # ------------------------------------------------------------------ status
 
     def online(self) -> None:
-        """Publish the retained status (after every connect: it replaces a last-will
-        ``offline`` left by an earlier connection): ``online``, or ``overloaded``."""
-        self._send("status", self._out.status_topic, self._status(), self._out.status_qos, retain=True)
+        """Publish the retained status word (after every connect: it replaces a last-will
+        ``offline`` left by an earlier connection; and whenever the link's health changes):
+        ``degraded``, ``overloaded`` or ``online``."""
+        # The pipeline thread (overload) and the network thread (health) both call this,
+        # without a lock between choosing the word and publishing it: the word is checked
+        # again after publishing, so the last one the broker retains is the current one.
+        for _ in range(3):
+            word = self._status()
+            self._send("status", self._out.status_topic, word, self._out.status_qos, retain=True)
+            if self._status() == word:
+                return
 
     def _status(self) -> bytes:
+        if self._link.degraded:
+            return DEGRADED
         return OVERLOADED if self._overloaded else ONLINE
 
     def set_overloaded(self, overloaded: bool) -> None:
-        """Say in the retained status whether the daemon is falling behind (on change only)."""
-        if overloaded != self._overloaded:
-            self._overloaded = overloaded
+        """Say in the retained status whether the daemon is falling behind (published only
+        if the word changes: ``degraded`` hides ``overloaded``)."""
+        if overloaded == self._overloaded:
+            return
+        before = self._status()
+        self._overloaded = overloaded
+        if self._status() != before:
             self.online()
 
     def stopped(self, timeout: float) -> bool:
-        """Publish the retained ``stopped`` status and wait up to ``timeout`` for the broker."""
+        """Publish the retained ``stopped`` status and wait up to ``timeout`` for the broker
+        to acknowledge it. False if it did not, or refused it."""
         ok = self._link.publish_and_wait(
-            self._out.status_topic, STOPPED, qos=self._out.status_qos, retain=True, timeout=timeout
+            self._out.status_topic,
+            STOPPED,
+            qos=self._out.status_qos,
+            retain=True,
+            timeout=timeout,
+            kind="status",
         )
-        self._count("status", 1 if ok else 0, 0 if ok else 1)
         if not ok:
-            log.warning("could not publish the 'stopped' status (broker unreachable?)")
+            log.warning("could not publish the 'stopped' status (broker unreachable, or it refused it)")
         return ok
 
     # ------------------------------------------------------------------ scores
@@ -171,7 +198,7 @@ class Publisher:
     def publish_decisions(
         self, decisions: list[Decision], arrival_mono: npt.NDArray[np.float64] | None = None
     ) -> None:
-        """Take one scored batch: alert changes and the batch message go out now, scores are
+        """Take one scored batch: the batch message goes out now, scores are
         folded into their devices' summaries for ``flush_scores`` (at once with
         ``score_interval_s = 0``).
 
@@ -184,16 +211,18 @@ class Publisher:
             self._publish_scores(decisions)
         if out.batched_scores:
             self._publish_batch(decisions)
-        pre, post = self._alert_parts
-        for d in decisions:
-            if d.alert_changed:
-                doc = self._payload(d)
-                doc["state"] = "anomalous" if d.alert else "normal"
-                doc["model_version"] = self._model_version
-                self._send("alert", pre + d.device + post, _dumps(doc), out.alert_qos, retain=True)
         if arrival_mono is not None and len(arrival_mono):
             latency = time.monotonic() - np.asarray(arrival_mono, dtype=np.float64)
             self._metrics.end_to_end_seconds.observe_many(np.maximum(latency, 0.0))
+
+    def publish_states(self, records: list[AlertRecord]) -> None:
+        """Publish devices' alert states, retained (``anomalyd.alerts``)."""
+        pre, post = self._alert_parts
+        qos = self._out.alert_qos
+        features, version = self._features, self._model_version
+        for record in records:
+            doc = alert_payload(record, features, version)
+            self._send("alert", pre + record.device + post, _dumps(doc), qos, retain=True)
 
     def _publish_scores(self, decisions: list[Decision]) -> None:
         if self._out.score_interval_s <= 0:
@@ -249,12 +278,24 @@ class Publisher:
             doc["anomalous_windows"] = s.anomalous
             doc["model_version"] = version
             built.append((pre + d.device + post, _dumps(doc)))
+        link = self._link
+        failed = 0
         if qos == 0:
-            # One write for the whole pass (see MqttLink.publish_many).
-            ok = len(built) if self._link.publish_many(built) else 0
+            if link.canary_due("score"):
+                # QoS 0 is never acknowledged, so a broker that drops our scores (its ACL)
+                # would go unnoticed: now and then one goes at QoS 1, and its PUBACK says
+                # whether the broker takes them (the link counts the rest accordingly). The
+                # first goes first, so that a device's windows stay in order.
+                topic, body = built[0]
+                built = built[1:]
+                if not link.publish(topic, body, qos=1, kind="score"):
+                    failed += 1
+            # One write for the rest of the pass (see MqttLink.publish_many).
+            if not link.publish_many(built, kind="score"):
+                failed += len(built)
         else:
-            ok = sum(1 for topic, body in built if self._link.publish(topic, body, qos=qos))
-        self._count("score", ok, len(built) - ok)
+            failed = sum(1 for topic, body in built if not link.publish(topic, body, qos=qos, kind="score"))
+        self._log_failed("score", failed)
 
     def _publish_batch(self, decisions: list[Decision]) -> None:
         doc: dict[str, Any] = {
@@ -274,15 +315,18 @@ class Publisher:
         self._send("batch", self._out.batch_topic, _dumps(doc), self._out.score_qos, retain=False)
 
     def _send(self, kind: str, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
-        ok = self._link.publish(topic, payload, qos=qos, retain=retain)
-        self._count(kind, 1 if ok else 0, 0 if ok else 1)
+        # A QoS 0 kind gets its canary here, as the scores do in _send_scores.
+        if qos == 0 and self._link.canary_due(kind):
+            qos = 1
+        ok = self._link.publish(topic, payload, qos=qos, retain=retain, kind=kind)
+        if not ok:
+            self._log_failed(kind, 1)
         return ok
 
-    def _count(self, kind: str, ok: int, failed: int) -> None:
-        if ok:
-            self._metrics.published.labels(kind=kind).inc(ok)
+    def _log_failed(self, kind: str, failed: int) -> None:
+        """Log messages the link would not take (it counts them; what the broker refuses
+        later, the link counts and logs when the acknowledgement arrives)."""
         if failed:
-            self._metrics.publish_failures.labels(kind=kind).inc(failed)
             self._fail_log.log(
                 logging.WARNING,
                 kind,

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry
 
+from anomalyd.alerts import AlertRecord
 from anomalyd.config import Config
 from anomalyd.decode import DecodedBatch, Rejection
 from anomalyd.detector import Decision
@@ -68,6 +69,9 @@ class _Collector:
 
     def set_overloaded(self, overloaded: bool) -> None:
         pass  # replayed data is old by design: its lag in data time means nothing here
+
+    def publish_states(self, records: list[AlertRecord]) -> None:
+        pass  # a replay reports windows, not alert messages
 
 
 def replay(  # noqa: PLR0917 - positional signature kept for existing callers

@@ -271,26 +271,30 @@ class LiveView:
             self._last[device] = doc
 
     def _alert(self, device: str, doc: dict[str, Any]) -> None:
-        raised = bool(doc.get("alert"))
-        when = time.strftime("%H:%M:%S", time.gmtime(float(doc.get("ts", 0.0))))
+        state = str(doc.get("state", "anomalous" if doc.get("alert") else "normal"))
+        when = time.strftime("%H:%M:%S", time.gmtime(float(doc.get("ts") or 0.0)))
         contributions = doc.get("contributions") or {}
         total = sum(contributions.values()) or 1.0
         top = ", ".join(
             f"{k} {100 * v / total:.0f}%" for k, v in sorted(contributions.items(), key=lambda kv: -kv[1])[:2]
         )
-        if raised:
+        score = doc.get("score")
+        score_text = "       -" if score is None else f"{score:8.3g}"
+        if state == "anomalous":
             self.raised += 1
             self._alerts.add(device)
-            score, threshold = doc.get("score", 0.0), doc.get("threshold", 0.0)
             self._print(
-                f"ALERT   {device:<14} raised   score {score:8.3g} > {threshold:.3g}"
+                f"ALERT   {device:<14} raised   score {score_text} > {doc.get('threshold') or 0.0:.3g}"
                 f"  [data time {when} UTC]  {top}"
             )
+        elif state == "normal":
+            if device in self._alerts:  # a device's first verdict ("normal") is not news
+                self._alerts.discard(device)
+                self._print(f"ALERT   {device:<14} cleared  score {score_text}  [data time {when} UTC]")
         else:
             self._alerts.discard(device)
-            self._print(
-                f"ALERT   {device:<14} cleared  score {doc.get('score', 0):8.3g}  [data time {when} UTC]"
-            )
+            reason = f" ({doc['reason']})" if doc.get("reason") else ""
+            self._print(f"STATE   {device:<14} {state}{reason}")
 
     def tick(self) -> None:
         """Print the summary line if a second has passed."""

@@ -262,3 +262,24 @@ def test_simulation_flags_left_out_keep_the_simulated_fleet() -> None:
     # A fleet the generator refuses is a configuration error, not a crash mid-run.
     with pytest.raises(ConfigError, match="duration_s"):
         _simulation_settings(build_parser().parse_args(["simulate", "--duration", "1"]))
+
+
+def test_demo_view_shows_states_and_keeps_a_first_normal_quiet() -> None:
+    import io
+
+    from anomalyd.simulator import LiveView
+
+    out = io.StringIO()
+    view = LiveView(out)
+
+    def state(doc: dict[str, object]) -> None:
+        view.handle("anomaly/m-1/alert", orjson.dumps({"device": "m-1", "ts": 1.0, **doc}))
+
+    state({"state": "normal", "alert": False, "score": 0.1, "threshold": 1.0})
+    assert out.getvalue() == ""
+    state({"state": "anomalous", "alert": True, "score": 9.0, "threshold": 1.0})
+    state({"state": "normal", "alert": False, "score": 0.1, "threshold": 1.0})
+    state({"state": "unknown", "alert": False, "score": None, "threshold": None, "reason": "idle"})
+    lines = out.getvalue().splitlines()
+    assert [line.split("m-1")[1].split()[0] for line in lines] == ["raised", "cleared", "unknown"]
+    assert lines[-1].endswith("unknown (idle)")

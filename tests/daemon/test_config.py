@@ -298,6 +298,33 @@ def test_example_file_documents_every_key_with_its_default() -> None:
         ("model", "path"),
         ("batching", "warmup_batch_sizes"),
         ("detector", "threshold"),
+        ("state", "directory"),
     ]:
         raw[sect].pop(key)  # examples for keys whose default is unset / machine-specific
     assert Config.model_validate(raw) == Config()
+
+
+def test_state_directory_from_the_key_else_systemds_state_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    assert load_config(None).state.resolved_directory() is None
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/anomalyd:/var/lib/other")
+    assert load_config(None).state.resolved_directory() == Path("/var/lib/anomalyd")
+    cfg = load_config(None, {"state.directory": str(tmp_path)})
+    assert cfg.state.resolved_directory() == tmp_path
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "anomalyd/cmd/{device}",
+        "anomalyd/{verb}",
+        "a/{device}{verb}",
+        "a/+/{device}/{verb}",
+        "a/{x}/{device}/{verb}",
+    ],
+)
+def test_command_topic_needs_device_and_verb_levels(topic: str) -> None:
+    with pytest.raises(ConfigError, match=r"commands\.topic"):
+        load_config(None, {"commands.topic": topic})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -10,6 +11,7 @@ import pytest
 
 from anomalyd.contract import SCHEMA_VERSION, Contract
 from anomalyd.errors import ModelContractError
+from anomalyd.model import read_contract
 
 
 def valid_contract_dict() -> dict[str, Any]:
@@ -122,3 +124,46 @@ def test_nan_threshold_is_rejected() -> None:
     text = orjson.dumps(valid_contract_dict()).replace(b'"value":2.5', b'"value":NaN')
     with pytest.raises(ModelContractError):
         Contract.from_json(text)
+
+
+def test_sample_period_spread_is_optional_and_round_trips() -> None:
+    doc = valid_contract_dict()
+    c = Contract.from_json(orjson.dumps(doc))  # a model from before the spread was recorded
+    assert c.training_data.sample_period_s is None
+    assert c.training_data.sample_period_p05_s is None
+    assert "sample period   not recorded" in c.describe()
+
+    doc["training_data"].update(sample_period_s=1.0, sample_period_p05_s=0.9, sample_period_p95_s=1.2)
+    c = Contract.from_json(orjson.dumps(doc))
+    again = Contract.from_json(c.to_json())
+    assert again == c
+    assert (again.training_data.sample_period_p05_s, again.training_data.sample_period_p95_s) == (0.9, 1.2)
+    assert "sample period   1 s (5-95 %: 0.9 to 1.2 s)" in c.describe()
+
+    doc["training_data"].update(sample_period_p05_s=None, sample_period_p95_s=None)
+    assert "sample period   1 s\n" in Contract.from_json(orjson.dumps(doc)).describe()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"sample_period_s": 1.0, "sample_period_p05_s": 1.1}, "sample_period_p05_s <= sample_period_s"),
+        ({"sample_period_s": 1.0, "sample_period_p95_s": 0.9}, "sample_period_p05_s <= sample_period_s"),
+        ({"sample_period_p05_s": 0.9, "sample_period_p95_s": 1.1}, "need sample_period_s"),
+        ({"sample_period_s": 1.0, "sample_period_p05_s": 0.0}, "greater than 0"),
+    ],
+)
+def test_bad_sample_period_spread_is_refused(fields: dict[str, float], message: str) -> None:
+    doc = valid_contract_dict()
+    doc["training_data"].update(fields)
+    with pytest.raises(ModelContractError, match=message) as info:
+        Contract.from_json(orjson.dumps(doc))
+    assert info.value.field.startswith("training_data")
+
+
+def test_committed_default_model_loads_without_a_spread() -> None:
+    root = Path(__file__).resolve().parents[2]
+    d = read_contract(root / "exported_models" / "default" / "model.onnx").training_data
+    assert d.sample_period_s == pytest.approx(1.00003, rel=1e-5)
+    assert d.sample_period_p05_s is None
+    assert d.sample_period_p95_s is None

@@ -101,7 +101,7 @@ def test_non_finite_score_changes_nothing(bad: float) -> None:
 def test_forget_starts_afresh() -> None:
     d = det(k_enter=1)
     run(d, ["a", "b"], [2, 2])
-    d.forget(["a", "unknown"])
+    d.forget(["a", "unknown"], "evicted", 0.0)
     assert not d.alert_state("a")
     assert d.alert_state("b")
     out = run(d, ["a"], [2])
@@ -258,7 +258,7 @@ def test_set_threshold_restarts_adaptive_learning_and_forget_drops_it() -> None:
     d = adaptive_det()
     run(d, ["a", "b"] * 4, [1.0] * 8)
     assert d.device_threshold("a") == 1.0
-    d.forget(["b"])
+    d.forget(["b"], "idle", 0.0)
     assert d.device_threshold("b") == 100.0
     d.set_threshold(50.0)
     assert d.device_threshold("a") == 50.0

@@ -14,6 +14,8 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
+from anomalyd.alerts import AlertRecord
+from anomalyd.commands import Command
 from anomalyd.config import load_config
 from anomalyd.decode import RawMessage
 from anomalyd.detector import Decision
@@ -32,6 +34,7 @@ class Sink:
         self.decisions: list[Decision] = []
         self.forgotten: list[str] = []
         self.overloaded: list[bool] = []
+        self.states: list[AlertRecord] = []
         self.passes = 0
 
     def publish_decisions(
@@ -47,6 +50,12 @@ class Sink:
 
     def set_overloaded(self, overloaded: bool) -> None:
         self.overloaded.append(overloaded)
+
+    def publish_states(self, records: list[AlertRecord]) -> None:
+        self.states.extend(records)
+
+    def state_of(self, device: str) -> AlertRecord:
+        return [r for r in self.states if r.device == device][-1]
 
 
 def messages(device: str, t0: float, n: int) -> list[RawMessage]:
@@ -244,3 +253,69 @@ def test_an_idle_check_resets_the_lag_gauge(model: LoadedModel, registry: Collec
     pipeline.housekeeping(time.monotonic(), queue_fill=0.0)  # nothing scored, nothing queued
     assert registry.get_sample_value("anomalyd_lag_seconds") == 0.0
     assert registry.get_sample_value("anomalyd_overloaded") == 0.0
+
+
+def test_every_path_that_ends_a_state_publishes_the_state_then_true(
+    model: LoadedModel, tiny_model: Callable[..., Path], registry: CollectorRegistry
+) -> None:
+    pipeline, sink = make(model, registry, **{"stream.max_devices": 2, "stream.idle_evict_s": 5.0})
+    t0 = time.time() - 100
+    pipeline.ingest(messages("a", t0, L) + messages("b", t0, L))
+    pipeline.flush(force=True)
+    assert [(r.device, r.state) for r in sink.states] == [("a", "normal"), ("b", "normal")]
+    pipeline.ingest(messages("c", t0, 1))  # capacity: "a" is the least recent
+    assert (sink.state_of("a").state, sink.state_of("a").reason) == ("unknown", "evicted")
+    pipeline.housekeeping(time.monotonic() + 10.0)  # everyone idle
+    assert (sink.state_of("b").state, sink.state_of("b").reason) == ("unknown", "idle")
+    # "c" had no state yet (warming up): nothing to correct
+    assert [r.device for r in sink.states].count("c") == 0
+    # a model with another window: every known device becomes unknown, model_changed
+    pipeline.ingest(messages("d", t0, L))
+    pipeline.flush(force=True)
+    pipeline.swap_model(load_model(tiny_model("other.onnx", window_length=L + 2)))
+    assert (sink.state_of("d").state, sink.state_of("d").reason) == ("unknown", "model_changed")
+
+
+def test_reassert_and_reconcile(model: LoadedModel, registry: CollectorRegistry) -> None:
+    pipeline, sink = make(model, registry)
+    t0 = time.time() - 100
+    pipeline.ingest(messages("a", t0, L) + messages("warming", t0, 2))
+    pipeline.flush(force=True)
+    sink.states.clear()
+    pipeline.request_reassert()
+    pipeline.housekeeping(time.monotonic())
+    assert [(r.device, r.state) for r in sink.states] == [("a", "normal")]
+    sink.states.clear()
+    pipeline.reconcile([("a", "anomalous"), ("gone", "anomalous"), ("warming", "normal"), ("old", "unknown")])
+    assert [(r.device, r.state, r.reason) for r in sink.states] == [
+        ("gone", "unknown", "no_state"),
+        ("warming", "unknown", "warming_up"),
+    ]
+
+
+def test_commands_apply_to_tracked_devices_only(model: LoadedModel, registry: CollectorRegistry) -> None:
+    pipeline, sink = make(model, registry)
+    pipeline.ingest(messages("a", time.time() - 100, L))
+    pipeline.flush(force=True)
+    assert pipeline.apply_command(Command("a", "shelve", "me", "why", 60.0), now=1000.0)
+    assert (sink.state_of("a").state, sink.state_of("a").shelved_until) == ("shelved", 1060.0)
+    assert not pipeline.apply_command(Command("nobody", "shelve", "me", "why", 60.0))
+    pipeline.housekeeping(time.monotonic())  # the shelving ended long ago (now >> 1060)
+    assert sink.state_of("a").state == "normal"
+
+
+def test_snapshot_round_trip_through_the_pipeline(model: LoadedModel, registry: CollectorRegistry) -> None:
+    pipeline, sink = make(model, registry)
+    t0 = time.time() - 100
+    pipeline.ingest(messages("a", t0, L + 3))
+    pipeline.flush(force=True)
+    snap = pipeline.export_snapshot()
+    other, other_sink = make(model, CollectorRegistry())
+    assert other.restore_snapshot(snap) == 1
+    nxt = messages("a", t0 + L + 3, 1)
+    pipeline.ingest(nxt)
+    other.ingest(nxt)
+    pipeline.flush(force=True)
+    other.flush(force=True)
+    assert other_sink.decisions[-1].score == sink.decisions[-1].score
+    assert other_sink.decisions[-1].ts == t0 + L + 3

@@ -10,12 +10,13 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
+from anomalyd.alerts import AlertRecord
 from anomalyd.config import MqttConfig, OutputConfig
 from anomalyd.detector import Decision
 from anomalyd.metrics import Metrics
 from anomalyd.mqtt import MqttLink
 from anomalyd.publisher import Publisher, last_will
-from tests.broker import MosquittoBroker, Subscriber
+from tests.broker import MosquittoBroker, Subscriber, wait_for
 
 FEATURES = ["temperature", "pressure", "vibration"]
 
@@ -39,27 +40,34 @@ def _decision(
 
 
 @pytest.fixture
-def link(broker: MosquittoBroker) -> Iterator[MqttLink]:
+def metrics(registry: CollectorRegistry) -> Metrics:
+    return Metrics(registry)
+
+
+@pytest.fixture
+def link(broker: MosquittoBroker, metrics: Metrics) -> Iterator[MqttLink]:
+    # The link counts what it publishes (and what the broker refuses), so it gets the
+    # publisher's metrics.
     cfg = MqttConfig(host=broker.host, port=broker.port, reconnect_min_s=0.05, reconnect_max_s=0.5)
-    link = MqttLink(cfg, will=last_will(OutputConfig()))
+    link = MqttLink(cfg, will=last_will(OutputConfig()), metrics=metrics)
     yield link
     link.close(2.0)
 
 
-def _publisher(link: MqttLink, registry: CollectorRegistry, **output: object) -> Publisher:
+def _publisher(link: MqttLink, metrics: Metrics, **output: object) -> Publisher:
     return Publisher(
         link,
         OutputConfig.model_validate(output),
-        Metrics(registry),
+        metrics,
         feature_names=FEATURES,
         model_version="m-1",
     )
 
 
 def test_scores_go_to_the_device_topic_as_json(
-    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
-    pub = _publisher(link, registry)
+    pub = _publisher(link, metrics)
     link.start()
     assert link.wait_connected(10)
     sub = Subscriber(broker, ["anomaly/+/score"])
@@ -88,15 +96,16 @@ def test_scores_go_to_the_device_topic_as_json(
         "anomalous_windows": 1,
         "model_version": "m-1",
     }
-    assert registry.get_sample_value("anomalyd_published_total", {"kind": "score"}) == 2.0
+    # QoS 0 scores are counted once the canary (this pass's first message, at QoS 1) is acked
+    wait_for(lambda: registry.get_sample_value("anomalyd_published_total", {"kind": "score"}) == 2.0, 10)
     assert registry.get_sample_value("anomalyd_end_to_end_seconds_count") == 2.0
     assert registry.get_sample_value("anomalyd_end_to_end_seconds_sum") >= 0.05
 
 
 def test_batched_scores_and_no_contributions(
-    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
-    pub = _publisher(link, registry, publish_scores=False, batched_scores=True, include_contributions=False)
+    pub = _publisher(link, metrics, publish_scores=False, batched_scores=True, include_contributions=False)
     link.start()
     assert link.wait_connected(10)
     sub = Subscriber(broker, ["anomaly/#"])
@@ -117,9 +126,9 @@ def test_batched_scores_and_no_contributions(
 
 
 def test_batch_message_has_every_window_and_its_contributions(
-    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
-    pub = _publisher(link, registry, publish_scores=False, batched_scores=True)
+    pub = _publisher(link, metrics, publish_scores=False, batched_scores=True)
     link.start()
     assert link.wait_connected(10)
     sub = Subscriber(broker, ["anomaly/scores"])
@@ -135,11 +144,11 @@ def test_batch_message_has_every_window_and_its_contributions(
 
 
 def test_scores_are_rate_limited_per_device_in_data_time(
-    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
     """One message per device per pass, and only once score_interval_s of data time has
     passed since the window the previous message reported; it summarises every window."""
-    pub = _publisher(link, registry, score_interval_s=10.0)
+    pub = _publisher(link, metrics, score_interval_s=10.0)
     link.start()
     assert link.wait_connected(10)
     sub = Subscriber(broker, ["anomaly/+/score"])
@@ -175,9 +184,9 @@ def test_scores_are_rate_limited_per_device_in_data_time(
 
 
 def test_score_interval_zero_publishes_every_window(
-    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
-    pub = _publisher(link, registry, score_interval_s=0.0)
+    pub = _publisher(link, metrics, score_interval_s=0.0)
     link.start()
     assert link.wait_connected(10)
     sub = Subscriber(broker, ["anomaly/+/score"])
@@ -192,9 +201,9 @@ def test_score_interval_zero_publishes_every_window(
 
 
 def test_forgotten_devices_start_a_fresh_summary(
-    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
-    pub = _publisher(link, registry, score_interval_s=60.0)
+    pub = _publisher(link, metrics, score_interval_s=60.0)
     link.start()
     assert link.wait_connected(10)
     sub = Subscriber(broker, ["anomaly/+/score"])
@@ -214,9 +223,9 @@ def test_forgotten_devices_start_a_fresh_summary(
 
 
 def test_overloaded_status_is_retained_and_cleared(
-    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
-    pub = _publisher(link, registry)
+    pub = _publisher(link, metrics)
     link.add_connect_listener(pub.online)
     link.start()
     assert link.wait_connected(10)
@@ -234,17 +243,27 @@ def test_overloaded_status_is_retained_and_cleared(
     assert payloads[-3:] == [b"online", b"overloaded", b"online"]
 
 
-def test_alert_changes_are_retained(
-    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+def test_alert_states_are_retained(
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
-    pub = _publisher(link, registry)
+    pub = _publisher(link, metrics)
     link.start()
     assert link.wait_connected(10)
     live = Subscriber(broker, ["anomaly/+/alert"])
+    record = AlertRecord(
+        "pump-3",
+        "anomalous",
+        "anomalous",
+        since=100.0,
+        ts=130.0,
+        score=5.0,
+        threshold=2.0,
+        peak_score=7.0,
+        peak_ts=120.0,
+        peak_contributions=np.array([3.5, 1.75, 1.75], np.float32),
+    )
     try:
-        pub.publish_decisions(
-            [_decision("pump-3", 5.0, alert=True, changed=True), _decision("pump-3", 5.0, alert=True)]
-        )
+        pub.publish_states([record])
         live.wait_until(lambda ms: len(ms) == 1, 10, "alert")  # the broker has it now
     finally:
         live.close()
@@ -260,14 +279,17 @@ def test_alert_changes_are_retained(
     doc = orjson.loads(msg.payload)
     assert doc["state"] == "anomalous"
     assert doc["alert"] is True
-    assert doc["score"] == 5.0
-    assert registry.get_sample_value("anomalyd_published_total", {"kind": "alert"}) == 1.0
+    assert doc["duration_s"] == 30.0
+    assert doc["peak_score"] == 7.0
+    assert doc["contributions"] == {"temperature": 3.5, "pressure": 1.75, "vibration": 1.75}
+    assert doc["model_version"] == "m-1"
+    wait_for(lambda: registry.get_sample_value("anomalyd_published_total", {"kind": "alert"}) == 1.0, 10)
 
 
 def test_status_online_on_connect_stopped_on_exit_offline_as_will(
-    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry
+    broker: MosquittoBroker, link: MqttLink, registry: CollectorRegistry, metrics: Metrics
 ) -> None:
-    pub = _publisher(link, registry)
+    pub = _publisher(link, metrics)
     link.add_connect_listener(pub.online)
     link.start()
     assert link.wait_connected(10)
@@ -291,9 +313,16 @@ def test_status_online_on_connect_stopped_on_exit_offline_as_will(
     assert (will.topic, will.payload, will.retain) == ("anomaly/status", b"offline", True)
 
 
-def test_publishing_while_disconnected_counts_failures(link: MqttLink, registry: CollectorRegistry) -> None:
-    pub = _publisher(link, registry)  # link never started: not connected
+def test_publishing_while_disconnected_counts_failures(
+    link: MqttLink, registry: CollectorRegistry, metrics: Metrics
+) -> None:
+    pub = _publisher(link, metrics)  # link never started: not connected
     pub.publish_decisions([_decision("x", 1.0)])
     pub.flush_scores()
-    assert registry.get_sample_value("anomalyd_publish_failures_total", {"kind": "score"}) == 1.0
+    assert (
+        registry.get_sample_value(
+            "anomalyd_publish_failures_total", {"kind": "score", "reason": "not_connected"}
+        )
+        == 1.0
+    )
     assert pub.stopped(timeout=0.1) is False

@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
+from anomalyd.contract import Contract
 from anomalyd.errors import DataError
 from anomalyd.model import read_contract
 from anomalyd_train.config import CsvDataConfig, SyntheticDataConfig, TrainConfig, load_train_config
 from anomalyd_train.data import load_csv, load_dataset, synthetic_dataset
 from anomalyd_train.windows import dataset_sha256
+from tests.daemon.test_contract import valid_contract_dict
 
 T0 = datetime(2020, 3, 9, 10, 14, 33, tzinfo=UTC).timestamp()
 
@@ -377,3 +380,52 @@ def test_committed_default_config_still_generates_the_default_models_training_da
     ds = synthetic_dataset(cfg.data.synthetic)
     assert ds.source == contract.training_data.source
     assert dataset_sha256(ds.segments) == contract.training_data.sha256
+
+
+# ------------------------------------------------------------------------ sample period
+
+
+def test_sample_period_spread_from_steps_inside_segments(tmp_path: Path) -> None:
+    # 10 segments of 11 rows, steps cycling through 0.8, 0.9, 1.0, 1.1, 1.2 s, 300 s apart.
+    # The 9 gaps are 8 % of all steps: counted as steps, they would be the 95th percentile.
+    steps = np.tile([0.8, 0.9, 1.0, 1.1, 1.2], 2)
+    segment = np.concatenate([[0.0], np.cumsum(steps)])
+    ts = np.concatenate([1000.0 + 400.0 * k + segment for k in range(10)])
+    rows = [f"{float(t)!r},{i % 4},{(i * 7) % 5}" for i, t in enumerate(ts)]
+    ds = load_csv(simple_cfg(simple_csv(tmp_path, rows), max_gap_s=10.0))
+    assert len(ds.segments) == 10
+    assert ds.sample_period_s == pytest.approx(1.0)
+    assert ds.sample_period_p05_s == pytest.approx(0.8)
+    assert ds.sample_period_p95_s == pytest.approx(1.2)
+
+
+def test_regular_steps_have_no_spread(tmp_path: Path) -> None:
+    ds = load_csv(simple_cfg(simple_csv(tmp_path, epoch_rows(30))))
+    assert ds.sample_period_s == ds.sample_period_p05_s == ds.sample_period_p95_s == 1.0
+
+
+def test_single_row_has_no_period(tmp_path: Path) -> None:
+    ds = load_csv(simple_cfg(simple_csv(tmp_path, ["1000,1,2", "1001,2,3"]), max_gap_s=0.5))
+    assert [len(s.ts) for s in ds.segments] == [1, 1]
+    assert ds.sample_period_s is ds.sample_period_p05_s is ds.sample_period_p95_s is None
+
+
+def test_synthetic_sample_period_spread_goes_into_the_contract() -> None:
+    ds = synthetic_dataset(small_fleet())  # timestamps jittered by ±5 % of the 1 s period
+    assert ds.sample_period_s is not None
+    assert ds.sample_period_p05_s is not None
+    assert ds.sample_period_p95_s is not None
+    assert 0.9 < ds.sample_period_p05_s < ds.sample_period_s < ds.sample_period_p95_s < 1.1
+    doc = valid_contract_dict()
+    doc["training_data"].update(
+        sample_period_s=ds.sample_period_s,
+        sample_period_p05_s=ds.sample_period_p05_s,
+        sample_period_p95_s=ds.sample_period_p95_s,
+    )
+    contract = Contract.from_json(Contract.from_json(orjson.dumps(doc)).to_json())
+    d = contract.training_data
+    assert (d.sample_period_s, d.sample_period_p05_s, d.sample_period_p95_s) == (
+        ds.sample_period_s,
+        ds.sample_period_p05_s,
+        ds.sample_period_p95_s,
+    )

@@ -55,6 +55,8 @@ class Dataset:
     skipped: dict[str, int] = field(default_factory=dict)  # reason → rows skipped
     notes: list[str] = field(default_factory=list)  # person-readable lines
     sample_period_s: float | None = None  # median step inside segments
+    sample_period_p05_s: float | None = None  # 5th percentile of the same steps
+    sample_period_p95_s: float | None = None  # 95th percentile of the same steps
 
 
 def load_dataset(cfg: TrainConfig) -> Dataset:
@@ -91,9 +93,21 @@ def _segments(
     ]
 
 
-def _period_of(segments: list[Segment]) -> float | None:
+def _period_of(segments: list[Segment]) -> tuple[float | None, float | None, float | None]:
+    """Median, 5th and 95th percentile of the steps inside segments (None: no step at all).
+
+    Steps across gaps are left out: the contract records the cadence the model learned
+    from, which a gap is not. The daemon widens its cadence band by this spread, so a
+    model trained on jittery data accepts the jitter it has seen.
+    """
     steps = [np.diff(s.ts) for s in segments if len(s.ts) > 1]
-    return float(np.median(np.concatenate(steps))) if steps else None
+    if not steps:
+        return None, None, None
+    pooled = np.concatenate(steps)
+    median = float(np.median(pooled))
+    p05, p95 = (float(v) for v in np.percentile(pooled, [5.0, 95.0]))
+    # Percentiles and the median round differently: keep p05 <= median <= p95 exact.
+    return median, min(p05, median), max(p95, median)
 
 
 def _describe_segments(segments: list[Segment], max_gap_s: float, how: str) -> str:
@@ -331,6 +345,7 @@ def load_csv(cfg: CsvDataConfig, window_length: int | None = None) -> Dataset:
     if window_length is not None:
         notes += _check_window_length(segments, window_length, str(file))
 
+    period, p05, p95 = _period_of(segments)
     return Dataset(
         source=f"csv: {file}" + (f" (first {cfg.first_rows} rows)" if cfg.first_rows else ""),
         features=names,
@@ -339,7 +354,9 @@ def load_csv(cfg: CsvDataConfig, window_length: int | None = None) -> Dataset:
         rows=len(ts),
         skipped=dict(skips.counts),
         notes=notes,
-        sample_period_s=_period_of(segments),
+        sample_period_s=period,
+        sample_period_p05_s=p05,
+        sample_period_p95_s=p95,
     )
 
 
@@ -390,6 +407,7 @@ def synthetic_dataset(cfg: SyntheticDataConfig) -> Dataset:
             f"{n_anom} rows labelled anomalous (kept for reports and evaluation; training does not read them)"
         )
     features = list(synthetic.FEATURES)
+    period, p05, p95 = _period_of(segments)
     return Dataset(
         source=source,
         features=features,
@@ -398,5 +416,7 @@ def synthetic_dataset(cfg: SyntheticDataConfig) -> Dataset:
         rows=rows,
         skipped=skipped,
         notes=notes,
-        sample_period_s=_period_of(segments),
+        sample_period_s=period,
+        sample_period_p05_s=p05,
+        sample_period_p95_s=p95,
     )

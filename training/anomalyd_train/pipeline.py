@@ -353,6 +353,8 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
             "validation_windows": len(val_ws),
             "calibration_windows": len(cal_scores),
             "sample_period_s": dataset.sample_period_s,
+            "sample_period_p05_s": dataset.sample_period_p05_s,
+            "sample_period_p95_s": dataset.sample_period_p95_s,
         },
         "training_config": config_to_dict(cfg),
     }
