@@ -26,17 +26,21 @@ the condition. ``alert`` is true exactly when ``state`` is ``anomalous``.
 A state message is published (retained, ``output.alert_qos``) on every change of the
 state, for every device on every (re)connect, and for devices the broker remembers and
 the daemon does not (``unknown``/``no_state``); so what the broker retains is never a
-stale ``anomalous``.
+stale ``anomalous``. ``RetainedStates`` collects what the broker retains under the
+alert topic (the daemon subscribes to it) for ``Pipeline.reconcile``.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 __all__ = [
     "ANOMALOUS",
@@ -48,8 +52,12 @@ __all__ = [
     "UNKNOWN",
     "UNKNOWN_REASONS",
     "AlertRecord",
+    "RetainedStates",
     "alert_payload",
 ]
+
+#: Retained states waiting for the pipeline thread; beyond this they wait for the next connect.
+_RETAINED_MAX = 100_000
 
 NORMAL: Final = "normal"
 ANOMALOUS: Final = "anomalous"
@@ -128,3 +136,41 @@ def alert_payload(record: AlertRecord, feature_names: list[str], model_version: 
         doc["period_s"] = _num(record.period_s)
         doc["expected_period_s"] = _num(record.expected_period_s)
     return doc
+
+
+class RetainedStates:
+    """The alert states the broker retains, as it hands them over on subscribe (network
+    thread, ``put``), for the pipeline thread to reconcile (``take``)."""
+
+    def __init__(self, alert_topic: str, wake: Callable[[], None]) -> None:
+        pre, _, post = alert_topic.partition("{device}")
+        self._pre, self._post = pre, post
+        self._wake = wake
+        self._queue: collections.deque[tuple[str, str]] = collections.deque()
+
+    def put(self, topic: str, payload: bytes, retain: bool) -> None:
+        """A message on the alert topic filter. Only retained ones are the broker's memory;
+        live ones are publications (ours, in MQTT 3.1.1, which has no No Local option) and
+        say nothing new."""
+        pre, post = self._pre, self._post
+        if not retain or not payload or len(self._queue) >= _RETAINED_MAX:
+            return
+        if not (topic.startswith(pre) and topic.endswith(post)) or len(topic) <= len(pre) + len(post):
+            return
+        device = topic[len(pre) : len(topic) - len(post)]
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            doc = None
+        # A message from an older anomalyd has "alert" but no "state": it is still a claim.
+        if isinstance(doc, dict):
+            state = str(doc.get("state", ANOMALOUS if doc.get("alert") else NORMAL))
+        else:
+            state = "?"  # not ours to read, but a claim about the device all the same
+        self._queue.append((device, state))
+        self._wake()
+
+    def take(self) -> list[tuple[str, str]]:
+        """Every (device, state) received since the previous call."""
+        queue = self._queue
+        return [queue.popleft() for _ in range(len(queue))]

@@ -18,17 +18,14 @@ A device yields a window when it has ``c >= start`` readings and ``(c - start) %
 (``DUPLICATE`` if equal, ``OUT_OF_ORDER`` if older); a gap longer than ``max_gap_s``
 restarts the device (its count goes back to 0, it warms up again).
 
+A device's row is its *slot*, given out by ``DeviceSlots`` (``anomalyd.device_slots``).
 When all slots are taken, a new device takes the slot of the least recently seen one
 (its id is returned in ``evicted`` so the detector forgets it); only if every tracked
 device has readings in the same batch is the newcomer rejected (``DEVICE_LIMIT``).
 
-**Cadence** (with ``period_band``; the logic and its reasons are in ``anomalyd.cadence``).
-Each slot keeps a ring of its last ``RING_STEPS`` steps between accepted consecutive
-readings (a gap restarts it) and two counts: steps below the band and steps above it.
-A round updates them with a few array operations over the round's slots and judges
-every slot with ``MIN_STEPS`` steps or more from the counts (the median itself is only
-computed when exactly half of the steps lie on one side), so a device whose cadence is
-fine costs no Python per reading. A device whose verdict is *mismatched* (its median
+**Cadence** (with ``period_band``): each round's steps go to a ``CadenceTracker``
+(``anomalyd.cadence_tracker``; the logic and its reasons are in ``anomalyd.cadence``)
+before its readings are written. A device whose verdict is *mismatched* (its median
 step outside the band) has its due windows withheld and counted (``skipped_cadence``):
 a model fed at the wrong rate scores meaningless windows. Before its first verdict a
 device is scored as before. Each change of verdict is reported once
@@ -36,22 +33,19 @@ device is scored as before. Each change of verdict is reported once
 no scored window mixes the two cadences.
 
 With ``resample=True`` a mismatched device is not skipped but resampled: its window
-restarts at the reading that made it mismatched (the grid's anchor, ``a``), and each
-later real reading at ``t1`` adds the grid readings ``a + k·P <= t1`` since the previous
-real one, interpolated linearly between the two, each written and windowed like a real
-reading. That is a Python loop per real reading, costing in proportion to
-the ratio of periods, and only for those devices. The cadence estimate always comes
-from the real readings' steps, so a resampled device becomes ok again when its own
-cadence does. A gap re-anchors the grid at the reading after it.
+restarts at the reading that made it mismatched (the grid's anchor), and each later real
+reading is replaced by the grid readings the tracker interpolates up to it, each written
+and windowed here like a real reading, one at a time. That is the slow path, only for
+those devices; every other device of the round is written by the vectorised one.
 
 ``export_state`` / ``import_state`` carry every tracked device (window, counts, cadence
-and resampling state) across a restart of the daemon.
+and resampling state) across a restart of the daemon; the layout and its checks are in
+``anomalyd.buffer_state``.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,21 +53,13 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import as_strided
 
-from anomalyd.cadence import (
-    MIN_STEPS,
-    RING_STEPS,
-    CadenceChange,
-    grid_points,
-    interpolate,
-    judge,
-    outside_band,
-)
+from anomalyd.buffer_state import STATE_VERSION, checked_state, unroll, write_unrolled
+from anomalyd.cadence import CadenceChange
+from anomalyd.cadence_tracker import CadenceTracker, RoundCadence
 from anomalyd.decode import DecodedBatch, Reason, Rejection
+from anomalyd.device_slots import DeviceSlots
 
 __all__ = ["STATE_VERSION", "DeviceBuffers", "IngestResult", "ReadyWindows"]
-
-#: Version of the ``export_state`` layout; ``import_state`` refuses any other.
-STATE_VERSION = 1
 
 
 @dataclass
@@ -179,40 +165,25 @@ class DeviceBuffers:
         self._count = np.zeros(max_devices, np.int64)  # readings since (re)start
         self._last_ts = np.full(max_devices, -np.inf)
         self._last_arrival = np.zeros(max_devices)  # arrival_mono of the newest reading
-        # Cadence: step ring (float32 is ample for a step), steps seen since the ring
-        # restarted (position = n % RING_STEPS), and how many of the ring's steps lie
-        # below / above the band.
-        self._steps = np.zeros((max_devices, RING_STEPS), np.float32)
-        self._n_steps = np.zeros(max_devices, np.int64)
-        self._n_below = np.zeros(max_devices, np.int64)
-        self._n_above = np.zeros(max_devices, np.int64)
-        self._mismatched = np.zeros(max_devices, np.bool_)
-        # Resampling: grid times are anchor + k·P; k of the newest grid reading written;
-        # values of the newest real reading (the start of the next interpolation).
-        self._grid_anchor = np.full(max_devices, np.nan)
-        self._grid_k = np.zeros(max_devices, np.int64)
-        self._last_real = np.zeros((max_devices, n_features), np.float32)
-        # The band in the steps' own dtype (float32), compared against as they are stored.
-        lo, hi = period_band if period_band is not None else (0.0, math.inf)
-        self._band_lo, self._band_hi = np.float32(lo), np.float32(hi)
-        # A real step is at most max_gap_s, so it spans at most this many grid points; the
-        # cap only guards against rounding.
-        self._grid_cap = 0 if sample_period_s is None else int(max_gap_s // sample_period_s) + 2
-        self._device: list[str | None] = [None] * max_devices
-        self._slot_of: dict[str, int] = {}
-        # Least recently seen first; moved to the end when a batch touches the device.
-        self._lru: OrderedDict[str, int] = OrderedDict()
-        self._free = list(range(max_devices - 1, -1, -1))
+        self._cadence = CadenceTracker(
+            max_devices,
+            n_features,
+            band=period_band,
+            sample_period_s=sample_period_s,
+            max_gap_s=max_gap_s,
+            resample=self.resample,
+        )
+        self._slots = DeviceSlots(max_devices, self._clear)
 
     @property
     def n_devices(self) -> int:
         """Devices currently tracked."""
-        return len(self._slot_of)
+        return len(self._slots)
 
     @property
     def n_cadence_mismatched(self) -> int:
         """Tracked devices whose cadence is outside the band (resampled ones included)."""
-        return int(np.count_nonzero(self._mismatched))
+        return self._cadence.n_mismatched
 
     @property
     def n_resampled(self) -> int:
@@ -221,109 +192,38 @@ class DeviceBuffers:
 
     def devices(self) -> list[str]:
         """The devices currently tracked."""
-        return list(self._slot_of)
+        return self._slots.devices()
 
     def readings(self, device: str) -> int:
         """Readings the device holds since it (re)started; 0 if not tracked."""
-        slot = self._slot_of.get(device)
+        slot = self._slots.slot(device)
         return 0 if slot is None else int(self._count[slot])
 
     def is_mismatched(self, device: str) -> bool:
         """Whether the device's cadence verdict is *mismatched*; False if not tracked."""
-        slot = self._slot_of.get(device)
-        return slot is not None and bool(self._mismatched[slot])
+        slot = self._slots.slot(device)
+        return slot is not None and bool(self._cadence.mismatched[slot])
 
     def median_step(self, device: str) -> float | None:
         """The device's cadence estimate (median of its recent steps, seconds).
 
         None when it has no step since it (re)started, or without a cadence check.
         """
-        slot = self._slot_of.get(device)
-        if slot is None or self._n_steps[slot] == 0:
-            return None
-        return self._median_step(slot)
-
-    def _median_step(self, slot: int) -> float:
-        # Positions 0..n-1 hold the steps until the ring is full, then all of them do.
-        return float(np.median(self._steps[slot, : min(int(self._n_steps[slot]), RING_STEPS)]))
+        slot = self._slots.slot(device)
+        return None if slot is None else self._cadence.median_step(slot)
 
     # ------------------------------------------------------------------ slots
 
-    def _release(self, device: str) -> int:
-        slot = self._slot_of.pop(device)
-        del self._lru[device]
-        self._device[slot] = None
+    def _clear(self, slot: int) -> None:
+        """A device gave up the slot: nothing of it may reach the next one."""
         self._count[slot] = 0
         self._last_ts[slot] = -np.inf
-        self._n_steps[slot] = 0
-        self._n_below[slot] = 0
-        self._n_above[slot] = 0
-        self._mismatched[slot] = False
-        self._grid_anchor[slot] = np.nan
-        return slot
-
-    def _claim(self, device: str, slot: int) -> None:
-        self._slot_of[device] = slot
-        self._lru[device] = slot
-        self._device[slot] = device
+        self._cadence.release(slot)
 
     def evict_idle(self, now_mono: float, idle_s: float) -> list[str]:
         """Forget devices whose newest reading arrived more than ``idle_s`` ago."""
-        used = np.fromiter((d is not None for d in self._device), bool, self.max_devices)
-        stale = np.flatnonzero(used & (self._last_arrival < now_mono - idle_s))
-        gone: list[str] = []
-        for slot in stale.tolist():
-            device = self._device[slot]
-            assert device is not None
-            self._release(device)
-            self._free.append(slot)
-            gone.append(device)
-        return gone
-
-    def _map_slots(
-        self, devices: list[str], rejections: list[Rejection], evicted: list[str]
-    ) -> tuple[list[int], list[int]]:
-        """Slot and occurrence number (0 for a device's first reading in the batch) per reading."""
-        slots: list[int] = []
-        occ: list[int] = []
-        seen: dict[int, int] = {}  # slot -> readings of it so far in this batch
-        slot_of, lru = self._slot_of, self._lru
-        for device in devices:
-            slot = slot_of.get(device)
-            if slot is None:
-                slot = self._new_slot(device, seen, evicted)
-                if slot < 0:
-                    rejections.append(
-                        Rejection(
-                            Reason.DEVICE_LIMIT,
-                            "",
-                            f"device {device[:64]!r}: all {self.max_devices} slots busy in this batch",
-                        )
-                    )
-                    slots.append(-1)
-                    occ.append(-1)
-                    continue
-            k = seen.get(slot, 0)
-            if k == 0:
-                lru.move_to_end(device)
-            seen[slot] = k + 1
-            slots.append(slot)
-            occ.append(k)
-        return slots, occ
-
-    def _new_slot(self, device: str, seen: dict[int, int], evicted: list[str]) -> int:
-        if self._free:
-            slot = self._free.pop()
-        else:
-            victim, slot = next(iter(self._lru.items()))
-            if slot in seen:
-                # The least recent device is in this batch, so all of them are (each one
-                # seen moves to the end): evicting one would lose readings already mapped.
-                return -1
-            self._release(victim)
-            evicted.append(victim)
-        self._claim(device, slot)
-        return slot
+        stale = np.flatnonzero(self._slots.used() & (self._last_arrival < now_mono - idle_s))
+        return self._slots.free(stale.tolist())
 
     # ------------------------------------------------------------------ ingest
 
@@ -336,7 +236,7 @@ class DeviceBuffers:
         evicted: list[str] = []
         if len(batch.devices) == 0:
             return IngestResult(0, acc.rejections, ReadyWindows.empty(self.window_length, self.n_features))
-        slot_list, occ_list = self._map_slots(batch.devices, acc.rejections, evicted)
+        slot_list, occ_list = self._slots.assign(batch.devices, acc.rejections, evicted)
         slots = np.asarray(slot_list, np.int64)
         occ = np.asarray(occ_list, np.int64)
         order = np.argsort(occ, kind="stable")
@@ -388,12 +288,13 @@ class DeviceBuffers:
         acc.accepted += s.size
         values = batch.values[idx]
         arrival = batch.arrival_mono[idx]
-        slow = None if self.period_band is None else self._track_cadence(s, ts, step, values, acc)
-        if slow is not None:
-            # Resampled devices: their real readings only move the interpolation along.
-            self._resample(s[slow], prev[slow], ts[slow], values[slow], arrival=arrival[slow], acc=acc)
-            fast = ~slow
-            s, ts, values, arrival = s[fast], ts[fast], values[fast], arrival[fast]
+        if self.period_band is not None:
+            slow = self._apply_cadence(self._cadence.observe(s, ts, step, values), acc)
+            if slow is not None:
+                # Resampled devices: their real readings only move the interpolation along.
+                self._resample(s[slow], prev[slow], ts[slow], values[slow], arrival=arrival[slow], acc=acc)
+                fast = ~slow
+                s, ts, values, arrival = s[fast], ts[fast], values[fast], arrival[fast]
         length = self.window_length
         pos = self._count[s] % length
         self._ring[s, pos] = values
@@ -405,123 +306,24 @@ class DeviceBuffers:
         if len(ready):
             acc.out.append(ready)  # copied now: the next round may overwrite these slots
 
-    def _classify(
-        self, steps: npt.NDArray[np.float32]
-    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
-        """Below / above the band. The one place that decides: a step leaving the ring must
-        be classified exactly as it was when it entered, or the counts would drift."""
-        return steps < self._band_lo, steps > self._band_hi
-
-    def _track_cadence(
-        self,
-        s: npt.NDArray[np.int64],
-        ts: npt.NDArray[np.float64],
-        step: npt.NDArray[np.float64],
-        values: npt.NDArray[np.float32],
-        acc: _Round,
-    ) -> npt.NDArray[np.bool_] | None:
-        """Record this round's steps and update verdicts (before the readings are written).
-
-        Returns the mask of readings that go to the resampling path, or None when none do.
-        """
-        band = self.period_band
-        assert band is not None
-        big = step > self.max_gap_s  # a gap, or a device's first reading (step +inf)
-        brk: npt.NDArray[np.bool_] | None = None  # the gaps, when there are any
-        if big.any():
-            has_prev = np.isfinite(step)
-            brk = big & has_prev
-            sb = s[brk]
-            self._n_steps[sb] = 0
-            self._n_below[sb] = 0
-            self._n_above[sb] = 0
-            rec = ~big
-            sr, st, tr = s[rec], step[rec].astype(np.float32), ts[rec]
-        else:  # the usual round: every reading has a step to record
-            sr, st, tr = s, step.astype(np.float32), ts
-        n = self._n_steps[sr]
-        pos = n % RING_STEPS
-        n_below = self._n_below[sr]
-        n_above = self._n_above[sr]
-        full = n >= RING_STEPS
-        all_full = bool(full.all())
-        if all_full:  # the usual round: every ring is full, the new step replaces the oldest
-            old_below, old_above = self._classify(self._steps[sr, pos])
-            n_below -= old_below
-            n_above -= old_above
-        elif full.any():
-            old_below, old_above = self._classify(self._steps[sr[full], pos[full]])
-            n_below[full] -= old_below
-            n_above[full] -= old_above
-        below, above = self._classify(st)
-        n_below += below
-        n_above += above
-        self._steps[sr, pos] = st
-        self._n_below[sr] = n_below
-        self._n_above[sr] = n_above
-        n += 1
-        self._n_steps[sr] = n
-        verdict, undecided = judge(n_below, n_above, RING_STEPS if all_full else np.minimum(n, RING_STEPS))
-        if undecided.any():
-            for j in np.flatnonzero(undecided).tolist():
-                verdict[j] = outside_band(self._median_step(int(sr[j])), band)
-        changed = verdict != self._mismatched[sr]
-        if changed.any():
-            changed &= n >= MIN_STEPS  # no verdict before MIN_STEPS steps
-            if changed.any():
-                self._apply_changes(sr, tr, np.flatnonzero(changed), verdict=verdict, acc=acc)
-        if not self.resample:
-            return None
-        mis = self._mismatched[s]
-        if not mis.any():
-            return None
-        # (Re)anchor the grid at this reading: the one that made the device mismatched (its
-        # anchor was cleared) or the first after a gap.
-        anchor = mis & np.isnan(self._grid_anchor[s])
-        if brk is not None:
-            anchor |= mis & big
-        if anchor.any():
-            sa = s[anchor]
-            self._count[sa] = 0
-            self._grid_anchor[sa] = ts[anchor]
-            self._grid_k[sa] = 0
-            self._last_real[sa] = values[anchor]
-        slow = mis & ~anchor
-        return slow if slow.any() else None
-
-    def _apply_changes(
-        self,
-        sr: npt.NDArray[np.int64],
-        ts: npt.NDArray[np.float64],
-        changed: npt.NDArray[np.intp],
-        *,
-        verdict: npt.NDArray[np.bool_],
-        acc: _Round,
-    ) -> None:
-        """Flip the verdicts of ``sr[changed]`` and report each (rare: a loop is fine)."""
-        assert self.sample_period_s is not None
-        for j in changed.tolist():
-            slot = int(sr[j])
-            mismatched = bool(verdict[j])
-            self._mismatched[slot] = mismatched
-            # Cleared either way: a device turning mismatched is re-anchored by the caller
-            # (with resample), one turning ok leaves resampling.
-            self._grid_anchor[slot] = np.nan
-            if not mismatched:
-                # Back in the band: restart the window, so that no scored window holds
-                # readings from before (wrong cadence, or grid readings).
-                self._count[slot] = 0
-            device = self._device[slot]
-            assert device is not None
-            acc.changes.append(
-                CadenceChange(
-                    device,
-                    mismatched,
-                    self._median_step(slot),
-                    self.sample_period_s,
-                    float(ts[j]),
+    def _apply_cadence(self, found: RoundCadence, acc: _Round) -> npt.NDArray[np.bool_] | None:
+        """Act on what the tracker found in a round; returns its mask for the resampling path."""
+        if found.changes:
+            assert self.sample_period_s is not None
+            for ch in found.changes:
+                if not ch.mismatched:
+                    # Back in the band: restart the window, so that no scored window holds
+                    # readings from before (wrong cadence, or grid readings).
+                    self._count[ch.slot] = 0
+                device = self._slots.device[ch.slot]
+                assert device is not None
+                acc.changes.append(
+                    CadenceChange(device, ch.mismatched, ch.period_s, self.sample_period_s, ch.ts)
                 )
-            )
+        if found.anchored is not None:
+            # A resampled window holds grid readings only: it starts afresh at the grid's anchor.
+            self._count[found.anchored] = 0
+        return found.slow
 
     def _resample(
         self,
@@ -533,48 +335,51 @@ class DeviceBuffers:
         arrival: npt.NDArray[np.float64],
         acc: _Round,
     ) -> None:
-        """Write the grid readings between each slot's previous real reading and this one."""
-        period = self.sample_period_s
-        assert period is not None
-        length = self.window_length
+        """Write, in place of each slot's real reading, the grid readings up to it."""
         for j, slot in enumerate(s.tolist()):
             self._last_ts[slot] = t1[j]
             self._last_arrival[slot] = arrival[j]
-            v0 = self._last_real[slot].copy()
-            self._last_real[slot] = v1[j]
-            anchor = float(self._grid_anchor[slot])
-            ks = grid_points(anchor, period, int(self._grid_k[slot]), float(t1[j]), self._grid_cap)
-            if ks.size == 0:
-                continue
-            self._grid_k[slot] = ks[-1]
-            times = (anchor + ks * period).astype(np.float64)
-            vals = interpolate(float(t0[j]), v0, float(t1[j]), v1[j], times)
-            windows: list[npt.NDArray[np.float32]] = []
-            end_ts: list[float] = []
-            padded: list[bool] = []
-            c = int(self._count[slot])
-            for i in range(ks.size):
-                pos = c % length
-                self._ring[slot, pos] = vals[i]
-                self._ring[slot, pos + length] = vals[i]
-                c += 1
-                if c >= self._start and (c - self._start) % self.hop == 0:
-                    windows.append(self._window_one(slot, c))
-                    end_ts.append(float(times[i]))
-                    padded.append(c < length)
-            self._count[slot] = c
-            if windows:
-                device = self._device[slot]
-                assert device is not None
-                acc.out.append(
-                    ReadyWindows(
-                        np.stack(windows),
-                        [device] * len(windows),
-                        np.asarray(end_ts, np.float64),
-                        np.full(len(windows), arrival[j], np.float64),
-                        np.asarray(padded, np.bool_),
-                    )
-                )
+            grid = self._cadence.grid_readings(slot, float(t0[j]), float(t1[j]), v1[j])
+            if grid is not None:
+                ready = self._write_series(slot, *grid, arrival=float(arrival[j]))
+                if ready is not None:
+                    acc.out.append(ready)
+
+    def _write_series(
+        self,
+        slot: int,
+        times: npt.NDArray[np.float64],
+        vals: npt.NDArray[np.float32],
+        *,
+        arrival: float,
+    ) -> ReadyWindows | None:
+        """Write readings ``(times, vals)`` of one slot one by one, copying out each window due."""
+        length = self.window_length
+        windows: list[npt.NDArray[np.float32]] = []
+        end_ts: list[float] = []
+        padded: list[bool] = []
+        c = int(self._count[slot])
+        for i in range(times.size):
+            pos = c % length
+            self._ring[slot, pos] = vals[i]
+            self._ring[slot, pos + length] = vals[i]
+            c += 1
+            if c >= self._start and (c - self._start) % self.hop == 0:
+                windows.append(self._window_one(slot, c))
+                end_ts.append(float(times[i]))
+                padded.append(c < length)
+        self._count[slot] = c
+        if not windows:
+            return None
+        device = self._slots.device[slot]
+        assert device is not None
+        return ReadyWindows(
+            np.stack(windows),
+            [device] * len(windows),
+            np.asarray(end_ts, np.float64),
+            np.full(len(windows), arrival, np.float64),
+            np.asarray(padded, np.bool_),
+        )
 
     def _window_one(self, slot: int, c: int) -> npt.NDArray[np.float32]:
         """A copy of one slot's window after ``c`` readings (edge-padded below L)."""
@@ -590,7 +395,7 @@ class DeviceBuffers:
         c = self._count[written]
         due = (c >= self._start) & ((c - self._start) % self.hop == 0)
         if self.period_band is not None and not self.resample:
-            withheld = due & self._mismatched[written]
+            withheld = due & self._cadence.mismatched[written]
             if withheld.any():
                 acc.skipped += int(np.count_nonzero(withheld))
                 due &= ~withheld
@@ -609,7 +414,7 @@ class DeviceBuffers:
             cp = c[~full]
             pad_idx = np.maximum(np.arange(length)[None, :] - (length - cp)[:, None], 0)
             windows[~full] = self._ring[s[~full][:, None], pad_idx]
-        devices = self._device
+        devices = self._slots.device
         return ReadyWindows(
             windows,
             [devices[i] for i in s.tolist()],
@@ -645,26 +450,15 @@ class DeviceBuffers:
         ``last_values`` (n, F) float32. Arrival times are not exported: monotonic clocks
         do not survive a restart.
         """
-        n = len(self._lru)
-        slots = np.fromiter(self._lru.values(), np.int64, n)
-        length = self.window_length
+        devices, slots = self._slots.by_recency()
         c = self._count[slots]
-        reading = c[:, None] - length + np.arange(length)[None, :]  # reading number of each row
-        used = reading >= 0
-        windows = self._ring[slots[:, None], np.where(used, reading % length, 0)]
-        windows[~used] = 0.0
         return {
             "version": np.array(STATE_VERSION, np.int64),
-            "devices": np.array(list(self._lru), dtype=np.str_).reshape(n),
-            "windows": windows.reshape(n, length, self.n_features),
+            "devices": np.array(devices, dtype=np.str_).reshape(len(devices)),
+            "windows": unroll(self._ring, slots, c),
             "counts": c,
             "last_ts": self._last_ts[slots],
-            "steps": self._steps[slots],
-            "n_steps": self._n_steps[slots],
-            "mismatched": self._mismatched[slots],
-            "grid_anchor": self._grid_anchor[slots],
-            "grid_k": self._grid_k[slots],
-            "last_values": self._last_real[slots],
+            **self._cadence.export(slots),
         }
 
     def import_state(self, state: dict[str, npt.NDArray[Any]], now_mono: float) -> int:
@@ -677,9 +471,9 @@ class DeviceBuffers:
         steps. Raises ``ValueError`` naming the problem if the state is malformed or was
         made for another window length or number of features.
         """
-        if self._slot_of:
+        if len(self._slots):
             raise ValueError(f"import_state needs an empty DeviceBuffers; this one tracks {self.n_devices}")
-        st = _checked_state(state, self.window_length, self.n_features)
+        st = checked_state(state, self.window_length, self.n_features)
         n = st["devices"].shape[0]
         keep = slice(max(0, n - self.max_devices), n)
         st = {k: v[keep] for k, v in st.items()}
@@ -687,85 +481,10 @@ class DeviceBuffers:
         k = len(devices)
         if k == 0:
             return 0
-        slots = np.asarray([self._free.pop() for _ in range(k)], np.int64)
-        for device, slot in zip(devices, slots.tolist(), strict=True):
-            self._claim(device, slot)
-        length = self.window_length
-        c = st["counts"]
-        reading = c[:, None] - length + np.arange(length)[None, :]
-        used = reading >= 0
-        rows = np.broadcast_to(slots[:, None], used.shape)[used]
-        pos = (reading % length)[used]
-        vals = st["windows"][used]
-        self._ring[rows, pos] = vals
-        self._ring[rows, pos + length] = vals
-        self._count[slots] = c
+        slots = self._slots.claim_free(devices)
+        write_unrolled(self._ring, slots, st["counts"], st["windows"])
+        self._count[slots] = st["counts"]
         self._last_ts[slots] = st["last_ts"]
         self._last_arrival[slots] = now_mono
-        self._steps[slots] = st["steps"]
-        self._n_steps[slots] = st["n_steps"]
-        if self.period_band is not None:
-            below, above = self._classify(st["steps"])
-            in_ring = np.arange(RING_STEPS)[None, :] < np.minimum(st["n_steps"], RING_STEPS)[:, None]
-            self._n_below[slots] = np.count_nonzero(below & in_ring, axis=1)
-            self._n_above[slots] = np.count_nonzero(above & in_ring, axis=1)
-            self._mismatched[slots] = st["mismatched"]
-        # else: no band, no verdicts (a device left mismatched would never be scored).
-        self._grid_anchor[slots] = st["grid_anchor"]
-        self._grid_k[slots] = st["grid_k"]
-        self._last_real[slots] = st["last_values"]
+        self._cadence.restore(slots, st)
         return k
-
-
-def _checked_state(state: dict[str, npt.NDArray[Any]], length: int, n_features: int) -> dict[str, Any]:
-    """The arrays of an exported state, checked and in this module's dtypes."""
-    if not isinstance(state, dict):
-        raise ValueError(f"buffer state: expected a dict of arrays, got {type(state).__name__}")
-    version = state.get("version")
-    if not isinstance(version, np.ndarray) or version.shape != () or version.dtype.kind not in "iu":
-        raise ValueError("buffer state: 'version' is missing or not an integer scalar")
-    if int(version) != STATE_VERSION:
-        raise ValueError(f"buffer state: version {int(version)}, this anomalyd reads version {STATE_VERSION}")
-    devices = state.get("devices")
-    if not isinstance(devices, np.ndarray) or devices.ndim != 1 or devices.dtype.kind != "U":
-        raise ValueError("buffer state: 'devices' must be a 1-d unicode array")
-    n = devices.shape[0]
-    # name: (dtype kinds accepted, shape, dtype to convert to)
-    spec: dict[str, tuple[str, tuple[int, ...], type[np.generic]]] = {
-        "windows": ("f", (n, length, n_features), np.float32),
-        "counts": ("iu", (n,), np.int64),
-        "last_ts": ("f", (n,), np.float64),
-        "steps": ("f", (n, RING_STEPS), np.float32),
-        "n_steps": ("iu", (n,), np.int64),
-        "mismatched": ("b", (n,), np.bool_),
-        "grid_anchor": ("f", (n,), np.float64),
-        "grid_k": ("iu", (n,), np.int64),
-        "last_values": ("f", (n, n_features), np.float32),
-    }
-    out: dict[str, Any] = {"devices": devices}
-    for name, (kinds, shape, dtype) in spec.items():
-        a = state.get(name)
-        if not isinstance(a, np.ndarray):
-            raise ValueError(f"buffer state: {name!r} is missing or not an array")
-        if a.dtype.kind not in kinds:
-            raise ValueError(f"buffer state: {name!r} has dtype {a.dtype}, expected kind {kinds!r}")
-        if a.shape != shape:
-            raise ValueError(
-                f"buffer state: {name!r} has shape {a.shape}, this buffer needs {shape} "
-                f"(window length {length}, {n_features} features, {n} devices, "
-                f"{RING_STEPS} cadence steps): was it saved with another model?"
-            )
-        out[name] = a.astype(dtype, copy=False)
-    names = devices.tolist()
-    if len(set(names)) != n or any(not d for d in names):
-        raise ValueError("buffer state: device ids must be unique and non-empty")
-    if (out["counts"] < 0).any() or (out["n_steps"] < 0).any() or (out["grid_k"] < 0).any():
-        raise ValueError("buffer state: 'counts', 'n_steps' and 'grid_k' must be >= 0")
-    for name in ("windows", "steps", "last_values"):
-        if not np.isfinite(out[name]).all():
-            raise ValueError(f"buffer state: {name!r} holds non-finite values")
-    if np.isnan(out["last_ts"]).any() or (out["last_ts"] == np.inf).any():
-        raise ValueError("buffer state: 'last_ts' must be finite (or -inf for a device without readings)")
-    if np.isinf(out["grid_anchor"]).any():
-        raise ValueError("buffer state: 'grid_anchor' must be finite (or NaN: no grid)")
-    return out

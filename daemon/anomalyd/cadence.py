@@ -5,8 +5,8 @@ at another rate, a window spans another stretch of time: at 0.2 Hz a 1 Hz model 
 five times the change it learned between neighbouring samples, at 2 Hz half of it, and
 its scores mean nothing. So the daemon estimates each device's cadence from the
 timestamps of its readings and refuses to score a device whose cadence is outside the
-band the model was trained on (``DeviceBuffers`` does the bookkeeping; this module holds
-the pure logic).
+band the model was trained on (``anomalyd.cadence_tracker`` keeps the per-device state
+for ``DeviceBuffers``; this module holds the pure logic).
 
 **The estimate is the median of the device's recent steps** (time between consecutive
 readings, in data time, the last ``RING_STEPS`` of them). Not the mean, and not readings
@@ -20,7 +20,7 @@ and further by the spread of periods in the training data when the contract reco
 (5th and 95th percentiles): a model trained on jittery data has seen those steps.
 
 **The verdict**: a device is *mismatched* when its median step lies outside the band.
-``DeviceBuffers`` keeps two counts per device, steps below the band and steps above it,
+``CadenceTracker`` keeps two counts per device, steps below the band and steps above it,
 up to date as steps enter and leave its ring, and ``judge`` decides from them alone
 whenever it can: more than half of the steps on one side puts the median there; fewer
 than half on both sides puts it inside. Only exactly half on one side (an even number of

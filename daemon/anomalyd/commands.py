@@ -20,6 +20,8 @@ The verbs:
 ``in_service``      back in service.
 
 Only devices the daemon tracks can be commanded (it has no state to change for others).
+``CommandInbox`` takes the messages on the network thread and applies them on the
+pipeline thread, which owns the per-device state.
 A retained command is refused: it would be replayed on every reconnect. Anything else
 wrong (bad JSON, unknown verb, missing field, a duration out of range) is a counted,
 logged rejection, never an exception.
@@ -27,14 +29,27 @@ logged rejection, never an exception.
 
 from __future__ import annotations
 
+import collections
+import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import orjson
 
-__all__ = ["VERBS", "Command", "CommandError", "CommandTopic", "parse_command"]
+if TYPE_CHECKING:
+    from anomalyd.config import CommandsConfig
+    from anomalyd.metrics import Metrics
+    from anomalyd.pipeline import Pipeline
+
+__all__ = ["VERBS", "Command", "CommandError", "CommandInbox", "CommandTopic", "parse_command"]
+
+log = logging.getLogger(__name__)
+
+#: Commands waiting for the pipeline thread; a flood beyond this is refused and counted.
+_INBOX_MAX = 10000
 
 SHELVE: Final = "shelve"
 UNSHELVE: Final = "unshelve"
@@ -152,3 +167,57 @@ def parse_command(
     elif "duration_s" in doc:
         raise CommandError("malformed", f"'duration_s' only goes with {SHELVE!r}")
     return Command(device, verb, by.strip(), why.strip(), duration)
+
+
+class CommandInbox:
+    """Commands from the network thread (``put``), applied on the pipeline thread
+    (``apply_all``): every one is logged and counted, applied or refused."""
+
+    def __init__(
+        self, config: CommandsConfig, device_pattern: str, metrics: Metrics, wake: Callable[[], None]
+    ) -> None:
+        self.config = config
+        self.topic = CommandTopic(config.topic)
+        self._pattern = re.compile(device_pattern)
+        self._metrics = metrics
+        self._wake = wake
+        # deque appends and pops are atomic: no lock between the two threads
+        self._queue: collections.deque[tuple[str, bytes, bool]] = collections.deque()
+
+    def put(self, topic: str, payload: bytes, retain: bool) -> None:
+        """Network thread: a message on the command topic."""
+        if len(self._queue) >= _INBOX_MAX:
+            self._metrics.commands_rejected.labels(reason="queue_full").inc()
+            return
+        self._queue.append((topic, payload, retain))
+        self._wake()
+
+    def apply_all(self, pipeline: Pipeline) -> None:
+        """Pipeline thread: check and apply every command waiting."""
+        queue = self._queue
+        while queue:
+            self._apply(pipeline, *queue.popleft())
+
+    def _apply(self, pipeline: Pipeline, topic: str, payload: bytes, retain: bool) -> None:
+        cfg = self.config
+        try:
+            command = parse_command(
+                self.topic,
+                topic,
+                payload,
+                retain,
+                device_pattern=self._pattern,
+                default_shelve_s=cfg.default_shelve_s,
+                max_shelve_s=cfg.max_shelve_s,
+            )
+            if not pipeline.apply_command(command):
+                raise CommandError(
+                    "unknown_device", f"device {command.device!r} is not tracked by this daemon"
+                )
+        except CommandError as exc:
+            self._metrics.commands_rejected.labels(reason=exc.reason).inc()
+            log.warning("command on %r refused (%s): %s", topic[:200], exc.reason, exc)
+            return
+        self._metrics.commands.labels(verb=command.verb).inc()
+        extra = f" for {command.duration_s:g} s" if command.duration_s is not None else ""
+        log.info("command %s%s on %s by %r: %s", command.verb, extra, command.device, command.by, command.why)

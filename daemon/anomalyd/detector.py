@@ -69,7 +69,6 @@ import numpy.typing as npt
 
 from anomalyd.alerts import (
     ANOMALOUS,
-    CADENCE_MISMATCH,
     NORMAL,
     OUT_OF_SERVICE,
     SHELVED,
@@ -77,6 +76,7 @@ from anomalyd.alerts import (
     AlertRecord,
     OperatorAction,
 )
+from anomalyd.device_state import DeviceState, state_from_dict, state_to_dict
 
 if TYPE_CHECKING:
     from anomalyd.config import DetectorConfig
@@ -103,51 +103,6 @@ class Decision:
     padded: bool
     state_changed: bool = False  # this window changed the device's published state (anomalyd.alerts)
     record: AlertRecord | None = None  # ... and this is the state message it calls for
-
-
-@dataclass(slots=True)
-class _DeviceState:
-    smoothed: float = math.nan
-    above: int = 0  # consecutive anomalous windows
-    below: int = 0  # consecutive normal windows
-    alert: bool = False
-    # adaptive threshold: windows learnt, mean and variance of log(smoothed)
-    learnt: int = 0
-    log_mean: float = 0.0
-    log_var: float = 0.0
-    adaptive: float = math.nan  # the device's threshold once warmed up; NaN before
-    # published state (anomalyd.alerts)
-    decided: bool = False  # a finite window was decided since the state (re)started
-    published: str = UNKNOWN  # the state the device's alert message shows
-    since: float = math.nan  # when that state began
-    last_ts: float = math.nan  # data time of the newest decided window
-    last_score: float = math.nan
-    last_threshold: float = math.nan
-    peak_score: float = math.nan  # highest score since the alert was raised
-    peak_ts: float = math.nan
-    peak_contributions: npt.NDArray[np.float32] | None = None
-    # overlays: None, or the overlay state (out_of_service > shelved > cadence_mismatch)
-    overlay: str | None = None
-    shelved_until: float = math.nan  # UNIX time; NaN: not shelved
-    out_of_service: bool = False
-    operator: OperatorAction | None = None
-    cadence: tuple[float, float] | None = None  # (measured, expected) period while mismatched
-    rebaselining: bool = False  # no alert until the adaptive statistics warmed up again
-
-    def condition(self) -> str:
-        if not self.decided:
-            return UNKNOWN
-        return ANOMALOUS if self.alert else NORMAL
-
-    def refresh_overlay(self) -> None:
-        if self.out_of_service:
-            self.overlay = OUT_OF_SERVICE
-        elif not math.isnan(self.shelved_until):
-            self.overlay = SHELVED
-        elif self.cadence is not None:
-            self.overlay = CADENCE_MISMATCH
-        else:
-            self.overlay = None
 
 
 class Detector:
@@ -197,7 +152,7 @@ class Detector:
         self.adaptive_k = float(adaptive_k)
         self.adaptive_floor = float(adaptive_floor)
         self.non_finite = 0  # windows whose score was NaN or infinite, since start
-        self._states: dict[str, _DeviceState] = {}
+        self._states: dict[str, DeviceState] = {}
 
     @staticmethod
     def configured_base(cfg: DetectorConfig, contract_threshold: float) -> float:
@@ -286,7 +241,7 @@ class Detector:
         newest = state.since if math.isnan(state.last_ts) else state.last_ts
         return self._make_record(device, state, newest if now is None else now)
 
-    def _make_record(self, device: str, state: _DeviceState, ts: float) -> AlertRecord:
+    def _make_record(self, device: str, state: DeviceState, ts: float) -> AlertRecord:
         condition = state.condition()
         active = state.alert and state.decided
         cadence = state.cadence
@@ -325,13 +280,13 @@ class Detector:
 
     # ------------------------------------------------------------------ overlays and verbs
 
-    def _state(self, device: str) -> _DeviceState:
+    def _state(self, device: str) -> DeviceState:
         state = self._states.get(device)
         if state is None:
-            state = self._states[device] = _DeviceState()
+            state = self._states[device] = DeviceState()
         return state
 
-    def _republish(self, device: str, state: _DeviceState, now: float) -> AlertRecord | None:
+    def _republish(self, device: str, state: DeviceState, now: float) -> AlertRecord | None:
         """After an overlay changed: the new record if the published state changed."""
         state.refresh_overlay()
         published = state.overlay or state.condition()
@@ -414,117 +369,17 @@ class Detector:
     # ------------------------------------------------------------------ snapshot
 
     def export_state(self) -> list[dict[str, Any]]:
-        """Every device's state as JSON-ready dicts (NaN as None), for a snapshot."""
-
-        def f(x: float) -> float | None:
-            return None if math.isnan(x) else x
-
-        out: list[dict[str, Any]] = []
-        for device, st in self._states.items():
-            op = st.operator
-            out.append(
-                {
-                    "device": device,
-                    "smoothed": f(st.smoothed),
-                    "above": st.above,
-                    "below": st.below,
-                    "alert": st.alert,
-                    "learnt": st.learnt,
-                    "log_mean": st.log_mean,
-                    "log_var": st.log_var,
-                    "adaptive": f(st.adaptive),
-                    "decided": st.decided,
-                    "published": st.published,
-                    "since": f(st.since),
-                    "last_ts": f(st.last_ts),
-                    "last_score": f(st.last_score),
-                    "last_threshold": f(st.last_threshold),
-                    "peak_score": f(st.peak_score),
-                    "peak_ts": f(st.peak_ts),
-                    "peak_contributions": None
-                    if st.peak_contributions is None
-                    else [float(c) for c in st.peak_contributions],
-                    "shelved_until": f(st.shelved_until),
-                    "out_of_service": st.out_of_service,
-                    "operator": None if op is None else [op.verb, op.by, op.why, op.at],
-                    "cadence": None if st.cadence is None else list(st.cadence),
-                    "rebaselining": st.rebaselining,
-                }
-            )
-        return out
+        """Every device's state as JSON-ready dicts, for a snapshot (``anomalyd.device_state``)."""
+        return [state_to_dict(device, st) for device, st in self._states.items()]
 
     def import_state(self, states: list[dict[str, Any]], n_features: int) -> int:
         """Restore what ``export_state`` gave (into a detector without states). Raises
         ``ValueError`` on anything malformed, before changing anything. Returns devices restored."""
-
-        def f(x: object) -> float:
-            if x is None:
-                return math.nan
-            if isinstance(x, bool) or not isinstance(x, (int, float)):
-                raise ValueError(f"expected a number or null, got {x!r}")
-            return float(x)
-
-        def i(x: object) -> int:
-            if isinstance(x, bool) or not isinstance(x, int) or x < 0:
-                raise ValueError(f"expected a non-negative integer, got {x!r}")
-            return x
-
-        def b(x: object) -> bool:
-            if not isinstance(x, bool):
-                raise ValueError(f"expected true or false, got {x!r}")
-            return x
-
-        restored: dict[str, _DeviceState] = {}
-        for raw in states:
-            if not isinstance(raw, dict) or not isinstance(raw.get("device"), str):
-                raise ValueError("each detector state needs a 'device' string")
-            published = raw.get("published")
-            if published not in (NORMAL, ANOMALOUS, UNKNOWN, CADENCE_MISMATCH, SHELVED, OUT_OF_SERVICE):
-                raise ValueError(f"unknown published state {published!r}")
-            peak = raw.get("peak_contributions")
-            if peak is not None and (not isinstance(peak, list) or len(peak) != n_features):
-                raise ValueError(f"peak_contributions must hold {n_features} numbers")
-            op = raw.get("operator")
-            if op is not None and not (
-                isinstance(op, list) and len(op) == 4 and all(isinstance(x, str) for x in op[:3])
-            ):
-                raise ValueError(f"malformed operator action {op!r}")
-            cadence = raw.get("cadence")
-            if cadence is not None and not (isinstance(cadence, list) and len(cadence) == 2):
-                raise ValueError(f"malformed cadence {cadence!r}")
-            try:
-                st = _DeviceState(
-                    smoothed=f(raw["smoothed"]),
-                    above=i(raw["above"]),
-                    below=i(raw["below"]),
-                    alert=b(raw["alert"]),
-                    learnt=i(raw["learnt"]),
-                    log_mean=f(raw["log_mean"]),
-                    log_var=f(raw["log_var"]),
-                    adaptive=f(raw["adaptive"]),
-                    decided=b(raw["decided"]),
-                    published=str(published),
-                    since=f(raw["since"]),
-                    last_ts=f(raw["last_ts"]),
-                    last_score=f(raw["last_score"]),
-                    last_threshold=f(raw["last_threshold"]),
-                    peak_score=f(raw["peak_score"]),
-                    peak_ts=f(raw["peak_ts"]),
-                    peak_contributions=None if peak is None else np.asarray([f(c) for c in peak], np.float32),
-                    shelved_until=f(raw["shelved_until"]),
-                    out_of_service=b(raw["out_of_service"]),
-                    operator=None if op is None else OperatorAction(op[0], op[1], op[2], f(op[3])),
-                    cadence=None if cadence is None else (f(cadence[0]), f(cadence[1])),
-                    rebaselining=b(raw["rebaselining"]),
-                )
-            except KeyError as exc:
-                raise ValueError(f"detector state of {raw['device']!r} lacks {exc}") from None
-            st.refresh_overlay()
-            restored[raw["device"]] = st
+        restored = dict(state_from_dict(raw, n_features) for raw in states)
         self._states.update(restored)
         return len(restored)
 
-    def _learn(self, state: _DeviceState, smoothed: float) -> None:
+    def _learn(self, state: DeviceState, smoothed: float) -> None:
         """Fold one normal window's smoothed score into the device's log-score statistics."""
         x = math.log(max(smoothed, _LOG_FLOOR))
         state.learnt += 1
@@ -562,7 +417,7 @@ class Detector:
         ):
             state = states.get(device)
             if state is None:
-                state = states[device] = _DeviceState()
+                state = states[device] = DeviceState()
             threshold = static if math.isnan(state.adaptive) else state.adaptive
             if not math.isfinite(score):
                 self.non_finite += 1

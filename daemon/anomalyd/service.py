@@ -27,19 +27,16 @@ alert state becomes ``unknown``/``stopped``: nothing will resume it) → ``stopp
 
 from __future__ import annotations
 
-import collections
 import logging
-import re
 import signal
 import threading
 import time
-from pathlib import Path
 from types import FrameType
 
-import orjson
 from prometheus_client import CollectorRegistry
 
-from anomalyd.commands import CommandError, CommandTopic, parse_command
+from anomalyd.alerts import RetainedStates
+from anomalyd.commands import CommandInbox
 from anomalyd.config import Config
 from anomalyd.decode import Reason
 from anomalyd.errors import AnomalydError, ConfigError
@@ -50,7 +47,7 @@ from anomalyd.mqtt import MqttLink, subscription_filter
 from anomalyd.pipeline import Pipeline
 from anomalyd.publisher import Publisher, last_will
 from anomalyd.sdnotify import Notifier, watchdog_interval
-from anomalyd.snapshot import Snapshot, SnapshotError, load_snapshot, save_snapshot
+from anomalyd.snapshot import SnapshotKeeper
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +70,6 @@ _DRAIN_MAX_BYTES = 256 * 1024
 _HOUSEKEEPING_S = 1.0
 #: How often the start re-announces itself to systemd while waiting for the broker.
 _BROKER_WAIT_TICK_S = 5.0
-#: Operator commands and retained alert states waiting for the pipeline thread (both are
-#: rare; a flood beyond this is refused and counted rather than queued without bound).
-_SIDE_QUEUE_MAX = 10000
 
 
 class Service:
@@ -123,19 +117,15 @@ class Service:
         # idle daemon is never mistaken for a stuck one.
         self._idle_tick = min(_IDLE_TICK_S, self._watchdog_s / 8) if self._watchdog_s else _IDLE_TICK_S
         self._last_housekeeping = 0.0
-        # Filled on the network thread, emptied by the pipeline thread (deque appends and
-        # pops are atomic): operator commands, alert states the broker retains, and the
-        # "reconnected" flag that makes the pipeline re-assert every alert state.
-        self._commands: collections.deque[tuple[str, bytes, bool]] = collections.deque()
-        self._retained_alerts: collections.deque[tuple[str, str]] = collections.deque()
+        # Side inputs, filled on the network thread and taken by the pipeline thread:
+        # operator commands, the alert states the broker retains, and the "connected" flag
+        # that makes the pipeline re-assert every alert state.
+        self.commands = CommandInbox(
+            config.commands, config.stream.device_id_pattern, self.metrics, self._queue.wake
+        )
+        self.retained_states = RetainedStates(config.output.alert_topic, self._queue.wake)
         self._reconnected = threading.Event()
-        self._command_topic = CommandTopic(config.commands.topic)
-        self._device_pattern = re.compile(config.stream.device_id_pattern)
-        alert_pre, _, alert_post = config.output.alert_topic.partition("{device}")
-        self._alert_affixes = (alert_pre, alert_post)
-        self.state_dir: Path | None = config.state.resolved_directory()
-        self._last_snapshot = time.monotonic()
-        self._snapshot_writer: threading.Thread | None = None
+        self.snapshots = SnapshotKeeper(config.state.resolved_directory(), config.state, self.metrics)
         #: The stages of the served model; built in start(), run by the pipeline thread.
         self.pipeline: Pipeline | None = None
 
@@ -270,17 +260,17 @@ class Service:
         link.add_connect_listener(self._on_connected)
         # The broker's retained alert states (reconciled with ours on every connect), and
         # operator commands.
-        link.add_subscription(subscription_filter(cfg.output.alert_topic), self._on_retained_alert, qos=1)
+        link.add_subscription(subscription_filter(cfg.output.alert_topic), self.retained_states.put, qos=1)
         if cfg.commands.enabled:
             # Retain As Published: a command published retained is refused at once, not only
             # when the broker replays it after a reconnect.
             link.add_subscription(
-                self._command_topic.subscription, self._on_command, qos=1, retain_as_published=True
+                self.commands.topic.subscription, self.commands.put, qos=1, retain_as_published=True
             )
         self._link = link
         self.pipeline = Pipeline(cfg, model, self.metrics, self._publisher, wake=self._queue.wake)
         self._announce_model(model, self.pipeline.threshold)
-        self._restore_snapshot(self.pipeline)
+        self.snapshots.restore(self.pipeline)
         self._pipeline = threading.Thread(
             target=self._run_pipeline_loop, name="anomalyd-pipeline", daemon=True
         )
@@ -318,146 +308,23 @@ class Service:
         self._reconnected.set()
         self._queue.wake()
 
-    def _on_retained_alert(self, topic: str, payload: bytes, retain: bool) -> None:
-        """Network thread: an alert state the broker holds. Only retained ones are the
-        broker's memory; live ones are publications (ours, in MQTT 3.1.1, which has no
-        No Local option) and say nothing new."""
-        if not retain or not payload:
-            return
-        pre, post = self._alert_affixes
-        if not (topic.startswith(pre) and topic.endswith(post)) or len(topic) <= len(pre) + len(post):
-            return
-        device = topic[len(pre) : len(topic) - len(post)]
-        try:
-            doc = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            doc = None
-        # A message from an older anomalyd has "alert" but no "state": it is still a claim.
-        state = (
-            doc.get("state", "anomalous" if doc.get("alert") else "normal") if isinstance(doc, dict) else "?"
-        )
-        if len(self._retained_alerts) < _SIDE_QUEUE_MAX:
-            self._retained_alerts.append((device, str(state)))
-            self._queue.wake()
-
-    def _on_command(self, topic: str, payload: bytes, retain: bool) -> None:
-        """Network thread: an operator command, handled on the pipeline thread."""
-        if len(self._commands) >= _SIDE_QUEUE_MAX:
-            self.metrics.commands_rejected.labels(reason="queue_full").inc()
-            return
-        self._commands.append((topic, payload, retain))
-        self._queue.wake()
-
     def _handle_side_inputs(self, pipeline: Pipeline) -> None:
         """Pipeline thread: re-assert after a connect, reconcile retained states, commands."""
         if self._reconnected.is_set():
             self._reconnected.clear()
             pipeline.request_reassert()
-        retained = self._retained_alerts
+        retained = self.retained_states.take()
         if retained:
-            batch = [retained.popleft() for _ in range(len(retained))]
-            pipeline.reconcile(batch)
-        commands = self._commands
-        while commands:
-            self._handle_command(pipeline, *commands.popleft())
-
-    def _handle_command(self, pipeline: Pipeline, topic: str, payload: bytes, retain: bool) -> None:
-        cfg = self.config.commands
-        try:
-            command = parse_command(
-                self._command_topic,
-                topic,
-                payload,
-                retain,
-                device_pattern=self._device_pattern,
-                default_shelve_s=cfg.default_shelve_s,
-                max_shelve_s=cfg.max_shelve_s,
-            )
-            if not pipeline.apply_command(command):
-                raise CommandError(
-                    "unknown_device", f"device {command.device!r} is not tracked by this daemon"
-                )
-        except CommandError as exc:
-            self.metrics.commands_rejected.labels(reason=exc.reason).inc()
-            log.warning("command on %r refused (%s): %s", topic[:200], exc.reason, exc)
-            return
-        self.metrics.commands.labels(verb=command.verb).inc()
-        extra = f" for {command.duration_s:g} s" if command.duration_s is not None else ""
-        log.info("command %s%s on %s by %r: %s", command.verb, extra, command.device, command.by, command.why)
-
-    # ------------------------------------------------------------------ snapshots
-
-    def _restore_snapshot(self, pipeline: Pipeline) -> None:
-        """Before the pipeline thread starts: resume from the snapshot if it is usable."""
-        directory = self.state_dir
-        if directory is None:
-            log.info("no state directory (state.directory, $STATE_DIRECTORY): no snapshots")
-            return
-        c = pipeline.model.contract
-        try:
-            snap = load_snapshot(
-                directory,
-                model_version=c.model_version,
-                feature_names=c.feature_names,
-                window_length=c.window_length,
-                max_age_s=self.config.state.max_age_s,
-            )
-            n = pipeline.restore_snapshot(snap)
-        except SnapshotError as exc:
-            self.metrics.snapshot_restores.labels(result=exc.result).inc()
-            level = logging.INFO if exc.result == "missing" else logging.WARNING
-            log.log(level, "snapshot not used (%s): %s; starting without per-device state", exc.result, exc)
-            return
-        except ValueError as exc:
-            self.metrics.snapshot_restores.labels(result="corrupt").inc()
-            log.warning("snapshot not used (corrupt): %s; starting without per-device state", exc)
-            return
-        self.metrics.snapshot_restores.labels(result="restored").inc()
-        log.info(
-            "restored %d devices from the snapshot of %.0f s ago (%s)",
-            n,
-            time.time() - snap.created,
-            directory,
-        )
-
-    def _write_snapshot(self, snap: Snapshot) -> bool:
-        assert self.state_dir is not None
-        t0 = time.perf_counter()
-        try:
-            path = save_snapshot(self.state_dir, snap)
-        except OSError as exc:
-            self.metrics.snapshot_saves.labels(result="failed").inc()
-            log.error("cannot write the snapshot in %s: %s", self.state_dir, exc)
-            return False
-        self.metrics.snapshot_saves.labels(result="ok").inc()
-        self.metrics.snapshot_last_success.set(snap.created)
-        log.debug("snapshot of %d devices in %s (%.3f s)", snap.n_devices, path, time.perf_counter() - t0)
-        return True
-
-    def _maybe_snapshot(self, pipeline: Pipeline, now: float) -> None:
-        """Pipeline thread: the periodic snapshot, written on a thread of its own."""
-        interval = self.config.state.snapshot_interval_s
-        if self.state_dir is None or interval <= 0 or now - self._last_snapshot < interval:
-            return
-        if self._snapshot_writer is not None and self._snapshot_writer.is_alive():
-            return  # the previous one is still being written (a slow disk): skip this round
-        self._last_snapshot = now
-        snap = pipeline.export_snapshot()  # a copy: the writer never touches live state
-        self._snapshot_writer = threading.Thread(
-            target=self._write_snapshot, args=(snap,), name="anomalyd-snapshot", daemon=True
-        )
-        self._snapshot_writer.start()
+            pipeline.reconcile(retained)
+        self.commands.apply_all(pipeline)
 
     def _final_state(self) -> None:
         """After the drain: snapshot, or say every alert state is unknown from now on."""
         pipeline = self.pipeline
         if pipeline is None or self._pipeline_failed:
             return
-        if self._snapshot_writer is not None:
-            self._snapshot_writer.join(10.0)
-        if self.state_dir is not None and self._write_snapshot(pipeline.export_snapshot()):
-            return  # the states stay: the next start restores and re-asserts them
-        pipeline.forget_all("stopped")
+        if not self.snapshots.save_final(pipeline):
+            pipeline.forget_all("stopped")  # nothing will resume these states
 
     def _status_line(self) -> str:
         m = self.model
@@ -618,7 +485,7 @@ class Service:
                         queue_fill=self._queue.fill,
                         queue_dropped=link.dropped if link is not None else 0,
                     )
-                    self._maybe_snapshot(pipeline, now)
+                    self.snapshots.maybe_save(pipeline, now)
         except Exception:
             log.exception("pipeline thread failed")
             self._pipeline_failed = True

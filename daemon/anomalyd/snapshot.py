@@ -17,6 +17,11 @@ says why, with one warning and ``anomalyd_snapshot_restores_total{result}``:
 ``model_mismatch``  taken with another model version, features or window length (its
                     adaptive statistics describe another model's scores);
 ``corrupt``         unreadable, or not what this version of anomalyd writes.
+
+``SnapshotKeeper`` decides when: restore before the pipeline thread starts, a periodic
+snapshot every ``state.snapshot_interval_s`` (the pipeline thread copies the state, a
+thread of its own writes it, so a slow disk never stalls scoring), and a last one after
+the drain of a clean stop.
 """
 
 from __future__ import annotations
@@ -24,17 +29,23 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 import orjson
 
-__all__ = ["RESTORE_RESULTS", "Snapshot", "SnapshotError", "load_snapshot", "save_snapshot"]
+if TYPE_CHECKING:
+    from anomalyd.config import StateConfig
+    from anomalyd.metrics import Metrics
+    from anomalyd.pipeline import Pipeline
+
+__all__ = ["RESTORE_RESULTS", "Snapshot", "SnapshotError", "SnapshotKeeper", "load_snapshot", "save_snapshot"]
 
 log = logging.getLogger(__name__)
 
@@ -154,3 +165,84 @@ def load_snapshot(
             f"serving {ours[0]!r} (features {ours[1]}, window {ours[2]})",
         )
     return Snapshot(model_version, feature_names, window_length, buffers, detector, float(created))
+
+
+class SnapshotKeeper:
+    """When the daemon's per-device state is snapshotted and restored (see the module
+    docstring). ``directory`` None: snapshots are off."""
+
+    def __init__(self, directory: Path | None, config: StateConfig, metrics: Metrics) -> None:
+        self.directory = directory
+        self.config = config
+        self.metrics = metrics
+        self._last = time.monotonic()
+        self._writer: threading.Thread | None = None
+
+    def restore(self, pipeline: Pipeline) -> int:
+        """Before the pipeline thread starts: resume from the snapshot if it is usable.
+        Returns the devices restored (0: none, and the log says why)."""
+        directory = self.directory
+        if directory is None:
+            log.info("no state directory (state.directory, $STATE_DIRECTORY): no snapshots")
+            return 0
+        c = pipeline.model.contract
+        try:
+            snap = load_snapshot(
+                directory,
+                model_version=c.model_version,
+                feature_names=c.feature_names,
+                window_length=c.window_length,
+                max_age_s=self.config.max_age_s,
+            )
+            n = pipeline.restore_snapshot(snap)
+        except SnapshotError as exc:
+            self.metrics.snapshot_restores.labels(result=exc.result).inc()
+            log.warning("snapshot not used (%s): %s; starting without per-device state", exc.result, exc)
+            return 0
+        except ValueError as exc:
+            self.metrics.snapshot_restores.labels(result="corrupt").inc()
+            log.warning("snapshot not used (corrupt): %s; starting without per-device state", exc)
+            return 0
+        self.metrics.snapshot_restores.labels(result="restored").inc()
+        log.info(
+            "restored %d devices from the snapshot of %.0f s ago (%s)",
+            n,
+            time.time() - snap.created,
+            directory,
+        )
+        return n
+
+    def _write(self, snap: Snapshot) -> bool:
+        assert self.directory is not None
+        t0 = time.perf_counter()
+        try:
+            path = save_snapshot(self.directory, snap)
+        except OSError as exc:
+            self.metrics.snapshot_saves.labels(result="failed").inc()
+            log.error("cannot write the snapshot in %s: %s", self.directory, exc)
+            return False
+        self.metrics.snapshot_saves.labels(result="ok").inc()
+        self.metrics.snapshot_last_success.set(snap.created)
+        log.debug("snapshot of %d devices in %s (%.3f s)", snap.n_devices, path, time.perf_counter() - t0)
+        return True
+
+    def maybe_save(self, pipeline: Pipeline, now_mono: float) -> None:
+        """Pipeline thread, about once a second: the periodic snapshot when it is due."""
+        interval = self.config.snapshot_interval_s
+        if self.directory is None or interval <= 0 or now_mono - self._last < interval:
+            return
+        if self._writer is not None and self._writer.is_alive():
+            return  # the previous one is still being written (a slow disk): skip this round
+        self._last = now_mono
+        snap = pipeline.export_snapshot()  # a copy: the writer never touches live state
+        self._writer = threading.Thread(
+            target=self._write, args=(snap,), name="anomalyd-snapshot", daemon=True
+        )
+        self._writer.start()
+
+    def save_final(self, pipeline: Pipeline) -> bool:
+        """After the drain of a clean stop (the pipeline thread has ended): the last
+        snapshot, written now. False without a state directory or if the write failed."""
+        if self._writer is not None:
+            self._writer.join(10.0)
+        return self.directory is not None and self._write(pipeline.export_snapshot())

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from anomalyd import mqtt as mqtt_module
+from anomalyd import mqtt_publish, mqtt_subscribe
 from anomalyd.broker import PrivateBroker
 from anomalyd.config import MqttConfig, OutputConfig, load_config
 from anomalyd.detector import Decision
@@ -250,7 +250,7 @@ def test_while_the_canary_is_refused_qos0_scores_count_as_not_authorized_and_sta
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A short interval, so that the check after the ACL is fixed comes soon.
-    monkeypatch.setattr(mqtt_module, "CANARY_INTERVAL_S", 0.5)
+    monkeypatch.setattr(mqtt_publish, "CANARY_INTERVAL_S", 0.5)
     broker = broker_factory(acl=PUBLISH_ACL)
     metrics = Metrics(registry)
     link = MqttLink(_cfg(broker), metrics=metrics, will=last_will(OutputConfig()))
@@ -447,7 +447,7 @@ def test_telemetry_subscription_refused_after_serving_takes_readiness_until_gran
 ) -> None:
     """The service end to end, in-process: a reconnect to a broker whose ACL no longer
     grants the telemetry subscription, then a broker that grants it again."""
-    monkeypatch.setattr(mqtt_module, "SUBSCRIBE_RETRY_S", 0.2)
+    monkeypatch.setattr(mqtt_subscribe, "SUBSCRIBE_RETRY_S", 0.2)
     broker = dynsec(
         [
             ("subscribePattern", TELEMETRY),

@@ -281,3 +281,50 @@ def test_operator_commands_over_mqtt(
         sub.close()
     d.signal(signal.SIGTERM)
     assert d.wait() == 0
+
+
+def test_an_unusable_snapshot_is_ignored_with_a_warning_and_a_metric(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    daemon_factory: Callable[..., DaemonProcess],
+    tiny_model: Callable[..., Path],
+) -> None:
+    state = tmp_path / "state"
+    sections = {"state": {"directory": str(state), "max_age_s": 30.0}}
+    first = daemon_factory(tiny_model(window_length=WINDOW), sections=sections)
+    first.wait_ready()
+    assert first.metric("anomalyd_snapshot_restores_total", result="missing") == 1.0
+    publish_many(broker, readings("s1", time.time() - 60, [COLD] * WINDOW))
+    first.wait_metric("anomalyd_windows_scored_total", lambda v: v == 1.0, 10)
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+    good = (state / "snapshot.npz").read_bytes()
+
+    # another window length: the snapshot describes another model
+    other = daemon_factory(tiny_model("other.onnx", window_length=WINDOW + 1), sections=sections)
+    other.wait_ready()
+    assert other.metric("anomalyd_snapshot_restores_total", result="model_mismatch") == 1.0
+    assert "snapshot not used (model_mismatch)" in other.log()
+    other.signal(signal.SIGKILL)
+    other.wait()
+
+    # damaged on disk
+    (state / "snapshot.npz").write_bytes(good[: len(good) // 3])
+    broken = daemon_factory(tiny_model(window_length=WINDOW), sections=sections)
+    broken.wait_ready()
+    assert broken.metric("anomalyd_snapshot_restores_total", result="corrupt") == 1.0
+    assert "snapshot not used (corrupt)" in broken.log()
+    broken.signal(signal.SIGKILL)
+    broken.wait()
+
+    # older than state.max_age_s
+    (state / "snapshot.npz").write_bytes(good)
+    # (the age is the creation time recorded inside the snapshot)
+    stale = daemon_factory(
+        tiny_model(window_length=WINDOW),
+        sections=sections | {"state": {"directory": str(state), "max_age_s": 0.001}},
+    )
+    stale.wait_ready()
+    assert stale.metric("anomalyd_snapshot_restores_total", result="stale") == 1.0
+    stale.signal(signal.SIGTERM)
+    assert stale.wait() == 0
