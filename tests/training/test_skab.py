@@ -23,10 +23,12 @@ from anomalyd_train.skab import (
     FileResult,
     SkabResult,
     discover,
+    format_seeds_table,
     format_table,
     load_skab_config,
     read_experiment,
     run_skab,
+    run_skab_seeds,
 )
 
 TRAIN_ROWS = 120
@@ -175,6 +177,29 @@ def test_summary_pools_the_written_decisions(bench: tuple[Path, Path, Path]) -> 
     assert base["FAR"] == 100.0
     assert [m["method"] for m in summary["leaderboard"]] == ["Conv-AE", "MSET", "LSTM-AE", "Vanilla LSTM"]
     assert summary["config"]["daemon"]["detector"]["adaptive"] is True
+    # the reference ran on the same rows, and is pooled beside the model
+    ref = [summary["files"][n]["reference"] for n in ("valve9/2.csv", "valve9/10.csv")]
+    assert all(r["TP"] + r["FP"] + r["FN"] + r["TN"] == TEST_ROWS for r in ref)
+    assert summary["reference"]["TP"] == sum(r["TP"] for r in ref)
+    assert summary["groups"]["valve9"]["files"] == 2
+
+
+def test_several_seeds_report_mean_and_range(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_experiment(root / "valve9" / "1.csv", seed=5)
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    out = tmp_path / "out"
+    results = run_skab_seeds(root, out, load_skab_config(config), 2, echo=lambda _: None)
+    assert len(results) == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    assert [r["config"]["train"]["training"]["seed"] for r in summary["per_seed"]] == [0, 1]
+    assert (out / "seed-1" / "valve9" / "1.csv").is_file()
+    text = format_seeds_table(results)
+    assert "over 2 training seeds: mean [min–max]" in text
+    assert "| anomalyd, all (1 files) |" in text
+    assert "| reference, all |" in text
 
 
 def test_the_obvious_anomaly_is_found(bench: tuple[Path, Path, Path]) -> None:
@@ -214,12 +239,18 @@ def test_table_sets_the_result_beside_the_leaderboard() -> None:
         threshold=1.0,
         seconds=2.0,
         rows_without_window=0,
+        reference=Confusion(tp=5, fp=0, fn=0, tn=5),
     )
-    text = format_table(SkabResult(files=[f], baseline=Confusion(tp=5, fp=5), seconds=2.0))
-    assert "| **anomalyd** (1 files) | **0.80** | **20.00** | **20.00** |" in text
+    g = FileResult(**{**f.__dict__, "name": "w/1.csv", "reference": Confusion(tp=1, fp=4, fn=4, tn=1)})
+    text = format_table(SkabResult(files=[f, g], baseline=Confusion(tp=10, fp=10), seconds=2.0))
+    assert "| **anomalyd (2 files)** | **0.80** | **20.00** | **20.00** |" in text
+    assert "| reference, no network (2 files) | 0.60 | 40.00 | 40.00 |" in text
+    assert "| anomalyd, v (1 files) | 0.80 | 20.00 | 20.00 |" in text
+    assert "| reference, v | 1.00 | 0.00 | 0.00 |" in text
+    assert "| reference, w | 0.20 | 80.00 | 80.00 |" in text
     assert "| every row anomalous | 0.67 | 100.00 | 0.00 |" in text
     for name in ("Conv-AE", "MSET", "LSTM-AE", "Vanilla LSTM"):
-        assert f"| {name} (published) |" in text
+        assert f"| {name} (published, all 34) |" in text
     assert "NAB (standard, changepoint windows): 75.0" in text
     assert "mean detection delay: 3.0 s" in text
     assert math.isnan(SkabResult().nab.normalised)

@@ -55,7 +55,7 @@ def _add_check_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(run=_cmd_check_config)
 
 
-# --- skab (issue 4): registration and dispatch only; the benchmark lives in skab.py -------
+# --- skab: registration and dispatch only; the benchmark lives in skab.py ------------------
 def _add_skab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "skab",
@@ -72,6 +72,12 @@ def _add_skab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="benchmark config (TOML); default: the committed training/configs/skab.toml, "
         "the configuration docs/skab.md reports",
     )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="repeat with this many training seeds and report each figure's mean and range (default 1)",
+    )
     p.set_defaults(run=_cmd_skab)
 
 
@@ -85,10 +91,13 @@ def _cmd_skab(args: argparse.Namespace) -> int:
         print(f"skab: config {path}", flush=True)
     cfg = load_skab_config(path)
     _quiet_tensorflow()
-    from anomalyd_train.skab import format_table, run_skab
+    from anomalyd_train.skab import format_seeds_table, format_table, run_skab_seeds
 
-    result = run_skab(args.dir, args.out, cfg)
-    print(format_table(result), flush=True)
+    results = run_skab_seeds(args.dir, args.out, cfg, args.seeds)
+    for result in results:
+        print(format_table(result), flush=True)
+    if len(results) > 1:
+        print(format_seeds_table(results), flush=True)
     return 0
 
 

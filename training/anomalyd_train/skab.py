@@ -15,10 +15,17 @@
    the daemon publishes, retained, on the alert topic). A row that ends no window — after
    a gap longer than ``stream.max_gap_s`` restarted the device's window, until it is full
    again — keeps the alert state the device had: the daemon publishes nothing new for it;
-4. writes ``OUT/<file relative to DIR>`` (``datetime;score;anomaly``, one line per test row,
+4. runs the no-network reference (``anomalyd_train.reference``: an EWMA of each channel's
+   z-scored level) on the same rows, the bar the model must clear;
+5. writes ``OUT/<file relative to DIR>`` (``datetime;score;anomaly``, one line per test row,
    input order; ``score`` is ``nan`` where no window ended), ``OUT/summary.json`` (pooled
    and per-file confusion counts, F1, FAR, MAR, NAB-style changepoint score, detection
-   delays) and prints the table beside the published leaderboard.
+   delays, the reference's counts) and prints the table beside the reference and the
+   published leaderboard, pooled and per folder (``valve1``, ``valve2``, ...).
+
+``--seeds N`` repeats the whole run with training seeds ``train.training.seed`` + 0 ..
+N-1 (outputs under ``OUT/seed-<seed>/``) and reports each figure's mean and range over
+the seeds: one seed's luck moves F1 by a few hundredths.
 
 Nothing from a test row reaches training or the threshold: labels are read only to score
 the decisions afterwards, and the detector sees the test rows one by one, in order.
@@ -54,6 +61,7 @@ from anomalyd_train.evaluation import (
     detection_delays,
     nab_score,
 )
+from anomalyd_train.reference import ReferenceConfig, reference_detector
 
 __all__ = [
     "LEADERBOARD",
@@ -63,10 +71,12 @@ __all__ = [
     "SkabConfig",
     "SkabResult",
     "discover",
+    "format_seeds_table",
     "format_table",
     "load_skab_config",
     "read_experiment",
     "run_skab",
+    "run_skab_seeds",
 ]
 
 #: SKAB's published outlier-detection leaderboard (F1, FAR %, MAR %), from the benchmark's
@@ -122,6 +132,21 @@ class SkabConfig(_Section):
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     train: dict[str, Any] = Field(default_factory=dict)
     daemon: dict[str, Any] = Field(default_factory=dict)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+
+    def with_seed(self, seed: int) -> SkabConfig:
+        """The same benchmark with training seed ``seed``."""
+        train = dict(self.train)
+        training = dict(train.get("training", {}))
+        training["seed"] = seed
+        train["training"] = training
+        return self.model_copy(update={"train": train})
+
+    @property
+    def seed(self) -> int:
+        """The training seed this config trains with."""
+        raw = self.train.get("training", {}).get("seed", 0)
+        return int(raw) if isinstance(raw, int) else 0
 
     def daemon_config(self) -> DaemonConfig:
         try:
@@ -286,10 +311,18 @@ class FileResult:
     threshold: float  # the model's contract threshold
     seconds: float
     rows_without_window: int
+    reference: Confusion | None = None  # the no-network reference on the same rows
+
+    @property
+    def group(self) -> str:
+        """The folder the file is in (``valve1``), or ``.`` for a file directly in DIR."""
+        head, sep, _ = self.name.partition("/")
+        return head if sep else "."
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.confusion.to_dict(),
+            "reference": None if self.reference is None else self.reference.to_dict(),
             "test_rows": self.test_rows,
             "nab": self.nab.to_dict(),
             "delay": self.delays.to_dict(),
@@ -315,6 +348,29 @@ class SkabResult:
         return c
 
     @property
+    def reference(self) -> Confusion | None:
+        """The reference's pooled counts (None if it did not run on every file)."""
+        if not self.files or any(f.reference is None for f in self.files):
+            return None
+        c = Confusion()
+        for f in self.files:
+            assert f.reference is not None
+            c = c + f.reference
+        return c
+
+    def groups(self) -> dict[str, SkabResult]:
+        """The files of each folder, as results of their own (in order of first appearance)."""
+        out: dict[str, SkabResult] = {}
+        for f in self.files:
+            out.setdefault(f.group, SkabResult()).files.append(f)
+        for g in out.values():
+            for f in g.files:
+                g.baseline = g.baseline + Confusion(
+                    tp=f.confusion.tp + f.confusion.fn, fp=f.confusion.fp + f.confusion.tn
+                )
+        return out
+
+    @property
     def nab(self) -> NabResult:
         n = NabResult()
         for f in self.files:
@@ -329,8 +385,18 @@ class SkabResult:
         return d
 
     def to_dict(self, cfg: SkabConfig) -> dict[str, Any]:
+        ref = self.reference
         return {
             "pooled": {**self.pooled.to_dict(), "nab": self.nab.to_dict(), "delay": self.delays.to_dict()},
+            "reference": None if ref is None else ref.to_dict(),
+            "groups": {
+                name: {
+                    "files": len(g.files),
+                    "model": g.pooled.to_dict(),
+                    "reference": _dict_or_none(g.reference),
+                }
+                for name, g in self.groups().items()
+            },
             "all_anomaly_baseline": self.baseline.to_dict(),
             "leaderboard": [
                 {"method": m, "F1": f1, "FAR": far, "MAR": mar} for m, f1, far, mar in LEADERBOARD
@@ -340,6 +406,10 @@ class SkabResult:
             "seconds": round(self.seconds, 1),
             "config": cfg.model_dump(mode="json"),
         }
+
+
+def _dict_or_none(c: Confusion | None) -> dict[str, Any] | None:
+    return None if c is None else c.to_dict()
 
 
 def _write_scores(
@@ -371,6 +441,9 @@ def run_file(path: Path, name: str, cfg: SkabConfig, daemon: DaemonConfig, out: 
     n = b.train_rows
     _write_scores(out / name, exp.stamps[n:], result.score, result.alert)
     ts, labels, cps = exp.ts[n:], exp.labels[n:], exp.changepoints[n:]
+    reference = None
+    if cfg.reference.enabled:
+        reference = confusion(labels, reference_detector(exp.values, n, cfg.reference).alert[n:])
     return FileResult(
         name=name,
         test_rows=len(ts),
@@ -380,6 +453,7 @@ def run_file(path: Path, name: str, cfg: SkabConfig, daemon: DaemonConfig, out: 
         threshold=trained.threshold,
         seconds=time.perf_counter() - started,
         rows_without_window=int(np.count_nonzero(np.isnan(result.score))),
+        reference=reference,
     )
 
 
@@ -405,10 +479,11 @@ def run_skab(root: Path, out: Path, cfg: SkabConfig, echo: Callable[[str], None]
         result.baseline = result.baseline + Confusion(
             tp=fr.confusion.tp + fr.confusion.fn, fp=fr.confusion.fp + fr.confusion.tn
         )
-        c = fr.confusion
+        c, r = fr.confusion, fr.reference
+        ref = f"  | reference F1 {r.f1:.3f}  FAR {r.far:5.1f} %  MAR {r.mar:5.1f} %" if r is not None else ""
         echo(
             f"[{i:>2}/{len(files)}] {name:<24} F1 {c.f1:.3f}  FAR {c.far:5.1f} %  MAR {c.mar:5.1f} %  "
-            f"NAB {fr.nab.normalised:6.1f}  ({fr.seconds:.1f} s)"
+            f"NAB {fr.nab.normalised:6.1f}  ({fr.seconds:.1f} s){ref}"
         )
     result.seconds = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
@@ -420,17 +495,33 @@ def _fmt(v: float, digits: int) -> str:
     return "—" if math.isnan(v) else f"{v:.{digits}f}"
 
 
+def _row(label: str, c: Confusion, bold: bool = False) -> str:
+    b = "**" if bold else ""
+    return f"| {b}{label}{b} | {b}{c.f1:.2f}{b} | {b}{_fmt(c.far, 2)}{b} | {b}{_fmt(c.mar, 2)}{b} |"
+
+
 def format_table(result: SkabResult) -> str:
-    """Our pooled result beside the leaderboard and the all-anomaly baseline (Markdown)."""
+    """Our pooled result beside the reference, per folder, the leaderboard and the
+    all-anomaly baseline (Markdown)."""
     p = result.pooled
     nab, delays = result.nab, result.delays
     lines = [
         "| method | F1 | FAR % | MAR % |",
         "|---|---|---|---|",
-        f"| **anomalyd** ({len(result.files)} files) | **{p.f1:.2f}** | **{_fmt(p.far, 2)}** "
-        f"| **{_fmt(p.mar, 2)}** |",
+        _row(f"anomalyd ({len(result.files)} files)", p, bold=True),
     ]
-    lines += [f"| {m} (published) | {f1:.2f} | {far:.2f} | {mar:.2f} |" for m, f1, far, mar in LEADERBOARD]
+    ref = result.reference
+    if ref is not None:
+        lines.append(_row(f"reference, no network ({len(result.files)} files)", ref))
+    groups = result.groups()
+    if len(groups) > 1:
+        for name, g in groups.items():
+            lines.append(_row(f"anomalyd, {name} ({len(g.files)} files)", g.pooled))
+            if g.reference is not None:
+                lines.append(_row(f"reference, {name}", g.reference))
+    lines += [
+        f"| {m} (published, all 34) | {f1:.2f} | {far:.2f} | {mar:.2f} |" for m, f1, far, mar in LEADERBOARD
+    ]
     base = result.baseline
     lines.append(f"| every row anomalous | {base.f1:.2f} | {_fmt(base.far, 2)} | {_fmt(base.mar, 2)} |")
     per_file = result.seconds / len(result.files) if result.files else math.nan
@@ -444,4 +535,58 @@ def format_table(result: SkabResult) -> str:
         f"time: {result.seconds:.0f} s, {per_file:.1f} s per file "
         f"(all 34 SKAB experiments at this rate: ~{34 * per_file / 60:.1f} min)",
     ]
+    return "\n".join(lines)
+
+
+def run_skab_seeds(
+    root: Path, out: Path, cfg: SkabConfig, seeds: int, echo: Callable[[str], None] = print
+) -> list[SkabResult]:
+    """``run_skab`` once per training seed (``cfg.seed`` + 0 .. seeds-1), each into
+    ``out/seed-<seed>/`` when there is more than one."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if seeds == 1:
+        return [run_skab(root, out, cfg, echo)]
+    results = []
+    for k in range(seeds):
+        seeded = cfg.with_seed(cfg.seed + k)
+        echo(f"--- training seed {seeded.seed} ({k + 1} of {seeds})")
+        results.append(run_skab(root, out / f"seed-{seeded.seed}", seeded, echo))
+    summary = {
+        "seeds": [cfg.seed + k for k in range(seeds)],
+        "per_seed": [r.to_dict(cfg.with_seed(cfg.seed + k)) for k, r in enumerate(results)],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def _spread(values: list[float], digits: int) -> str:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return "—"
+    mean = sum(finite) / len(finite)
+    return f"{mean:.{digits}f} [{min(finite):.{digits}f}–{max(finite):.{digits}f}]"
+
+
+def format_seeds_table(results: list[SkabResult]) -> str:
+    """Several seeds: each group's mean [min–max] over the seeds, beside the reference."""
+    lines = [
+        f"over {len(results)} training seeds: mean [min–max]",
+        "",
+        "| method | F1 | FAR % | MAR % |",
+        "|---|---|---|---|",
+    ]
+    per_seed_groups = [{"all": r, **(r.groups() if len(r.groups()) > 1 else {})} for r in results]
+    for name in per_seed_groups[0]:
+        runs = [g[name].pooled for g in per_seed_groups]
+        n = len(per_seed_groups[0][name].files)
+        lines.append(
+            f"| anomalyd, {name} ({n} files) | {_spread([c.f1 for c in runs], 3)} "
+            f"| {_spread([c.far for c in runs], 1)} | {_spread([c.mar for c in runs], 1)} |"
+        )
+        ref = per_seed_groups[0][name].reference
+        if ref is not None:
+            lines.append(_row(f"reference, {name}", ref))
+    seconds = sum(r.seconds for r in results)
+    lines += ["", f"time: {seconds:.0f} s for {len(results)} seeds"]
     return "\n".join(lines)
