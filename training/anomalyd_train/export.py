@@ -162,7 +162,7 @@ def build_scoring_function(
 
     The constants are captured as numpy arrays: tf2onnx turns those into
     initializers, while a captured ``tf.constant`` would become an extra graph input
-    (FIELD_NOTES).
+    (seen with tf2onnx on this TensorFlow version).
     """
     import tensorflow as tf
 
