@@ -5,6 +5,12 @@ it (``Contract.from_json``) and then checks it against the graph (``anomalyd.mod
 It says everything the daemon needs to feed the model: ordered features with units,
 the window length, the calibrated threshold and how it was calibrated.
 
+A model may score only some of its inputs (``score_features``): a slow channel can help the
+network predict the others yet be useless to score, because it drifts further over a
+deployment than over its training rows. The graph does the weighting (an unscored feature's
+contribution is exactly 0), so the daemon treats every model alike; the field tells people
+which features the score stands for.
+
 The graph itself takes raw sensor values: normalisation, network and scoring are all
 inside it. The normalisation constants are repeated here for people and reports only.
 """
@@ -144,10 +150,18 @@ class Contract(_Strict):
     model_version: str = Field(min_length=1, max_length=128)
     features: list[Feature] = Field(min_length=1)
     window_length: int = Field(ge=2, le=100_000)
+    score_features: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "the features the score is the mean over (each one of 'features'); the others are "
+            "inputs only and contribute exactly 0. Unset: every feature is scored"
+        ),
+    )
     threshold: Threshold
     score: str = Field(
         default="mean over features of squared standardised residuals",
-        description="what the score means, for people",
+        description="what the score means, for people; names the scored features when not all are",
     )
     normalisation: Normalisation
     training_data: TrainingData
@@ -170,6 +184,14 @@ class Contract(_Strict):
         f = len(self.features)
         if len(self.normalisation.mean) != f or len(self.normalisation.std) != f:
             raise ValueError(f"normalisation: mean and std need {f} values, one per feature")
+        if self.score_features is not None:
+            scored = self.score_features
+            repeated = sorted({n for n in scored if scored.count(n) > 1})
+            if repeated:
+                raise ValueError(f"score_features: each feature may be named once; repeated: {repeated}")
+            unknown = [n for n in scored if n not in names]
+            if unknown:
+                raise ValueError(f"score_features: {unknown} are not features; the features are {names}")
         return self
 
     @property
@@ -180,8 +202,20 @@ class Contract(_Strict):
     def n_features(self) -> int:
         return len(self.features)
 
+    @property
+    def scored_feature_names(self) -> list[str]:
+        """The features the score is made of, in input order (all of them when unset)."""
+        if self.score_features is None:
+            return self.feature_names
+        return [n for n in self.feature_names if n in self.score_features]
+
     def to_json(self) -> str:
-        return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2).decode()
+        doc = self.model_dump(mode="json")
+        # Unset means "every feature is scored", which is what every contract without the
+        # key says too; leaving it out keeps such contracts readable by daemons that predate it.
+        if doc["score_features"] is None:
+            del doc["score_features"]
+        return orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
 
     @classmethod
     def from_json(cls, text: str | bytes, path: str | None = None) -> Contract:
@@ -213,6 +247,16 @@ class Contract(_Strict):
             text += f" (5-95 %: {d.sample_period_p05_s:.6g} to {d.sample_period_p95_s:.6g} s)"
         return text
 
+    def _describe_scored(self) -> str:
+        scored = self.scored_feature_names
+        if len(scored) == self.n_features:
+            return f"all {self.n_features}"
+        inputs_only = [n for n in self.feature_names if n not in scored]
+        return (
+            f"{len(scored)} of {self.n_features}: {', '.join(scored)} "
+            f"(inputs only, contribution 0: {', '.join(inputs_only)})"
+        )
+
     def describe(self) -> str:
         """A person-readable summary, printed by ``anomalyd inspect-model``."""
         t = self.threshold
@@ -223,6 +267,7 @@ class Contract(_Strict):
             f"sample period   {self._describe_period()}",
             "features        "
             + ", ".join(f"{ft.name} [{ft.unit}]" if ft.unit else ft.name for ft in self.features),
+            f"scored features {self._describe_scored()}",
             f"threshold       {t.value:.6g}  ({t.method}"
             + (
                 f", target false-alarm rate {t.target_false_alarm_rate:g} per window"

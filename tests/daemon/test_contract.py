@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +168,42 @@ def test_committed_default_model_loads_without_a_spread() -> None:
     assert d.sample_period_s == pytest.approx(1.00003, rel=1e-5)
     assert d.sample_period_p05_s is None
     assert d.sample_period_p95_s is None
+
+
+def test_every_feature_is_scored_when_score_features_is_unset() -> None:
+    c = Contract.from_json(orjson.dumps(valid_contract_dict()))
+    assert c.score_features is None
+    assert c.scored_feature_names == ["temperature", "pressure", "vibration"]
+    assert "scored features all 3" in c.describe()
+    # Unset is left out of the JSON, so such a contract reads as it did before the key existed.
+    assert "score_features" not in orjson.loads(c.to_json())
+
+
+def test_score_features_round_trip_and_are_described() -> None:
+    doc = valid_contract_dict()
+    doc["score_features"] = ["vibration", "pressure"]
+    c = Contract.from_json(orjson.dumps(doc))
+    assert Contract.from_json(c.to_json()) == c
+    assert orjson.loads(c.to_json())["score_features"] == ["vibration", "pressure"]
+    assert c.scored_feature_names == ["pressure", "vibration"]  # input order
+    assert (
+        "scored features 2 of 3: pressure, vibration (inputs only, contribution 0: temperature)"
+        in c.describe()
+    )
+
+
+@pytest.mark.parametrize(
+    ("score_features", "message"),
+    [
+        (["pressure", "humidity"], "['humidity'] are not features; the features are"),
+        (["pressure", "pressure"], "repeated: ['pressure']"),
+        ([], "at least 1 item"),
+        ("pressure", "valid list"),
+    ],
+)
+def test_bad_score_features_are_refused_naming_the_field(score_features: Any, message: str) -> None:
+    doc = valid_contract_dict()
+    doc["score_features"] = score_features
+    with pytest.raises(ModelContractError, match=re.escape(message)) as info:
+        Contract.from_json(orjson.dumps(doc))
+    assert info.value.field == "score_features"

@@ -259,6 +259,55 @@ def test_csv_units_keys_must_be_feature_names(tmp_path: Path) -> None:
     assert ok.data.csv.units == {"temperature": "degC"}
 
 
+def test_score_features_default_to_every_feature(tmp_path: Path) -> None:
+    assert TrainConfig().model.score_features is None
+    assert load_train_config(write(tmp_path, CSV_TABLE)).model.score_features is None
+
+
+def test_csv_score_features_are_feature_names(tmp_path: Path) -> None:
+    scored = CSV_TABLE + '[model]\nscore_features = ["volume_flow_rate_rms"]\n'
+    assert load_train_config(write(tmp_path, scored)).model.score_features == ["volume_flow_rate_rms"]
+    # The column name is not the feature name: refused at load, listing the names to use.
+    err = load_error(tmp_path, CSV_TABLE + '[model]\nscore_features = ["Volume Flow RateRMS"]\n')
+    assert err.key_path == "model.score_features"
+    assert "['Volume Flow RateRMS'] is not a feature name" in str(err)
+    assert "['temperature', 'volume_flow_rate_rms']" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("[]", "at least 1 item"), ('["temperature", "temperature"]', "repeated: ['temperature']")],
+)
+def test_score_features_must_be_a_non_empty_list_without_repeats(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    err = load_error(tmp_path, CSV_TABLE + f"[model]\nscore_features = {value}\n")
+    assert err.key_path == "model.score_features"
+    assert message in str(err)
+
+
+def test_benchmark_config_with_slow_channels_as_inputs_only(tmp_path: Path) -> None:
+    # The SKAB command sanitises column names into feature names; score_features names those.
+    from anomalyd_train.skab import SKAB_COLUMNS, load_skab_config
+
+    fast = [c for c in SKAB_COLUMNS if c not in ("Temperature", "Thermocouple")]
+    columns = ", ".join(f'"{c}"' for c in SKAB_COLUMNS)
+
+    def benchmark(names: list[str]) -> Path:
+        listed = ", ".join(f'"{n}"' for n in names)
+        text = f"[benchmark]\nfeature_columns = [{columns}]\n[train.model]\nscore_features = [{listed}]\n"
+        return write(tmp_path, text, "skab.toml")
+
+    cfg = load_skab_config(benchmark([sanitise_feature_name(c) for c in fast]))
+    train = cfg.train_config(tmp_path / "1.csv", 60.0)
+    assert train.model.score_features == [sanitise_feature_name(c) for c in fast]
+    assert len(train.model.score_features) == 6
+    with pytest.raises(ConfigError) as info:
+        load_skab_config(benchmark(fast))
+    assert info.value.key_path == "train.model.score_features"
+    assert "'accelerometer1_rms'" in str(info.value)
+
+
 def test_csv_timestamp_column_cannot_be_a_feature(tmp_path: Path) -> None:
     err = load_error(tmp_path, CSV_TABLE.replace('"Temperature"', '"datetime"'))
     assert err.key_path == "data.csv"

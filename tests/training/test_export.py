@@ -8,6 +8,7 @@ L = 16, 2 epochs on a small synthetic fleet).
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import onnxruntime as ort
 import pytest
 
 from anomalyd.contract import CONTRIBUTIONS_OUTPUT, INPUT_NAME, METADATA_KEY, SCORE_OUTPUT, Contract
-from anomalyd.model import read_contract
+from anomalyd.model import load_model, read_contract
 from anomalyd.synthetic import FEATURES, UNITS
 from anomalyd_train import export
 from anomalyd_train.config import TrainConfig, config_to_dict
@@ -171,6 +172,113 @@ def test_residual_scale_makes_training_windows_score_one_per_feature(run: TrainR
     per_feature = contrib.mean(axis=0) * 3
     floored = run.residual_scale <= export.MIN_RESIDUAL_SCALE
     np.testing.assert_allclose(per_feature[~floored], 1.0, rtol=1e-3)
+
+
+# ------------------------------------------------------ scoring some of the features
+
+
+SCORED = ["pressure", "vibration"]  # temperature: an input only
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """An autoencoder with 3 inputs whose score is made of 2 of them."""
+    base = tiny_config("autoencoder")
+    cfg = base.model_copy(
+        update={"name": "tiny-partial", "model": base.model.model_copy(update={"score_features": SCORED})}
+    )
+    return train(cfg, tmp_path_factory.mktemp("partial"), progress=False)
+
+
+def _terms(s: export.ScoringFunction, windows: np.ndarray) -> np.ndarray:
+    """Each feature's scaled squared residual, computed outside the graph, ``(n, F)``."""
+    z = (windows - s.mean) / s.std
+    if s.kind == "forecast":
+        return ((z[:, -1, :] - np.asarray(s.model(z[:, :-1, :]))) / s.residual_scale) ** 2
+    return (((z - np.asarray(s.model(z))) / s.residual_scale) ** 2).mean(axis=1)
+
+
+def test_an_unscored_feature_contributes_exactly_zero(partial: TrainResult) -> None:
+    assert list(FEATURES) == ["temperature", *SCORED]
+    windows = _validation_windows(partial, 64)
+    score, contrib = _ort(partial.model_path, windows)
+    assert np.all(contrib[:, 0] == 0.0)
+    assert np.all(contrib[:, 1:] > 0.0)
+    # The daemon's loader and the TensorFlow twin agree with the file.
+    loaded_score, loaded_contrib = load_model(partial.model_path).run(windows)
+    np.testing.assert_array_equal(loaded_contrib[:, 0], 0.0)
+    np.testing.assert_allclose(loaded_score, score, rtol=1e-6)
+    ref_score, ref_contrib = partial.scoring(windows)
+    np.testing.assert_allclose(score, ref_score, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(ref_contrib[:, 0], 0.0)
+
+
+def test_partial_score_is_the_mean_of_the_scored_features_terms(partial: TrainResult) -> None:
+    windows = _validation_windows(partial, 64)
+    terms = _terms(partial.scoring, windows)
+    score, contrib = _ort(partial.model_path, windows)
+    np.testing.assert_allclose(score, terms[:, 1:].mean(axis=1), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(contrib[:, 1:], terms[:, 1:] / 2, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(contrib.sum(axis=1), score, rtol=1e-5, atol=1e-6)
+    # The unscored feature's residual is real and left out: counting it would change the score.
+    assert not np.allclose(score, terms.mean(axis=1), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(partial.scoring.weights, [0.0, 0.5, 0.5])
+
+
+def test_partial_contract_names_the_score_features(partial: TrainResult) -> None:
+    contract = read_contract(partial.model_path)
+    assert contract.score_features == SCORED
+    assert contract.feature_names == list(FEATURES)  # every feature is still an input
+    assert "mean over the 2 scored features f (pressure, vibration)" in contract.score
+    assert "not scored (temperature)" in contract.score
+    assert "scored features 2 of 3: pressure, vibration" in contract.describe()
+    assert contract.training_config["model"]["score_features"] == SCORED
+
+
+def test_partial_threshold_is_calibrated_on_the_graphs_scores(partial: TrainResult) -> None:
+    from anomalyd_train.pipeline import prepare
+
+    prep = prepare(partial.config)
+    score, _ = _ort(partial.model_path, prep.calibration_windows.windows)
+    np.testing.assert_allclose(partial.calibration_scores, score, rtol=1e-4, atol=1e-5)
+    # Residual scales still make a typical training window score about 1.
+    _, contrib = partial.scoring(prep.train_used.windows)
+    np.testing.assert_allclose(contrib.sum(axis=1).mean(), 1.0, rtol=1e-3)
+
+
+def test_scoring_every_feature_builds_the_graph_of_before(run: TrainResult) -> None:
+    s = run.scoring
+    flagged = export.build_scoring_function(
+        s.model,
+        s.kind,
+        window_length=s.window_length,
+        mean=s.mean,
+        std=s.std,
+        residual_scale=s.residual_scale,
+        n_lstm_layers=s.n_lstm_layers,
+        scored=[True, True, True],
+    )
+    exported = onnx.load(str(run.model_path))
+    assert export.graph_digest(export.convert(flagged, 17)) == export.graph_digest(exported)
+    # "Before" is what the committed default model holds: the scalar 1/F weight, no per-feature
+    # weight vector, so its graph and model_version do not change.
+    committed = onnx.load(str(Path(__file__).resolve().parents[2] / "exported_models/default/model.onnx"))
+    for proto in (exported, committed):
+        consts = [onnx.numpy_helper.to_array(i) for i in proto.graph.initializer]
+        assert any(c.shape == () and c == np.float32(1 / 3) for c in consts)
+        assert not any(c.shape == (3,) and np.allclose(c, 1 / 3) for c in consts)
+    metadata = {p.key: p.value for p in exported.metadata_props}[METADATA_KEY]
+    assert "score_features" not in json.loads(metadata)
+    assert read_contract(run.model_path).score == export.SCORE_DEFINITION
+
+
+def test_score_weights() -> None:
+    np.testing.assert_array_equal(export.score_weights(3), np.full(3, np.float32(1 / 3)))
+    np.testing.assert_array_equal(export.score_weights(3, [True, False, True]), [0.5, 0.0, 0.5])
+    with pytest.raises(ValueError, match="one flag per feature"):
+        export.score_weights(3, [True, False])
+    with pytest.raises(ValueError, match="at least one feature"):
+        export.score_weights(2, [False, False])
 
 
 # ------------------------------------------------------------------ checks that must fail

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomalyd.errors import DataError
+from anomalyd.errors import ConfigError, DataError
 from anomalyd.model import load_model, read_contract
 from anomalyd_train.calibration import calibrate_threshold
 from anomalyd_train.config import TrainConfig
@@ -158,6 +158,33 @@ def test_too_long_a_window_is_a_data_error(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "a.csv", 1, labels=False)
     with pytest.raises(DataError, match="window"):
         prepare(csv_config(path, 1, labels=False, window={"length": 400}))
+
+
+def test_score_features_come_out_in_input_order(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "a.csv", 3, labels=False)
+    prep = prepare(csv_config(path, 3, labels=False, model={"score_features": ["ch2", "ch0"]}))
+    assert prep.score_features == ["ch0", "ch2"]
+    assert prep.scored == [True, False, True]
+    # Naming every feature is the same as naming none: one form for "all scored".
+    every = prepare(csv_config(path, 3, labels=False, model={"score_features": ["ch1", "ch2", "ch0"]}))
+    assert every.score_features is None
+    assert every.scored == [True, True, True]
+
+
+def test_score_feature_missing_from_synthetic_data_is_a_config_error() -> None:
+    # The synthetic fleet's feature names are known only once its data is generated.
+    cfg = TrainConfig.model_validate(
+        {
+            "data": {"synthetic": {"n_devices": 1, "duration_s": 600.0}},
+            "window": {"length": 12},
+            "model": {"score_features": ["pressure", "humidity"]},
+        }
+    )
+    with pytest.raises(ConfigError) as info:
+        prepare(cfg)
+    assert info.value.key_path == "model.score_features"
+    assert "['humidity'] is not a feature name" in str(info.value)
+    assert "['temperature', 'pressure', 'vibration']" in str(info.value)
 
 
 # --------------------------------------------------------------------- trained, F = 1 and 8

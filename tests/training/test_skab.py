@@ -330,3 +330,13 @@ def test_without_config_the_command_uses_the_committed_benchmark_config() -> Non
     committed = load_skab_config(path)
     assert committed.daemon_config().detector.adaptive is True
     assert committed != load_skab_config(None)
+
+
+def test_the_reference_scores_the_channels_the_model_scores(tmp_path: Path) -> None:
+    config = tmp_path / "eight.toml"
+    config.write_text(
+        '[benchmark]\nfeature_columns = ["Temperature", "Pressure", "Current"]\n'
+        '[train.model]\nscore_features = ["pressure", "current"]\n'
+    )
+    assert load_skab_config(config).reference_columns() == [1, 2]
+    assert load_skab_config(None).reference_columns() == list(range(len(SKAB_COLUMNS)))

@@ -27,6 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from anomalyd.config_errors import validation_errors
 from anomalyd.contract import Feature
@@ -46,6 +47,7 @@ __all__ = [
     "TrainConfig",
     "TrainingConfig",
     "WindowConfig",
+    "check_score_features",
     "config_to_dict",
     "error_from_validation",
     "load_train_config",
@@ -322,6 +324,24 @@ class ModelConfig(_Section):
             "so the network sees shapes, not levels: offsets that differ between devices cancel"
         ),
     )
+    score_features: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "feature names (as in the contract) the score is the mean over; the other features "
+            "are inputs only and contribute 0. For channels that help the network predict but "
+            "drift too far over a deployment to be scored. Unset: every feature is scored"
+        ),
+    )
+
+    @field_validator("score_features")
+    @classmethod
+    def _score_features_once(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            repeated = sorted({n for n in v if v.count(n) > 1})
+            if repeated:
+                raise ValueError(f"each feature may be named once; repeated: {repeated}")
+        return v
 
 
 class TrainingConfig(_Section):
@@ -384,6 +404,57 @@ class TrainConfig(_Section):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @model_validator(mode="after")
+    def _score_features_are_features(self) -> TrainConfig:
+        # Only a CSV's feature names are known here; the synthetic fleet's live in the
+        # generator (numpy), so the pipeline checks those (``check_score_features``).
+        if self.data.source == "csv" and self.data.csv is not None:
+            problem = _score_features_problem(
+                self.model.score_features, self.data.csv.resolved_feature_names()
+            )
+            if problem is not None:
+                # Raised as a ValidationError located at the key, so the ConfigError names
+                # "model.score_features" rather than the whole document.
+                raise ValidationError.from_exception_data(
+                    type(self).__name__,
+                    [
+                        InitErrorDetails(
+                            type=PydanticCustomError("value_error", "{problem}", {"problem": problem}),
+                            loc=("model", "score_features"),
+                            input=self.model.score_features,
+                        )
+                    ],
+                )
+        return self
+
+
+def _score_features_problem(score_features: list[str] | None, feature_names: list[str]) -> str | None:
+    """What is wrong with ``model.score_features`` for data with ``feature_names``, or None."""
+    if score_features is None:
+        return None
+    unknown = [n for n in score_features if n not in feature_names]
+    if not unknown:
+        return None
+    return (
+        f"{unknown} {'is not a feature name' if len(unknown) == 1 else 'are not feature names'}; "
+        f"the data's feature names are {feature_names}"
+    )
+
+
+def check_score_features(cfg: TrainConfig, feature_names: list[str]) -> list[str] | None:
+    """The scored features in input order, or None when every feature is scored.
+
+    Raises ``ConfigError`` naming ``model.score_features`` when one of them is not among
+    ``feature_names`` (the loaded data's).
+    """
+    scored = cfg.model.score_features
+    problem = _score_features_problem(scored, feature_names)
+    if problem is not None:
+        raise ConfigError(problem, "model.score_features")
+    if scored is None or set(scored) >= set(feature_names):
+        return None
+    return [n for n in feature_names if n in scored]
 
 
 # ---------------------------------------------------------------------------------- loading

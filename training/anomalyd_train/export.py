@@ -4,6 +4,14 @@ The exported graph is the whole model: it takes raw windows ``window (batch, L, 
 normalises them, runs the network and computes the score (see ``score_definition``).
 The contract (``anomalyd.contract.Contract``) goes into ``metadata_props``.
 
+The score may stand for a subset of the inputs (``model.score_features``): per-feature
+weights ``w_f`` are ``1 / n_scored`` for scored features and 0 for the others, and
+``contributions = term * w``, so an unscored feature still feeds the network but adds
+exactly 0. Training, calibration and the report all score through ``ScoringFunction`` or
+the exported file, so they see the same weighted score the daemon does. With every feature
+scored the graph is the one built before weights existed (one scalar ``1 / F``), so its
+``graph_digest`` and numbers are unchanged.
+
 Every export is checked, and a failed check fails the export with
 ``ExportCheckError`` naming the check; nothing is written then. The checks are
 plain functions so tests can feed them models that break them:
@@ -58,6 +66,40 @@ SCORE_DEFINITION = (
     "contributions_f = (r_f / s_f)^2 / F, so they sum to the score"
 )
 
+
+def score_definition(features: list[str], scored: list[str] | None = None) -> str:
+    """The contract's ``score`` text for a model with inputs ``features``: ``SCORE_DEFINITION``
+    when every feature is scored (``scored`` None or all of them), else the same definition
+    over the ``scored`` features, naming the inputs that are not scored."""
+    if scored is None or set(scored) >= set(features):
+        return SCORE_DEFINITION
+    n = len(scored)
+    inputs_only = [f for f in features if f not in scored]
+    return (
+        f"mean over the {n} scored features f ({', '.join(scored)}) of (r_f / s_f)^2, where r_f is "
+        "the residual in normalised units ((x - mean) / std) and s_f the feature's residual scale on "
+        "training windows; forecast: r is step L minus its prediction from steps 1..L-1; "
+        "autoencoder: squared terms averaged over the L reconstructed steps; "
+        f"contributions_f = (r_f / s_f)^2 / {n} for scored features and 0 for the inputs that are "
+        f"not scored ({', '.join(inputs_only)}), so they sum to the score"
+    )
+
+
+def score_weights(n_features: int, scored: npt.ArrayLike | None = None) -> FloatArray:
+    """Per-feature weights ``w_f`` of the score: ``1 / n_scored`` where ``scored`` (a boolean
+    mask over the features; None: all) is true, 0 elsewhere.
+
+    Raises ``ValueError`` for a mask of the wrong length or one that scores nothing.
+    """
+    mask = np.ones(n_features, bool) if scored is None else np.asarray(scored, dtype=bool)
+    if mask.shape != (n_features,):
+        raise ValueError(f"scored: need one flag per feature ({n_features}), got shape {mask.shape}")
+    n_scored = int(mask.sum())
+    if n_scored == 0:
+        raise ValueError("scored: at least one feature must be scored")
+    return np.where(mask, np.float32(1.0 / n_scored), np.float32(0.0)).astype(np.float32)
+
+
 _FORBIDDEN_OPS = ("Loop", "Scan")
 
 
@@ -92,6 +134,7 @@ class ScoringFunction:
     mean: FloatArray
     std: FloatArray
     residual_scale: FloatArray
+    weights: FloatArray  # w_f: 1 / n_scored for scored features, 0 for inputs only
 
     def __call__(self, windows: FloatArray, batch_size: int = 1024) -> tuple[FloatArray, FloatArray]:
         """Score raw windows ``(n, L, F)`` in TensorFlow; returns ``score (n,)``, ``contributions (n, F)``."""
@@ -157,8 +200,13 @@ def build_scoring_function(
     std: FloatArray,
     residual_scale: FloatArray,
     n_lstm_layers: int,
+    scored: npt.ArrayLike | None = None,
 ) -> ScoringFunction:
     """Wrap ``model`` in a ``tf.function``: raw window → normalise → network → score.
+
+    ``scored`` is a boolean mask over the features (None: all); the score is the mean of the
+    scored features' terms and the others' contributions are exactly 0 (``score_weights``).
+    Raises ``ValueError`` for a mask that does not fit or scores nothing.
 
     The constants are captured as numpy arrays: tf2onnx turns those into
     initializers, while a captured ``tf.constant`` would become an extra graph input
@@ -167,10 +215,18 @@ def build_scoring_function(
     import tensorflow as tf
 
     n_features = len(mean)
+    weights = score_weights(n_features, scored)
+    every_feature = bool(np.all(weights > 0))
     mean_c = np.asarray(mean, np.float32).reshape(1, 1, n_features)
     inv_std_c = (1.0 / np.asarray(std, np.float64)).astype(np.float32).reshape(1, 1, n_features)
     inv_scale_c = (1.0 / np.asarray(residual_scale, np.float64)).astype(np.float32)
-    inv_f = np.float32(1.0 / n_features)
+    # Every feature scored: the scalar 1/F, so the graph (and model_version) stays what it
+    # was before weights existed. Otherwise a (F,) weight vector; the unscored features'
+    # inverse scales are zeroed too, so their terms are 0 before the weight: squared, a huge
+    # residual would overflow to inf, and inf * 0 is NaN, which would poison the score.
+    weight_c: Any = np.float32(1.0 / n_features) if every_feature else weights
+    if not every_feature:
+        inv_scale_c = np.where(weights > 0, inv_scale_c, np.float32(0.0)).astype(np.float32)
 
     @tf.function(  # type: ignore[untyped-decorator]
         input_signature=[tf.TensorSpec((None, window_length, n_features), tf.float32, name=INPUT_NAME)]
@@ -183,7 +239,7 @@ def build_scoring_function(
         else:
             rec = model(z, training=False)
             per_feature = tf.reduce_mean(tf.square((z - rec) * inv_scale_c), axis=1)
-        contributions = per_feature * inv_f
+        contributions = per_feature * weight_c
         # score is the sum of the contributions, so the two agree exactly in the graph.
         score = tf.reduce_sum(contributions, axis=1)
         return {SCORE_OUTPUT: score, CONTRIBUTIONS_OUTPUT: contributions}
@@ -198,6 +254,7 @@ def build_scoring_function(
         mean=np.asarray(mean, np.float32),
         std=np.asarray(std, np.float32),
         residual_scale=np.asarray(residual_scale, np.float32),
+        weights=weights,
     )
 
 

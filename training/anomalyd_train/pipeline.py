@@ -10,6 +10,11 @@ restored) → residual scales from training windows → scores on the held-out
 calibration windows → threshold (``anomalyd_train.calibration``) → export with checks →
 report.
 
+Every score here comes from the TensorFlow scoring function (``anomalyd_train.export``) or
+the exported file, never from a second formula, so ``model.score_features`` (a score over
+some of the inputs) reaches the threshold, the summary and the report exactly as the daemon
+will compute it.
+
 Nothing here reads global state; the config says everything, and the seed in it
 makes a run repeatable.
 """
@@ -27,7 +32,7 @@ import numpy.typing as npt
 
 from anomalyd.errors import DataError
 from anomalyd_train.calibration import Calibration, calibrate_threshold, to_contract_threshold
-from anomalyd_train.config import TrainConfig, config_to_dict
+from anomalyd_train.config import TrainConfig, check_score_features, config_to_dict
 from anomalyd_train.data import Dataset, Segment, load_dataset
 from anomalyd_train.windows import (
     Scaler,
@@ -196,6 +201,12 @@ class Prepared:
     validation_windows: WindowSet
     calibration_windows: WindowSet
     calibration_source: str  # "calibration", or "validation" when calibration_fraction = 0
+    score_features: list[str] | None = None  # scored features in input order; None: all
+
+    @property
+    def scored(self) -> list[bool]:
+        """One flag per feature: is it part of the score?"""
+        return [self.score_features is None or f in self.score_features for f in self.dataset.features]
 
     @property
     def window_counts(self) -> dict[str, int]:
@@ -218,7 +229,8 @@ class Prepared:
 def prepare(cfg: TrainConfig, echo: Callable[[str], None] = lambda _: None) -> Prepared:
     """Load, split by time, fit the scaler on training rows only, and cut windows.
 
-    Raises ``DataError`` when a part that the config asks for gives no window.
+    Raises ``DataError`` when a part that the config asks for gives no window, and
+    ``ConfigError`` naming ``model.score_features`` when it names a feature the data lacks.
     """
     dataset = load_dataset(cfg)
     echo(
@@ -228,6 +240,9 @@ def prepare(cfg: TrainConfig, echo: Callable[[str], None] = lambda _: None) -> P
     # The notes already say what was skipped and why (counts per reason).
     for note in dataset.notes:
         echo(f"  {note}")
+    score_features = check_score_features(cfg, dataset.features)
+    if score_features is not None:
+        echo(f"score: mean over {len(score_features)} of {len(dataset.features)} features: {score_features}")
 
     if cfg.split.calibration == "devices":
         train_s, val_s, cal_s = split_by_origin(
@@ -270,6 +285,7 @@ def prepare(cfg: TrainConfig, echo: Callable[[str], None] = lambda _: None) -> P
         validation_windows=val_ws,
         calibration_windows=cal_ws,
         calibration_source=calibration_source,
+        score_features=score_features,
     )
     w = prepared.window_counts
     dropped = prepared.dropped_segments
@@ -287,6 +303,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
 
     Writes ``out_dir/model.onnx`` and, when ``cfg.report.enabled``, the report beside
     it. Raises ``DataError`` when the data cannot make windows for every part,
+    ``ConfigError`` when ``model.score_features`` names a feature the data lacks,
     ``anomalyd_train.export.ExportCheckError`` when an export check fails.
     """
     from anomalyd_train import export
@@ -320,6 +337,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         std=scaler.std,
         residual_scale=scale,
         n_lstm_layers=len(lstm_layers(model)),
+        scored=prep.scored,
     )
     val_scores = scoring(val_ws.windows)[0] if len(val_ws) else np.zeros(0, np.float32)
     cal_scores = scoring(cal_ws.windows)[0] if len(cal_ws) else val_scores
@@ -341,8 +359,9 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         "kind": cfg.model.kind,
         "features": [{"name": n, "unit": u} for n, u in zip(dataset.features, dataset.units, strict=True)],
         "window_length": cfg.window.length,
+        "score_features": prep.score_features,
         "threshold": to_contract_threshold(calibration).model_dump(mode="json"),
-        "score": export.SCORE_DEFINITION,
+        "score": export.score_definition(dataset.features, prep.score_features),
         "normalisation": {"mean": scaler.mean.tolist(), "std": scaler.std.tolist()},
         "training_data": {
             "source": dataset.source,
@@ -405,6 +424,17 @@ def held_out_devices(result: TrainResult) -> list[str]:
     return held_out_origins([s.origin for s in result.dataset.segments], cfg.split.calibration_fraction)
 
 
+def describe_score_features(scored: list[str], features: list[str]) -> str:
+    """One line saying which of ``features`` the score is the mean over, for summary and report."""
+    if len(scored) == len(features):
+        return f"mean over all {len(features)} features"
+    inputs_only = [f for f in features if f not in scored]
+    return (
+        f"mean over {len(scored)} of {len(features)} features: {', '.join(scored)} "
+        f"(inputs only: {', '.join(inputs_only)})"
+    )
+
+
 def format_summary(result: TrainResult) -> str:
     """The one-screen summary printed at the end of a run."""
     cfg = result.config
@@ -421,6 +451,11 @@ def format_summary(result: TrainResult) -> str:
         f"({cfg.model.kind}, {cfg.model.layers} x LSTM({cfg.model.units}))",
         f"data       {d.source}",
         f"           {d.rows} rows, {len(d.segments)} segments, F={len(d.features)}: {', '.join(units)}",
+        *(
+            [f"score      {describe_score_features(contract.scored_feature_names, d.features)}"]
+            if contract.score_features is not None
+            else []
+        ),
         f"windows    L={cfg.window.length}: train {w['train']} (used {w['train_used']}), "
         f"validation {w['validation']}, calibration {w['calibration']}",
         f"training   {len(h.loss)} epochs in {h.seconds:.0f} s"

@@ -4,7 +4,8 @@
 - ``scores.png``: distribution of validation and calibration scores (log x) with the
   threshold;
 - ``series.png``: a stretch of series scored by the *exported* ONNX model through ONNX
-  Runtime (the daemon's loader), labelled anomalies shaded, score and threshold below.
+  Runtime (the daemon's loader), labelled anomalies shaded, score and threshold below;
+  inputs outside ``model.score_features`` are marked "not scored".
 
 The stretch: for synthetic training data, a fresh fleet from the same generator with
 anomalies injected and a different seed (the model never saw it); for a CSV with a
@@ -298,9 +299,12 @@ def plot_series(result: TrainResult, stretch: ScoredStretch, path: Path) -> None
         gridspec_kw={"height_ratios": [1.0] * n_f + [1.6]},
     )
     label_runs = _runs(np.asarray(seg.labels, bool)[window]) if seg.labels is not None else []
+    scored = result.export.contract.scored_feature_names
     for f, ax in enumerate(axes[:n_f]):
         ax.plot(minutes, seg.values[window, f], lw=0.7, color=_TRAIN_COLOUR)
-        ax.set_ylabel(f"{features[f]}\n[{units[f]}]" if units[f] else features[f], fontsize=9)
+        label = f"{features[f]}\n[{units[f]}]" if units[f] else features[f]
+        # An input that is not scored cannot raise the score below; say so beside its trace.
+        ax.set_ylabel(label if features[f] in scored else f"{label}\n(not scored)", fontsize=9)
         ax.grid(True, alpha=0.3)
     score_ax = axes[-1]
     ends = stretch.ends[i]
@@ -364,6 +368,8 @@ def write_report(result: TrainResult) -> list[Path]:
 
 
 def _markdown(result: TrainResult, numbers: dict[str, Any], figures: list[str]) -> str:
+    from anomalyd_train.pipeline import describe_score_features
+
     c = result.export.contract
     cal = result.calibration
     h = result.history
@@ -373,6 +379,11 @@ def _markdown(result: TrainResult, numbers: dict[str, Any], figures: list[str]) 
         "",
         f"- kind: {c.kind}; window length {c.window_length}; features: "
         + ", ".join(f"{f.name} [{f.unit}]" if f.unit else f.name for f in c.features),
+        *(
+            [f"- score: {describe_score_features(c.scored_feature_names, c.feature_names)}"]
+            if c.score_features is not None
+            else []
+        ),
         f"- data: {result.dataset.source}",
         f"- windows: train {result.windows['train']} (used {result.windows['train_used']}), "
         f"validation {result.windows['validation']}, calibration {result.windows['calibration']}",

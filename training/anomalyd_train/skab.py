@@ -142,6 +142,16 @@ class SkabConfig(_Section):
         train["training"] = training
         return self.model_copy(update={"train": train})
 
+    def reference_columns(self) -> list[int]:
+        """The feature columns the reference scores: those the model scores
+        (``train.model.score_features``, by feature name), else every one."""
+        names = [sanitise_feature_name(c) for c in self.benchmark.feature_columns]
+        model = self.train.get("model", {})
+        scored = model.get("score_features") if isinstance(model, dict) else None
+        if not scored:
+            return list(range(len(names)))
+        return [i for i, n in enumerate(names) if n in scored]
+
     @property
     def seed(self) -> int:
         """The training seed this config trains with."""
@@ -443,7 +453,8 @@ def run_file(path: Path, name: str, cfg: SkabConfig, daemon: DaemonConfig, out: 
     ts, labels, cps = exp.ts[n:], exp.labels[n:], exp.changepoints[n:]
     reference = None
     if cfg.reference.enabled:
-        reference = confusion(labels, reference_detector(exp.values, n, cfg.reference).alert[n:])
+        ref = reference_detector(exp.values[:, cfg.reference_columns()], n, cfg.reference)
+        reference = confusion(labels, ref.alert[n:])
     return FileResult(
         name=name,
         test_rows=len(ts),
