@@ -364,7 +364,11 @@ class DetectorConfig(Section):
         description="score threshold; unset: the model contract's calibrated threshold",
         examples=[2.5],
     )
-    smoothing: Literal["none", "ewma"] = Field(default="none", description='"ewma" smooths scores per device')
+    smoothing: Literal["none", "ewma", "channel_ewma"] = Field(
+        default="none",
+        description='"ewma" smooths scores per device; "channel_ewma" smooths each scored feature\'s '
+        "residual size on its own and takes the largest (set threshold in those units)",
+    )
     ewma_alpha: float = Field(default=0.3, gt=0, le=1, description="EWMA weight of the newest score")
     k_enter: int = Field(default=3, ge=1, description="consecutive anomalous windows that raise an alert")
     k_exit: int = Field(default=5, ge=1, description="consecutive normal windows that clear it")

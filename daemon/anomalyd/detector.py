@@ -3,9 +3,14 @@ state machine.
 
 For each scored window of a device:
 
-1. ``smoothed`` is the score itself (``smoothing = "none"``) or an exponentially
-   weighted moving average (``"ewma"``: ``s = alpha * score + (1 - alpha) * s_prev``,
-   started at the first score);
+1. ``smoothed`` is the score itself (``smoothing = "none"``), an exponentially
+   weighted moving average of it (``"ewma"``: ``s = alpha * score + (1 - alpha) * s_prev``,
+   started at the first score), or the largest of per-feature EWMAs (``"channel_ewma"``:
+   each scored feature's residual size ``sqrt(n_scored * contribution)``, i.e. its
+   standardised residual in units of the training residual's RMS, is averaged on its own,
+   and ``smoothed`` is the largest average). A lasting bias in one channel then adds up
+   instead of being diluted by the other channels' noise; the threshold is then in those
+   units (``detector.threshold``), not the model's calibrated one;
 2. the device's threshold is the *static* threshold ``threshold * threshold_scale`` (the
    configured or the model's calibrated threshold, times a factor), raised by the
    *adaptive* threshold when that is on and warmed up (below);
@@ -122,9 +127,13 @@ class Detector:
         adaptive_min_windows: int = 60,
         adaptive_k: float = 4.0,
         adaptive_floor: float = 1.0,
+        n_scored: int = 1,
     ) -> None:
-        if smoothing not in ("none", "ewma"):
-            raise ValueError(f"smoothing must be 'none' or 'ewma', got {smoothing!r}")
+        if smoothing not in ("none", "ewma", "channel_ewma"):
+            raise ValueError(f"smoothing must be 'none', 'ewma' or 'channel_ewma', got {smoothing!r}")
+        if n_scored < 1:
+            raise ValueError(f"n_scored must be >= 1, got {n_scored}")
+        self.n_scored = n_scored
         if not 0 < ewma_alpha <= 1:
             raise ValueError(f"ewma_alpha must be in (0, 1], got {ewma_alpha}")
         if k_enter < 1 or k_exit < 1:
@@ -161,8 +170,9 @@ class Detector:
         return cfg.threshold if cfg.threshold is not None else contract_threshold
 
     @classmethod
-    def from_config(cls, cfg: DetectorConfig, contract_threshold: float) -> Detector:
-        """The detector that ``[detector]`` describes; ``cfg.threshold`` unset: the contract's."""
+    def from_config(cls, cfg: DetectorConfig, contract_threshold: float, n_scored: int = 1) -> Detector:
+        """The detector that ``[detector]`` describes; ``cfg.threshold`` unset: the contract's.
+        ``n_scored``: the features the model's score is the mean over (``channel_ewma``)."""
         return cls(
             cls.configured_base(cfg, contract_threshold),
             cfg.smoothing,
@@ -175,6 +185,7 @@ class Detector:
             adaptive_min_windows=cfg.adaptive_min_windows,
             adaptive_k=cfg.adaptive_k,
             adaptive_floor=cfg.adaptive_floor,
+            n_scored=n_scored,
         )
 
     def set_threshold(self, threshold: float) -> None:
@@ -340,6 +351,7 @@ class Detector:
         """Accept the device's present behaviour as its new normal (see the module docstring)."""
         state = self._state(device)
         state.smoothed = math.nan
+        state.channel = None
         state.above = state.below = 0
         state.alert = False
         state.learnt = 0
@@ -405,6 +417,9 @@ class Detector:
         """Decide on a batch of windows, in order (a device's windows must come oldest first)."""
         static = self.threshold
         ewma = self.smoothing == "ewma"
+        channel = self.smoothing == "channel_ewma"
+        # Per-feature residual sizes, for the whole batch at once (channel_ewma only).
+        sizes = np.sqrt(np.maximum(contributions, 0.0) * self.n_scored) if channel else None
         alpha = self.ewma_alpha
         adaptive = self.adaptive
         min_learnt = self.adaptive_min_windows
@@ -436,7 +451,12 @@ class Detector:
                     )
                 )
                 continue
-            if ewma and not math.isnan(state.smoothed):
+            if sizes is not None:
+                size = sizes[i]
+                prev = state.channel
+                state.channel = size if prev is None else alpha * size + (1.0 - alpha) * prev
+                smoothed = float(state.channel.max())
+            elif ewma and not math.isnan(state.smoothed):
                 smoothed = alpha * score + (1.0 - alpha) * state.smoothed
             else:
                 smoothed = score

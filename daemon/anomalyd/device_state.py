@@ -58,6 +58,7 @@ class DeviceState:
     operator: OperatorAction | None = None
     cadence: tuple[float, float] | None = None  # (measured, expected) period while mismatched
     rebaselining: bool = False  # no alert until the adaptive statistics warmed up again
+    channel: npt.NDArray[np.float32] | None = None  # per-feature EWMA (smoothing = "channel_ewma")
 
     def condition(self) -> str:
         if not self.decided:
@@ -108,6 +109,7 @@ def state_to_dict(device: str, st: DeviceState) -> dict[str, Any]:
         "operator": None if op is None else [op.verb, op.by, op.why, op.at],
         "cadence": None if st.cadence is None else list(st.cadence),
         "rebaselining": st.rebaselining,
+        "channel": None if st.channel is None else [float(c) for c in st.channel],
     }
 
 
@@ -147,6 +149,9 @@ def state_from_dict(raw: object, n_features: int) -> tuple[str, DeviceState]:
         isinstance(op, list) and len(op) == 4 and all(isinstance(x, str) for x in op[:3])
     ):
         raise ValueError(f"{device!r}: malformed operator action {op!r}")
+    channel = raw.get("channel")
+    if channel is not None and (not isinstance(channel, list) or len(channel) != n_features):
+        raise ValueError(f"{device!r}: channel must hold {n_features} numbers")
     cadence = raw.get("cadence")
     if cadence is not None and not (isinstance(cadence, list) and len(cadence) == 2):
         raise ValueError(f"{device!r}: malformed cadence {cadence!r}")
@@ -174,6 +179,7 @@ def state_from_dict(raw: object, n_features: int) -> tuple[str, DeviceState]:
             operator=None if op is None else OperatorAction(op[0], op[1], op[2], _number(op[3])),
             cadence=None if cadence is None else (_number(cadence[0]), _number(cadence[1])),
             rebaselining=_flag(raw["rebaselining"]),
+            channel=None if channel is None else np.asarray([_number(c) for c in channel], np.float32),
         )
     except KeyError as exc:
         raise ValueError(f"detector state of {device!r} lacks {exc}") from None

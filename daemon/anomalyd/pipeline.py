@@ -173,7 +173,7 @@ class Pipeline:
         self.batcher = Batcher(
             cfg.batching.max_batch, cfg.batching.max_delay_ms / 1000.0, c.window_length, c.n_features
         )
-        self.detector = Detector.from_config(cfg.detector, c.threshold.value)
+        self.detector = Detector.from_config(cfg.detector, c.threshold.value, len(c.scored_feature_names))
 
     @property
     def threshold(self) -> float:

@@ -313,3 +313,24 @@ def test_from_config_maps_every_field() -> None:
 def test_bad_adaptive_arguments(kw: dict[str, object]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - each case has its own message
         det(**kw)
+
+
+def test_channel_ewma_averages_each_features_residual_size_and_takes_the_largest() -> None:
+    d = det(smoothing="channel_ewma", ewma_alpha=0.5, k_enter=2, threshold=1.2, n_scored=2)
+    n = 12
+    # feature 0: residual 0; feature 1: a lasting bias of 1.5 residual RMS. Contributions are
+    # r^2 / n_scored, as the exported graph makes them.
+    contributions = np.tile(np.asarray([[0.0, 1.5**2 / 2]], np.float32), (n, 1))
+    out = d.update(
+        ["a"] * n, np.arange(n, dtype=np.float64), contributions.sum(axis=1), contributions, np.zeros(n, bool)
+    )
+    assert out[0].smoothed == pytest.approx(1.5)  # starts at the first window's sizes
+    assert out[-1].smoothed == pytest.approx(1.5)
+    assert out[-1].alert  # 1.5 > 1.2, for k_enter windows
+    # the mean-of-squares score would have said (0 + 2.25) / 2 = 1.125 < 1.2: diluted
+    assert float(out[-1].score) == pytest.approx(1.125)
+    state = d.export_state()[0]
+    assert state["channel"] == pytest.approx([0.0, 1.5])
+    e = det(smoothing="channel_ewma", ewma_alpha=0.5, k_enter=2, threshold=1.2, n_scored=2)
+    e.import_state(d.export_state(), 2)
+    assert e.export_state() == d.export_state()
