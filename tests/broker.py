@@ -197,10 +197,18 @@ class Subscriber:
 
 
 def publish_many(
-    broker: MosquittoBroker, messages: list[tuple[str, bytes]], qos: int = 1, retain: bool = False
+    broker: MosquittoBroker,
+    messages: list[tuple[str, bytes]],
+    qos: int = 1,
+    retain: bool = False,
+    *,
+    username: str | None = None,
+    password: str | None = None,
 ) -> None:
     """Publish messages in order and wait until the broker has acknowledged all of them."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    if username is not None:
+        client.username_pw_set(username, password)
     client.connect(broker.host, broker.port, keepalive=30)
     client.loop_start()
     try:

@@ -53,7 +53,7 @@ windows that changed it; ``record(device)`` builds the message. While an alert i
 the detector keeps its peak score and the contributions at the peak.
 
 **Operator verbs.** ``shelve`` suppresses a device's alert state until a time (the
-detector goes on deciding underneath; ``expire_shelves`` ends it), ``set_out_of_service``
+detector goes on deciding underneath; ``sweep`` ends it when it expires), ``set_out_of_service``
 does the same without end and also stops the adaptive statistics from learning (a
 machine under maintenance is not a model of normal), and ``rebaseline`` accepts the
 present behaviour as the new normal: smoothing, hysteresis, alert and adaptive statistics
@@ -86,10 +86,19 @@ from anomalyd.device_state import DeviceState, state_from_dict, state_to_dict
 if TYPE_CHECKING:
     from anomalyd.config import DetectorConfig
 
-__all__ = ["Decision", "Detector"]
+__all__ = ["Decision", "Detector", "Sweep"]
 
 #: Scores are >= 0; their log is taken at this floor so that a perfect 0 stays finite.
 _LOG_FLOOR = 1e-12
+
+
+@dataclass(slots=True, frozen=True)
+class Sweep:
+    """What ``Detector.sweep`` found."""
+
+    expired: list[AlertRecord]  # the new state of each device whose shelving just ended
+    counts: dict[str, int]  # devices per published state
+    oldest_alert_since: float | None  # ``since`` of the oldest anomalous state; None: none
 
 
 @dataclass(slots=True)
@@ -274,21 +283,6 @@ class Detector:
             expected_period_s=cadence[1] if cadence is not None else None,
         )
 
-    def count_states(self) -> dict[str, int]:
-        """Devices per published state."""
-        counts: dict[str, int] = {}
-        for state in self._states.values():
-            counts[state.published] = counts.get(state.published, 0) + 1
-        return counts
-
-    def oldest_alert_since(self) -> float | None:
-        """``since`` of the oldest published ``anomalous`` state (None: no active alert)."""
-        oldest = math.inf
-        for state in self._states.values():
-            if state.published == ANOMALOUS and state.since < oldest:
-                oldest = state.since
-        return None if math.isinf(oldest) else oldest
-
     # ------------------------------------------------------------------ overlays and verbs
 
     def _state(self, device: str) -> DeviceState:
@@ -334,9 +328,13 @@ class Detector:
             state.operator = action
         return self._republish(device, state, action.at)
 
-    def expire_shelves(self, now: float) -> list[AlertRecord]:
-        """Unshelve every device whose shelving ended by ``now``; their new records."""
-        out: list[AlertRecord] = []
+    def sweep(self, now: float) -> Sweep:
+        """Housekeeping, in one pass over every device: unshelve those whose shelving ended
+        by ``now`` (UNIX time), count the devices per published state, and find the oldest
+        active alert."""
+        expired: list[AlertRecord] = []
+        counts: dict[str, int] = {}
+        oldest = math.inf
         for device, state in self._states.items():
             if not math.isnan(state.shelved_until) and state.shelved_until <= now:
                 state.shelved_until = math.nan
@@ -344,8 +342,12 @@ class Detector:
                     state.operator = None
                 record = self._republish(device, state, now)
                 if record is not None:
-                    out.append(record)
-        return out
+                    expired.append(record)
+            published = state.published
+            counts[published] = counts.get(published, 0) + 1
+            if published == ANOMALOUS and state.since < oldest:
+                oldest = state.since
+        return Sweep(expired, counts, None if math.isinf(oldest) else oldest)
 
     def rebaseline(self, device: str, action: OperatorAction) -> AlertRecord | None:
         """Accept the device's present behaviour as its new normal (see the module docstring)."""

@@ -133,6 +133,15 @@ def _flag(x: object) -> bool:
     return x
 
 
+def _vector(x: object, n: int, what: str) -> npt.NDArray[np.float32] | None:
+    """A per-feature list of ``n`` numbers (or null) as a float32 array."""
+    if x is None:
+        return None
+    if not isinstance(x, list) or len(x) != n:
+        raise ValueError(f"{what} must hold {n} numbers")
+    return np.asarray([_number(c) for c in x], np.float32)
+
+
 def state_from_dict(raw: object, n_features: int) -> tuple[str, DeviceState]:
     """(device, state) from what ``state_to_dict`` gave; ValueError naming what is wrong."""
     if not isinstance(raw, dict) or not isinstance(raw.get("device"), str):
@@ -141,17 +150,13 @@ def state_from_dict(raw: object, n_features: int) -> tuple[str, DeviceState]:
     published = raw.get("published")
     if published not in STATES:
         raise ValueError(f"{device!r}: unknown published state {published!r}")
-    peak = raw.get("peak_contributions")
-    if peak is not None and (not isinstance(peak, list) or len(peak) != n_features):
-        raise ValueError(f"{device!r}: peak_contributions must hold {n_features} numbers")
+    peak = _vector(raw.get("peak_contributions"), n_features, f"{device!r}: peak_contributions")
     op = raw.get("operator")
     if op is not None and not (
         isinstance(op, list) and len(op) == 4 and all(isinstance(x, str) for x in op[:3])
     ):
         raise ValueError(f"{device!r}: malformed operator action {op!r}")
-    channel = raw.get("channel")
-    if channel is not None and (not isinstance(channel, list) or len(channel) != n_features):
-        raise ValueError(f"{device!r}: channel must hold {n_features} numbers")
+    channel = _vector(raw.get("channel"), n_features, f"{device!r}: channel")
     cadence = raw.get("cadence")
     if cadence is not None and not (isinstance(cadence, list) and len(cadence) == 2):
         raise ValueError(f"{device!r}: malformed cadence {cadence!r}")
@@ -173,13 +178,13 @@ def state_from_dict(raw: object, n_features: int) -> tuple[str, DeviceState]:
             last_threshold=_number(raw["last_threshold"]),
             peak_score=_number(raw["peak_score"]),
             peak_ts=_number(raw["peak_ts"]),
-            peak_contributions=None if peak is None else np.asarray([_number(c) for c in peak], np.float32),
+            peak_contributions=peak,
             shelved_until=_number(raw["shelved_until"]),
             out_of_service=_flag(raw["out_of_service"]),
             operator=None if op is None else OperatorAction(op[0], op[1], op[2], _number(op[3])),
             cadence=None if cadence is None else (_number(cadence[0]), _number(cadence[1])),
             rebaselining=_flag(raw["rebaselining"]),
-            channel=None if channel is None else np.asarray([_number(c) for c in channel], np.float32),
+            channel=channel,
         )
     except KeyError as exc:
         raise ValueError(f"detector state of {device!r} lacks {exc}") from None

@@ -592,12 +592,13 @@ class Pipeline:
             self.metrics.devices_evicted.labels(cause="idle").inc(len(evicted))
             log.info("forgot %d idle devices", len(evicted))
         now = time.time()
-        self._publish_states(self.detector.expire_shelves(now))
+        sweep = self.detector.sweep(now)
+        self._publish_states(sweep.expired)
         self._reassert_some()
         m = self.metrics
         m.devices_tracked.set(self.buffers.n_devices)
         m.pending_windows.set(self.batcher.pending)
-        m.set_alert_states(self.detector.count_states(), self.detector.oldest_alert_since(), now)
+        m.set_alert_states(sweep.counts, sweep.oldest_alert_since, now)
         m.devices_cadence_mismatch.set(self.buffers.n_cadence_mismatched)
         self._check_overload(queue_fill, queue_dropped)
 

@@ -60,8 +60,8 @@ def test_first_decided_window_publishes_normal_then_raise_and_clear() -> None:
     assert rec.peak_contributions is not None
     assert rec.peak_contributions.tolist() == pytest.approx([2.25, 6.75])
     assert d.active_alerts == 1
-    assert d.oldest_alert_since() == 201.0
-    assert d.count_states() == {"anomalous": 1}
+    assert d.sweep(0.0).oldest_alert_since == 201.0
+    assert d.sweep(0.0).counts == {"anomalous": 1}
 
 
 def test_forget_gives_unknown_with_the_reason_and_never_a_stale_state() -> None:
@@ -94,8 +94,8 @@ def test_shelve_overlays_the_state_and_expires_into_the_then_true_state() -> Non
     rec = d.record("a")
     assert rec is not None
     assert (rec.state, rec.condition) == ("shelved", "anomalous")
-    assert d.expire_shelves(1999.0) == []
-    expired = d.expire_shelves(2000.0)
+    assert d.sweep(1999.0).expired == []
+    expired = d.sweep(2000.0).expired
     assert [(r.state, r.since) for r in expired] == [("anomalous", 2000.0)]
 
 

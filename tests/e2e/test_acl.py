@@ -11,11 +11,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.broker import MosquittoBroker, Subscriber
+from tests.broker import MosquittoBroker, Subscriber, publish_many
 from tests.daemon.test_mqtt_acl import dynsec_broker
 from tests.daemon_process import DaemonProcess
 
@@ -44,21 +42,6 @@ def daemons() -> Iterator[list[DaemonProcess]]:
         d.close()
 
 
-def _publish_as_tester(broker: MosquittoBroker, messages: list[tuple[str, bytes]]) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.username_pw_set("tester", USERS["tester"])
-    client.connect(broker.host, broker.port, keepalive=30)
-    client.loop_start()
-    try:
-        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(10)
-            assert info.is_published()
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
 def test_refused_score_publishes_show_in_metrics_status_and_log(
     tmp_path: Path,
     broker_factory: Callable[..., MosquittoBroker],
@@ -80,13 +63,15 @@ def test_refused_score_publishes_show_in_metrics_status_and_log(
     try:
         status.wait_until(lambda ms: bool(ms) and ms[-1].payload == b"online", 10, "online")
         t0 = time.time() - 20
-        _publish_as_tester(
+        publish_many(
             broker,
             [
                 (f"sensors/{device}/telemetry", orjson.dumps({"ts": t0 + i, **dict.fromkeys(FEATURES, 0.1)}))
                 for device in ("m1", "m2")
                 for i in range(WINDOW + 2)
             ],
+            username="tester",
+            password=USERS["tester"],
         )
         d.wait_metric("anomalyd_publish_denied", lambda v: v == 1.0, 15, kind="score")
         status.wait_until(lambda ms: ms[-1].payload == b"degraded", 10, "degraded")
