@@ -60,7 +60,9 @@ class DeviceResult:
     found_window: int
     found_alert: int
     clean_alerts: int
-    kinds_missed: list[str] = field(default_factory=list)
+    kinds_missed: list[str] = field(default_factory=list)  # window level
+    kinds: list[str] = field(default_factory=list)  # every event's kind
+    kinds_missed_alert: list[str] = field(default_factory=list)  # alert level
 
     @property
     def clean_rate(self) -> float:
@@ -88,13 +90,17 @@ def score_device(
     intervals = _intervals(dev, tail_s)
     found_w = found_a = 0
     missed: list[str] = []
+    missed_alert: list[str] = []
     for (lo, hi), ev in zip(intervals, dev.events, strict=True):
         inside = (r.ts >= lo) & (r.ts <= hi)
         hit_w = bool((r.anomaly & inside).any())
+        hit_a = bool((r.alert & inside).any())
         found_w += hit_w
-        found_a += bool((r.alert & inside).any())
+        found_a += hit_a
         if not hit_w:
             missed.append(ev.kind)
+        if not hit_a:
+            missed_alert.append(ev.kind)
     onsets = np.flatnonzero(r.alert & ~np.concatenate([[False], r.alert[:-1]]))
     in_event = np.zeros(len(r.ts), bool)
     for lo, hi in intervals:
@@ -110,6 +116,8 @@ def score_device(
         found_alert=found_a,
         clean_alerts=int((~in_event[onsets]).sum()),
         kinds_missed=missed,
+        kinds=[e.kind for e in dev.events],
+        kinds_missed_alert=missed_alert,
     )
 
 
@@ -167,6 +175,30 @@ def _format(label: str, s: Summary) -> str:
     )
 
 
+def _recall_by_kind(results: list[DeviceResult]) -> str:
+    """``kind found/events (share)`` at alert level, every kind."""
+    total: dict[str, int] = {}
+    missed: dict[str, int] = {}
+    for d in results:
+        for k in d.kinds:
+            total[k] = total.get(k, 0) + 1
+        for k in d.kinds_missed_alert:
+            missed[k] = missed.get(k, 0) + 1
+    return ", ".join(
+        f"{k} {n - missed.get(k, 0)}/{n} ({(n - missed.get(k, 0)) / n:.2f})" for k, n in sorted(total.items())
+    )
+
+
+def _detector_setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` for ``[detector]``; the value is read as TOML (``adaptive=true``, ``k_enter=2``)."""
+    import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"need KEY=VALUE, got {text!r}")
+    return key.strip(), tomllib.loads(f"v = {value.strip()}")["v"]
+
+
 def _seeds(text: str) -> list[int]:
     out: list[int] = []
     for part in text.split(","):
@@ -195,6 +227,14 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="score threshold instead of the contract's (to compare calibrations of one network)",
     )
+    ap.add_argument(
+        "--detector",
+        type=_detector_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [detector] setting instead of the daemon default (repeatable), e.g. k_enter=2",
+    )
     args = ap.parse_args(argv)
 
     model = load_model(args.model, SessionOptions(providers="cpu"))
@@ -203,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         config = config.model_copy(
             update={"detector": config.detector.model_copy(update={"threshold": args.threshold})}
         )
+    if args.detector:
+        # Validated like a config file's [detector], so a misspelt key is an error here too.
+        merged = config.detector.model_dump() | dict(args.detector)
+        config = config.model_copy(update={"detector": type(config.detector).model_validate(merged)})
     period_s = 1.0
     print(
         f"model {model.contract.model_version} ({args.model}), "
@@ -248,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in d.kinds_missed:
             missed[k] = missed.get(k, 0) + 1
     print(f"missed events by kind (window level): {dict(sorted(missed.items()))}")
+    print(f"event recall by kind (alert level): {_recall_by_kind(results)}")
     print(f"({time.perf_counter() - started:.0f} s)")
     if args.json:
         doc = {

@@ -36,7 +36,7 @@ SCORE_OUTPUT = "score"
 CONTRIBUTIONS_OUTPUT = "contributions"
 
 ModelKind = Literal["forecast", "autoencoder"]
-ThresholdMethod = Literal["pot", "empirical_quantile", "manual"]
+ThresholdMethod = Literal["pot", "empirical_quantile", "training_quantile", "manual"]
 
 _FIELD_PATH = re.compile(r"^[a-z_][a-z0-9_.]*$")
 _FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")

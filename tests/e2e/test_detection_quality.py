@@ -12,10 +12,12 @@ model (so CI does not train one). Event-level outcome, as an operator sees it:
   (an alert that never clears has few onsets but a large share).
 
 Bounds (docs/skab.md, "Synthetic counterpart"), over 8 devices x 3 h at seed 2: event
-recall >= 0.60, <= 0.5 false alerts per device-hour, normal alert share <= 5 %. The
-values measured with the committed model are in docs/skab.md. A detector that never
-alerts fails the recall bound; one that always alerts fails the share bound (the control
-test below checks that).
+recall >= 0.75, <= 0.25 false alerts per device-hour, normal alert share <= 0.5 %, and at
+least 70 % of the stuck sensors found (the model's flatline check). The committed model
+measured 0.85, 0.125 (3 alerts), 0.11 % and 7 of 7: the bounds leave room for a somewhat
+different model (a retrained one, other library versions), not for a broken one. A
+detector that never alerts fails the recall bound; one that always alerts fails the share
+bound (the control test below checks that).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ SEED = 2  # the default model trains on seed 0
 DEVICES = 8
 HOURS = 3.0
 TOLERANCE_S = 60.0
-MIN_RECALL = 0.60
-MAX_FALSE_ALERTS_PER_HOUR = 0.5
-MAX_NORMAL_ALERT_SHARE = 0.05
+MIN_RECALL = 0.75
+MAX_FALSE_ALERTS_PER_HOUR = 0.25
+MAX_NORMAL_ALERT_SHARE = 0.005
+MIN_STUCK_RECALL = 0.70
 
 
 def _score(model_path: Path, overrides: dict[str, object]) -> EventResult:
@@ -70,10 +73,13 @@ def test_default_model_and_config_find_events_without_crying_wolf(default_model:
         f"{r.false_alerts} false alerts in {r.hours:.1f} device-hours"
     )
     assert r.normal_alert_share <= MAX_NORMAL_ALERT_SHARE
+    stuck = {kind: (found, total) for kind, found, total in r.kinds_found}["stuck"]
+    assert stuck[1] >= 5, "too few stuck sensors in the stream for the bound to mean something"
+    assert stuck[0] / stuck[1] >= MIN_STUCK_RECALL, f"stuck sensors found: {stuck[0]} of {stuck[1]}"
 
 
 def test_a_detector_that_always_alerts_fails_the_false_alert_bound(default_model: Path) -> None:
-    # The control: a threshold of 0 alerts on every window; the bounds must catch it.
-    r = _score(default_model, {"detector.threshold": 0.0})
+    # The control: a threshold next to 0 alerts on every window; the bounds must catch it.
+    r = _score(default_model, {"detector.threshold": 1e-9})
     assert r.recall == 1.0
     assert r.normal_alert_share > MAX_NORMAL_ALERT_SHARE

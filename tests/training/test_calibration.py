@@ -19,6 +19,7 @@ from anomalyd_train.calibration import (
     empirical_false_alarm_rate,
     fit_gpd,
     to_contract_threshold,
+    training_quantile_threshold,
 )
 
 Sampler = Callable[[np.random.Generator, int], np.ndarray]
@@ -203,6 +204,53 @@ def test_contract_threshold_for_pot_and_fallback() -> None:
     with pytest.raises(ValueError, match="needs fit"):
         to_contract_threshold(broken)
     assert GpdFit(0.1, 1.0).scale == 1.0
+
+
+def test_training_quantile_threshold_is_factor_times_the_quantile() -> None:
+    scores = np.random.default_rng(9).exponential(1.0, 1000)
+    cal = training_quantile_threshold(scores, 0.9, 1.2)
+    base = float(np.quantile(scores, 0.9))
+    assert cal.threshold == pytest.approx(1.2 * base, rel=1e-12)
+    assert cal.method == "training_quantile"
+    assert cal.target_false_alarm_rate is None
+    assert cal.n_scores == 1000
+    assert cal.fit is None
+    above = empirical_false_alarm_rate(scores, cal.threshold)
+    assert 0.0 < above < 0.1
+    assert f"{above:.2e} of them lie above it" in cal.note
+    assert "1.2 x the 0.9 quantile" in cal.note
+    assert "1000 training-data windows" in cal.note
+    t = to_contract_threshold(cal)
+    assert (t.method, t.value, t.target_false_alarm_rate, t.pot) == (
+        "training_quantile",
+        cal.threshold,
+        None,
+        None,
+    )
+    assert t.n_calibration_windows == 1000
+    assert t.note == cal.note
+
+
+@pytest.mark.parametrize(
+    ("scores", "quantile", "factor", "match"),
+    [
+        (np.ones(10), 0.99, 0.0, "factor"),
+        (np.ones(10), 0.99, -2.0, "factor"),
+        (np.ones(10), 0.99, float("nan"), "factor"),
+        (np.ones(10), 0.99, float("inf"), "factor"),
+        (np.ones(10), 0.0, 2.0, "quantile"),
+        (np.ones(10), 1.0, 2.0, "quantile"),
+        (np.ones(10), float("nan"), 2.0, "quantile"),
+        (np.array([]), 0.99, 2.0, "empty"),
+        (np.array([1.0, float("nan")]), 0.99, 2.0, "NaN"),
+        (np.ones((2, 2)), 0.99, 2.0, "1-D"),
+    ],
+)
+def test_training_quantile_threshold_rejects_bad_input(
+    scores: np.ndarray, quantile: float, factor: float, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        training_quantile_threshold(scores, quantile, factor)
 
 
 @st.composite

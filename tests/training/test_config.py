@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from anomalyd.contract import Feature
 from anomalyd.errors import ConfigError
@@ -284,6 +285,74 @@ def test_score_features_must_be_a_non_empty_list_without_repeats(
     err = load_error(tmp_path, CSV_TABLE + f"[model]\nscore_features = {value}\n")
     assert err.key_path == "model.score_features"
     assert message in str(err)
+
+
+def test_bias_score_and_training_quantile_options_default_to_the_old_behaviour() -> None:
+    cfg = TrainConfig()
+    assert cfg.model.score == "error"
+    assert cfg.model.members == 1
+    assert cfg.model.flatline is False
+    assert cfg.calibration.method == "pot"
+
+
+def test_bias_score_options_are_read(tmp_path: Path) -> None:
+    text = (
+        "[window]\nlength = 12\n"
+        '[model]\nscore = "bias"\ncentering = "window_start"\nburn_in = 10\nbias_decay = 0.5\n'
+        "members = 3\nflatline = true\nflatline_ratio = 0.2\n"
+        '[calibration]\nmethod = "training_quantile"\nquantile = 0.9\nfactor = 3.0\n'
+    )
+    cfg = load_train_config(write(tmp_path, text))
+    assert (cfg.model.score, cfg.model.centering, cfg.model.burn_in) == ("bias", "window_start", 10)
+    assert (cfg.model.bias_decay, cfg.model.members, cfg.model.flatline) == (0.5, 3, True)
+    assert cfg.model.flatline_ratio == 0.2
+    assert (cfg.calibration.method, cfg.calibration.quantile, cfg.calibration.factor) == (
+        "training_quantile",
+        0.9,
+        3.0,
+    )
+    # burn_in only matters to score "bias": the same burn_in with score "error" is fine.
+    assert (
+        load_train_config(write(tmp_path, "[window]\nlength = 12\n[model]\nburn_in = 11\n")).model.burn_in
+        == 11
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "key_path", "expected"),
+    [
+        ('[model]\nscore = "bias"\nkind = "autoencoder"', "model", "needs kind 'forecast'"),
+        ('[model]\nscore = "bias"\ncentering = "window_mean"', "model", "use 'window_start'"),
+        (
+            '[window]\nlength = 12\n[model]\nscore = "bias"\nburn_in = 11',
+            "model.burn_in",
+            "must be below window.length - 1 (11), got 11",
+        ),
+        ('[model]\nscore = "surprise"', "model.score", "'error' or 'bias'"),
+        ("[model]\nmembers = 9", "model.members", "less than or equal to 8"),
+        ("[model]\nbias_decay = 0.0", "model.bias_decay", "greater than 0"),
+        ("[model]\nburn_in = 0", "model.burn_in", "greater than or equal to 1"),
+        ("[model]\nflatline_ratio = 1.0", "model.flatline_ratio", "less than 1"),
+        ('[model]\nflatline = "yes"', "model.flatline", "boolean"),
+        ('[calibration]\nmethod = "gev"', "calibration.method", "'pot' or 'training_quantile'"),
+        ("[calibration]\nquantile = 1.0", "calibration.quantile", "less than 1"),
+        ("[calibration]\nfactor = 0.0", "calibration.factor", "greater than 0"),
+    ],
+)
+def test_bad_bias_score_or_calibration_options_name_their_key(
+    tmp_path: Path, text: str, key_path: str, expected: str
+) -> None:
+    err = load_error(tmp_path, text)
+    assert err.key_path == key_path
+    assert expected in str(err)
+
+
+def test_burn_in_is_checked_against_the_window_through_model_validate() -> None:
+    ok = {"window": {"length": 12}, "model": {"score": "bias", "burn_in": 10}}
+    assert TrainConfig.model_validate(ok).model.burn_in == 10
+    with pytest.raises(ValidationError) as info:
+        TrainConfig.model_validate({**ok, "model": {"score": "bias", "burn_in": 11}})
+    assert [e["loc"] for e in info.value.errors()] == [("model", "burn_in")]
 
 
 def test_benchmark_config_with_slow_channels_as_inputs_only(tmp_path: Path) -> None:

@@ -328,7 +328,11 @@ def test_without_config_the_command_uses_the_committed_benchmark_config() -> Non
     repo = Path(__file__).resolve().parents[2]
     assert path == repo / "training" / "configs" / "skab.toml"
     committed = load_skab_config(path)
-    assert committed.daemon_config().detector.adaptive is True
+    # What docs/skab.md reports: the bias-scored forecaster ensemble, thresholded on its
+    # training data's scores.
+    assert committed.train_config(repo / "x.csv", 60.0).model.score == "bias"
+    assert committed.train_config(repo / "x.csv", 60.0).calibration.method == "training_quantile"
+    assert committed.daemon_config().detector.k_exit == 30
     assert committed != load_skab_config(None)
 
 

@@ -68,8 +68,8 @@ class Calibration:
     """A calibrated threshold and how it was obtained."""
 
     threshold: float
-    method: Literal["pot", "empirical_quantile"]
-    target_false_alarm_rate: float
+    method: Literal["pot", "empirical_quantile", "training_quantile"]
+    target_false_alarm_rate: float | None  # None: "training_quantile" targets no rate
     n_scores: int
     initial_quantile: float | None = None
     initial_threshold: float | None = None
@@ -247,6 +247,32 @@ def calibrate_threshold(
         initial_threshold=t,
         fit=fit,
         n_peaks=n_t,
+    )
+
+
+def training_quantile_threshold(scores: npt.ArrayLike, quantile: float, factor: float) -> Calibration:
+    """``factor`` × the ``quantile`` of ``scores`` (every window of the training data).
+
+    For data too short to hold out a tail worth fitting (SKAB's 400 rows give about 30
+    held-out windows): the quantile of a few hundred in-sample windows is stable, and
+    ``factor`` puts the threshold as far above it as out-of-sample scores tend to sit.
+    Raises ``ValueError`` on bad scores, a quantile outside (0, 1) or a factor <= 0.
+    """
+    s = _check_scores(scores)
+    q = _check_rate(quantile, "quantile")
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"factor: need a positive number, got {factor!r}")
+    base = float(np.quantile(s, q))
+    threshold = factor * base
+    return Calibration(
+        threshold=threshold,
+        method="training_quantile",
+        target_false_alarm_rate=None,
+        n_scores=int(s.size),
+        note=(
+            f"{factor:g} x the {q:g} quantile ({base:.6g}) of {s.size} training-data windows; "
+            f"{empirical_false_alarm_rate(s, threshold):.2e} of them lie above it"
+        ),
     )
 
 

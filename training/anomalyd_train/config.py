@@ -315,14 +315,62 @@ class ModelConfig(_Section):
     latent_units: int | None = Field(
         default=None, ge=1, le=512, description="autoencoder bottleneck width; unset: units"
     )
-    centering: Literal["none", "window_mean"] = Field(
+    centering: Literal["none", "window_mean", "window_start"] = Field(
         default="none",
         description=(
             "'window_mean': after global normalisation, subtract each feature's mean over the "
             "network's input steps (forecast: steps 1..L-1, and the forecast of step L is made "
             "relative to the same mean; autoencoder: all L steps) and add it back to the output, "
-            "so the network sees shapes, not levels: offsets that differ between devices cancel"
+            "so the network sees shapes, not levels: offsets that differ between devices cancel. "
+            "'window_start': the same with the mean of the first burn_in steps only, so that a "
+            "forecast of a later step never sees a value it is asked to predict (score 'bias')"
         ),
+    )
+    score: Literal["error", "bias"] = Field(
+        default="error",
+        description=(
+            "'error': the mean over scored features of the squared standardised residual "
+            "(forecast: of step L; autoencoder: over the window). 'bias' (forecast only): the "
+            "network forecasts every step from the steps before it, and the score is the largest, "
+            "over scored features, of the exponentially weighted mean of those signed residuals "
+            "(a lasting bias) and of the last step's residual (a spike), each in units of its "
+            "quantile on the training windows"
+        ),
+    )
+    bias_decay: float = Field(
+        default=0.2,
+        gt=0,
+        le=1,
+        description="score 'bias': weight decay per step of the residual average (EWMA alpha)",
+    )
+    burn_in: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description=(
+            "score 'bias': the first steps of a window only give context; their forecasts (made "
+            "from too few steps) are neither trained on nor scored"
+        ),
+    )
+    members: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description=(
+            "networks trained side by side from different initial weights and averaged in the "
+            "one exported graph (a seed ensemble: one seed's luck matters less)"
+        ),
+    )
+    flatline: bool = Field(
+        default=False,
+        description=(
+            "add a stuck-sensor check to the score: a scored feature whose spread over the window "
+            "falls below flatline_ratio times the smallest spread of any training window scores "
+            "up to FLATLINE_SCORE (anomalyd_train.export), far above any threshold"
+        ),
+    )
+    flatline_ratio: float = Field(
+        default=0.1, gt=0, lt=1, description="see flatline: the fraction of the smallest training spread"
     )
     score_features: list[str] | None = Field(
         default=None,
@@ -333,6 +381,18 @@ class ModelConfig(_Section):
             "drift too far over a deployment to be scored. Unset: every feature is scored"
         ),
     )
+
+    @model_validator(mode="after")
+    def _bias_needs_causal_forecaster(self) -> ModelConfig:
+        if self.score == "bias":
+            if self.kind != "forecast":
+                raise ValueError("score 'bias' needs kind 'forecast' (a forecast of every step)")
+            if self.centering == "window_mean":
+                raise ValueError(
+                    "score 'bias' cannot use centering 'window_mean': the mean of the whole window "
+                    "holds the values the earlier forecasts are asked for; use 'window_start'"
+                )
+        return self
 
     @field_validator("score_features")
     @classmethod
@@ -373,6 +433,16 @@ class CalibrationConfig(_Section):
     min_peaks: int = Field(
         default=30, ge=1, description="fewer exceedances than this: use the empirical quantile instead"
     )
+    method: Literal["pot", "training_quantile"] = Field(
+        default="pot",
+        description=(
+            "'pot': the rate target_false_alarm_rate on the held-out calibration windows (above); "
+            "'training_quantile': factor x the quantile of the scores of every window of the "
+            "training data (all three parts), for data too short to hold out a tail"
+        ),
+    )
+    quantile: float = Field(default=0.99, gt=0, lt=1, description="'training_quantile': which quantile")
+    factor: float = Field(default=2.0, gt=0, le=100, description="'training_quantile': times the quantile")
 
 
 class ExportConfig(_Section):
@@ -406,6 +476,20 @@ class TrainConfig(_Section):
     report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="after")
+    def _burn_in_fits_window(self) -> TrainConfig:
+        if self.model.score == "bias" and self.model.burn_in >= self.window.length - 1:
+            # Located at the key (like score_features below), so the ConfigError names
+            # "model.burn_in" rather than the whole document.
+            raise _error_at(
+                self,
+                ("model", "burn_in"),
+                f"must be below window.length - 1 ({self.window.length - 1}), got "
+                f"{self.model.burn_in}: no forecast would be left to score",
+                self.model.burn_in,
+            )
+        return self
+
+    @model_validator(mode="after")
     def _score_features_are_features(self) -> TrainConfig:
         # Only a CSV's feature names are known here; the synthetic fleet's live in the
         # generator (numpy), so the pipeline checks those (``check_score_features``).
@@ -416,17 +500,22 @@ class TrainConfig(_Section):
             if problem is not None:
                 # Raised as a ValidationError located at the key, so the ConfigError names
                 # "model.score_features" rather than the whole document.
-                raise ValidationError.from_exception_data(
-                    type(self).__name__,
-                    [
-                        InitErrorDetails(
-                            type=PydanticCustomError("value_error", "{problem}", {"problem": problem}),
-                            loc=("model", "score_features"),
-                            input=self.model.score_features,
-                        )
-                    ],
-                )
+                raise _error_at(self, ("model", "score_features"), problem, self.model.score_features)
         return self
+
+
+def _error_at(model: BaseModel, loc: tuple[str, ...], problem: str, value: Any) -> ValidationError:
+    """A ValidationError of ``model`` located at the key ``loc`` (not at the whole document)."""
+    return ValidationError.from_exception_data(
+        type(model).__name__,
+        [
+            InitErrorDetails(
+                type=PydanticCustomError("value_error", "{problem}", {"problem": problem}),
+                loc=loc,
+                input=value,
+            )
+        ],
+    )
 
 
 def _score_features_problem(score_features: list[str] | None, feature_names: list[str]) -> str | None:

@@ -85,6 +85,39 @@ def score_definition(features: list[str], scored: list[str] | None = None) -> st
     )
 
 
+def bias_score_definition(
+    features: list[str], scored: list[str] | None, *, decay: float, burn_in: int, members: int
+) -> str:
+    """The contract's ``score`` text for a ``score = "bias"`` model."""
+    names = scored if scored is not None else features
+    inputs_only = [f for f in features if f not in names]
+    text = (
+        f"largest over the {len(names)} scored features f ({', '.join(names)}) of "
+        f"max(|sum_t w_t r_t,f / s_f| / B, |r_L,f / s_f| / P): r_t,f is step t's residual in "
+        f"normalised units ((x - mean) / std) against its forecast from the steps before it"
+        + (f" (the mean of {members} networks' forecasts)" if members > 1 else "")
+        + f", for steps {burn_in + 2}..L; w_t are exponential weights (alpha {decay:g}) summing to 1, "
+        "newest heaviest; s_f is the feature's residual scale, B and P the 99th percentiles of "
+        "the two branches on training windows; contributions_f is that term per feature"
+    )
+    if inputs_only:
+        text += f" (0 for the inputs that are not scored: {', '.join(inputs_only)})"
+    return text
+
+
+def flatline_definition(floors: FloatArray, features: list[str]) -> str:
+    """What the flatline check adds, for the contract's ``score`` text."""
+    checked = [f for f, v in zip(features, floors, strict=True) if v > 0]
+    if not checked:
+        return ""
+    return (
+        f"; plus a flatline check on {', '.join(checked)}: "
+        f"{FLATLINE_SCORE:g} x max(0, 1 - spread / floor) added to the feature's contribution, "
+        "where spread is its standard deviation over the window (normalised units) and floor a "
+        "fraction of the smallest spread of any training window"
+    )
+
+
 def score_weights(n_features: int, scored: npt.ArrayLike | None = None) -> FloatArray:
     """Per-feature weights ``w_f`` of the score: ``1 / n_scored`` where ``scored`` (a boolean
     mask over the features; None: all) is true, 0 elsewhere.
@@ -101,6 +134,17 @@ def score_weights(n_features: int, scored: npt.ArrayLike | None = None) -> Float
 
 
 _FORBIDDEN_OPS = ("Loop", "Scan")
+
+#: Score ``bias``: each branch is scaled so that this quantile of the training windows reads 1.
+BRANCH_QUANTILE = 0.99
+
+#: What a perfectly flat (stuck) scored feature adds to its contribution: far above any
+#: threshold a calibration gives, so the check decides alone. A spread between 0 and the
+#: floor adds proportionally less (``FLATLINE_SCORE · (1 - spread / floor)``).
+FLATLINE_SCORE = 1000.0
+
+#: Training spreads (normalised units) at or below this count as flat already: no check.
+MIN_FLAT_SPREAD = 1e-6
 
 
 class ExportCheckError(AnomalydError):
@@ -135,6 +179,8 @@ class ScoringFunction:
     std: FloatArray
     residual_scale: FloatArray
     weights: FloatArray  # w_f: 1 / n_scored for scored features, 0 for inputs only
+    bias: BiasScore | None = None  # score "bias": its constants; None: score "error"
+    flat_floor: FloatArray | None = None  # flatline check floors per feature (0: off); None: no check
 
     def __call__(self, windows: FloatArray, batch_size: int = 1024) -> tuple[FloatArray, FloatArray]:
         """Score raw windows ``(n, L, F)`` in TensorFlow; returns ``score (n,)``, ``contributions (n, F)``."""
@@ -159,14 +205,32 @@ class ExportResult:
     checks: list[CheckResult] = field(default_factory=list)
 
 
+def forecast_residuals(
+    model: Any, windows_normalised: FloatArray, burn_in: int, batch_size: int = 1024
+) -> FloatArray:
+    """A sequence forecaster's (``score = "bias"``) residuals ``z - forecast`` of steps
+    ``burn_in+2 .. L``, in normalised units: ``(n, L-1-burn_in, F)``."""
+    out: list[FloatArray] = []
+    for start in range(0, len(windows_normalised), batch_size):
+        z = windows_normalised[start : start + batch_size]
+        pred = np.asarray(model(z[:, :-1, :], training=False))
+        out.append((z[:, burn_in + 1 :, :] - pred).astype(np.float32))
+    _, length, f = windows_normalised.shape
+    return np.concatenate(out) if out else np.zeros((0, length - 1 - burn_in, f), np.float32)
+
+
 def squared_residuals(
-    model: Any, kind: str, windows_normalised: FloatArray, batch_size: int = 1024
+    model: Any, kind: str, windows_normalised: FloatArray, batch_size: int = 1024, burn_in: int | None = None
 ) -> FloatArray:
     """Per-window, per-feature mean squared residual in normalised units, ``(n, F)``.
 
-    Forecast: ``(z_L - prediction)^2``; autoencoder: ``(z - reconstruction)^2``
+    Forecast: ``(z_L - prediction)^2``, or with ``burn_in`` (a sequence forecaster, score
+    ``bias``) the mean over the forecast steps; autoencoder: ``(z - reconstruction)^2``
     averaged over the L steps. Used to estimate the residual scales.
     """
+    if burn_in is not None:
+        residuals = forecast_residuals(model, windows_normalised, burn_in, batch_size)
+        return np.asarray(np.square(residuals).mean(axis=1), dtype=np.float32)
     out: list[FloatArray] = []
     for start in range(0, len(windows_normalised), batch_size):
         z = windows_normalised[start : start + batch_size]
@@ -177,6 +241,71 @@ def squared_residuals(
             rec = np.asarray(model(z, training=False))
             out.append(np.square(z - rec).mean(axis=1).astype(np.float32))
     return np.concatenate(out) if out else np.zeros((0, windows_normalised.shape[2]), np.float32)
+
+
+def bias_weights(n_steps: int, decay: float) -> FloatArray:
+    """Exponential weights over ``n_steps`` residuals, oldest first, summing to 1: step ``k``
+    from the end weighs ``(1 - decay)^k`` (an EWMA with alpha ``decay``, truncated to the window)."""
+    w = (1.0 - decay) ** np.arange(n_steps - 1, -1, -1, dtype=np.float64)
+    return np.asarray(w / w.sum(), dtype=np.float32)
+
+
+def window_spread(windows_normalised: FloatArray) -> FloatArray:
+    """Each feature's standard deviation over each window's steps, ``(n, F)``: the flatline
+    check's measure (a stuck sensor's spread is 0)."""
+    z = windows_normalised.astype(np.float32)
+    return np.asarray(np.sqrt(np.mean(np.square(z - z.mean(axis=1, keepdims=True)), axis=1)), np.float32)
+
+
+@dataclass(frozen=True)
+class BiasScore:
+    """The constants of a ``score = "bias"`` graph, all measured on training windows.
+
+    ``weights``: ``bias_weights`` over the L-1-burn_in scored forecast steps. ``bias_scale`` and
+    ``spike_scale``: the ``BRANCH_QUANTILE`` of the largest scored feature's |weighted mean
+    residual| and |last residual| (in residual-scale units), so each branch reads 1 at that
+    quantile of the training windows.
+    """
+
+    burn_in: int
+    weights: FloatArray
+    bias_scale: float
+    spike_scale: float
+
+    @classmethod
+    def measure(
+        cls,
+        residuals: FloatArray,
+        residual_scale: FloatArray,
+        scored: npt.ArrayLike,
+        burn_in: int,
+        decay: float,
+    ) -> BiasScore:
+        """From training residuals ``(n, steps, F)`` (``forecast_residuals``)."""
+        mask = np.asarray(scored, dtype=bool)
+        r = residuals[:, :, mask] / residual_scale[mask]
+        weights = bias_weights(r.shape[1], decay)
+        bias = np.abs(np.einsum("nsf,s->nf", r, weights)).max(axis=1)
+        spike = np.abs(r[:, -1, :]).max(axis=1)
+        floor = MIN_RESIDUAL_SCALE
+        return cls(
+            burn_in=burn_in,
+            weights=weights,
+            bias_scale=max(float(np.quantile(bias, BRANCH_QUANTILE)), floor),
+            spike_scale=max(float(np.quantile(spike, BRANCH_QUANTILE)), floor),
+        )
+
+
+def flatline_floors(windows_normalised: FloatArray, scored: npt.ArrayLike, ratio: float) -> FloatArray:
+    """Per feature, ``ratio`` × the smallest spread of any training window (``window_spread``);
+    0 (no check) for features not scored and for features whose training already holds a
+    perfectly flat window (a quantised, steady signal: flat is normal there)."""
+    mask = np.asarray(scored, dtype=bool)
+    smallest = (
+        window_spread(windows_normalised).min(axis=0) if len(windows_normalised) else np.zeros(mask.size)
+    )
+    floors = np.where(mask & (smallest > MIN_FLAT_SPREAD), ratio * smallest, 0.0)
+    return floors.astype(np.float32)
 
 
 def residual_scales(sq_residuals: FloatArray) -> FloatArray:
@@ -201,12 +330,23 @@ def build_scoring_function(
     residual_scale: FloatArray,
     n_lstm_layers: int,
     scored: npt.ArrayLike | None = None,
+    bias: BiasScore | None = None,
+    flat_floor: FloatArray | None = None,
 ) -> ScoringFunction:
     """Wrap ``model`` in a ``tf.function``: raw window → normalise → network → score.
 
     ``scored`` is a boolean mask over the features (None: all); the score is the mean of the
     scored features' terms and the others' contributions are exactly 0 (``score_weights``).
     Raises ``ValueError`` for a mask that does not fit or scores nothing.
+
+    ``bias`` (a sequence forecaster, score ``bias``): each scored feature's term is the larger
+    of its weighted mean residual ``|sum_t w_t r_t / s_f| / bias_scale`` and its last residual
+    ``|r_L / s_f| / spike_scale``, and the score is the largest term (not the mean: a bias in
+    one channel must not be diluted by the others' noise).
+
+    ``flat_floor`` (per feature, 0 = off): the flatline check adds
+    ``FLATLINE_SCORE * max(0, 1 - spread / floor)`` to a feature's contribution, ``spread``
+    being its standard deviation over the window's steps.
 
     The constants are captured as numpy arrays: tf2onnx turns those into
     initializers, while a captured ``tf.constant`` would become an extra graph input
@@ -228,20 +368,49 @@ def build_scoring_function(
     if not every_feature:
         inv_scale_c = np.where(weights > 0, inv_scale_c, np.float32(0.0)).astype(np.float32)
 
+    if bias is not None:
+        # Unscored features: inverse scale 0, so their residual terms are exactly 0.
+        inv_scale_c = np.where(weights > 0, inv_scale_c, np.float32(0.0)).astype(np.float32)
+        steps_weight_c = bias.weights.reshape(1, -1, 1).astype(np.float32)
+        inv_bias_c = np.float32(1.0 / bias.bias_scale)
+        inv_spike_c = np.float32(1.0 / bias.spike_scale)
+        first_scored = bias.burn_in + 1
+    check_flat = flat_floor is not None and bool(np.any(flat_floor > 0))
+    if check_flat:
+        assert flat_floor is not None
+        inv_floor_c = np.where(flat_floor > 0, 1.0 / np.maximum(flat_floor, 1e-30), 0.0).astype(np.float32)
+        flat_gain_c = np.where(flat_floor > 0, FLATLINE_SCORE, 0.0).astype(np.float32)
+
+    # autograph=False: the branches below are Python decisions on constants, made once at
+    # tracing; AutoGraph would try (and fail, noisily) to convert them into graph control flow.
     @tf.function(  # type: ignore[untyped-decorator]
-        input_signature=[tf.TensorSpec((None, window_length, n_features), tf.float32, name=INPUT_NAME)]
+        input_signature=[tf.TensorSpec((None, window_length, n_features), tf.float32, name=INPUT_NAME)],
+        autograph=False,
     )
     def score_window(window: Any) -> dict[str, Any]:
         z = (window - mean_c) * inv_std_c
-        if kind == "forecast":
+        if bias is not None:
             pred = model(z[:, :-1, :], training=False)
-            per_feature = tf.square((z[:, -1, :] - pred) * inv_scale_c)
+            r = (z[:, first_scored:, :] - pred) * inv_scale_c
+            lasting = tf.abs(tf.reduce_sum(r * steps_weight_c, axis=1)) * inv_bias_c
+            spike = tf.abs(r[:, -1, :]) * inv_spike_c
+            contributions = tf.maximum(lasting, spike)
+        elif kind == "forecast":
+            pred = model(z[:, :-1, :], training=False)
+            contributions = tf.square((z[:, -1, :] - pred) * inv_scale_c) * weight_c
         else:
             rec = model(z, training=False)
-            per_feature = tf.reduce_mean(tf.square((z - rec) * inv_scale_c), axis=1)
-        contributions = per_feature * weight_c
-        # score is the sum of the contributions, so the two agree exactly in the graph.
-        score = tf.reduce_sum(contributions, axis=1)
+            contributions = tf.reduce_mean(tf.square((z - rec) * inv_scale_c), axis=1) * weight_c
+        if check_flat:
+            centred = z - tf.reduce_mean(z, axis=1, keepdims=True)
+            spread = tf.sqrt(tf.reduce_mean(tf.square(centred), axis=1))
+            contributions = contributions + tf.nn.relu(1.0 - spread * inv_floor_c) * flat_gain_c
+        # score "error": the sum of the contributions, so the two agree exactly in the graph;
+        # score "bias": the largest one.
+        if bias is not None:
+            score = tf.reduce_max(contributions, axis=1)
+        else:
+            score = tf.reduce_sum(contributions, axis=1)
         return {SCORE_OUTPUT: score, CONTRIBUTIONS_OUTPUT: contributions}
 
     return ScoringFunction(
@@ -255,6 +424,8 @@ def build_scoring_function(
         std=np.asarray(std, np.float32),
         residual_scale=np.asarray(residual_scale, np.float32),
         weights=weights,
+        bias=bias,
+        flat_floor=None if flat_floor is None else np.asarray(flat_floor, np.float32),
     )
 
 

@@ -40,16 +40,34 @@ def input_steps(kind: str, window_length: int) -> int:
 
 
 def build_model(cfg: ModelConfig, window_length: int, n_features: int) -> keras.Model:
-    """Build (uncompiled) the network that ``cfg.kind`` names.
+    """The network alone: ``build_networks(...)[0]``."""
+    return build_networks(cfg, window_length, n_features)[0]
+
+
+def build_networks(
+    cfg: ModelConfig, window_length: int, n_features: int
+) -> tuple[keras.Model, keras.Model | None]:
+    """Build (uncompiled) the network that ``cfg`` names; ``cfg.members`` copies of it, with
+    their own initial weights, averaged (a seed ensemble in one model, one fused LSTM op per
+    layer per member).
 
     ``forecast``: input ``(batch, L-1, F)`` → ``layers`` stacked LSTMs → Dense(F), the
-    prediction of step L. ``autoencoder``: input ``(batch, L, F)`` → ``layers`` encoder
-    LSTMs (the last one ``latent_units`` wide, default ``units``) → RepeatVector(L) →
-    ``layers`` decoder LSTMs → TimeDistributed(Dense(F)), the reconstruction.
+    prediction of step L. With ``score = "bias"`` every step is forecast instead: the last
+    LSTM returns its sequence and the output ``(batch, L-1-burn_in, F)`` holds the forecasts
+    of steps ``burn_in+2 .. L`` (each made from the steps before it only; the LSTM is causal).
+    ``autoencoder``: input ``(batch, L, F)`` → ``layers`` encoder LSTMs (the last one
+    ``latent_units`` wide, default ``units``) → RepeatVector(L) → ``layers`` decoder LSTMs →
+    TimeDistributed(Dense(F)), the reconstruction.
     With ``cfg.centering = "window_mean"`` the network works on the input minus its
-    per-feature mean over the input steps, and that mean is added back to its output.
+    per-feature mean over the input steps, and that mean is added back to its output;
+    ``"window_start"`` uses the mean of the first ``burn_in`` steps instead (causal).
     Weight initialisation follows the global seed; set it with
     ``keras.utils.set_random_seed`` before calling (``pipeline.train`` does).
+
+    Returns the model and, for several members, a twin sharing its layers that returns every
+    member's output ``(batch, members, ...)``, to be trained with ``member_mse``: members
+    trained on their average would co-adapt into one wider network and their errors would
+    not average out. One member: ``(model, None)``.
     """
     import keras
 
@@ -58,6 +76,9 @@ def build_model(cfg: ModelConfig, window_length: int, n_features: int) -> keras.
     if n_features < 1:
         raise ValueError(f"n_features must be at least 1, got {n_features}")
     steps = input_steps(cfg.kind, window_length)
+    sequence = cfg.kind == "forecast" and cfg.score == "bias"
+    if sequence and cfg.burn_in >= steps:
+        raise ValueError(f"burn_in ({cfg.burn_in}) must be below the {steps} input steps")
     inputs = keras.Input(shape=(steps, n_features), name="window_normalised")
     x = inputs
     level = None
@@ -67,15 +88,52 @@ def build_model(cfg: ModelConfig, window_length: int, n_features: int) -> keras.
         # added to a whole window moves the prediction with it and leaves the residual alone.
         # Plain element-wise ops around the LSTMs keep each LSTM one fused ONNX op.
         level = keras.ops.mean(inputs, axis=1, keepdims=True)
+    elif cfg.centering == "window_start":
+        # The same, from the first burn_in steps only: every scored forecast comes after them.
+        level = keras.ops.mean(inputs[:, : cfg.burn_in, :], axis=1, keepdims=True)
+    if level is not None:
         x = inputs - level
+    outputs = []
+    for m in range(cfg.members):
+        out = _member(cfg, x, window_length, n_features, sequence=sequence, m=m)
+        if sequence:
+            out = out[:, cfg.burn_in :, :]
+        if level is not None:
+            out = out + (
+                keras.ops.squeeze(level, axis=1) if cfg.kind == "forecast" and not sequence else level
+            )
+        outputs.append(out)
+    name = "lstm_autoencoder" if cfg.kind == "autoencoder" else "lstm_forecast"
+    if len(outputs) == 1:
+        return keras.Model(inputs, outputs[0], name=name), None
+    model = keras.Model(inputs, keras.ops.mean(keras.ops.stack(outputs, axis=0), axis=0), name=name)
+    return model, keras.Model(inputs, keras.ops.stack(outputs, axis=1), name=f"{name}_members")
+
+
+def member_mse(y_true: Any, y_pred: Any) -> Any:
+    """Mean squared error of every member's output ``(batch, members, ...)`` against one target
+    ``(batch, ...)``: the mean of the members' own losses."""
+    import keras
+
+    return keras.ops.mean(keras.ops.square(y_pred - keras.ops.expand_dims(y_true, 1)))
+
+
+def _member(cfg: ModelConfig, x: Any, window_length: int, n_features: int, *, sequence: bool, m: int) -> Any:
+    """One member network on the (centred) input ``x``; layer names carry the member index
+    when there are several."""
+    import keras
+
+    tag = f"m{m + 1}_" if cfg.members > 1 else ""
     if cfg.kind == "forecast":
         for i in range(cfg.layers):
             last = i == cfg.layers - 1
-            x = _lstm(cfg.units, return_sequences=not last, dropout=cfg.dropout, name=f"lstm_{i + 1}")(x)
-        outputs = keras.layers.Dense(n_features, name="next_step")(x)
-        if level is not None:
-            outputs = outputs + keras.ops.squeeze(level, axis=1)
-        return keras.Model(inputs, outputs, name="lstm_forecast")
+            x = _lstm(
+                cfg.units,
+                return_sequences=sequence or not last,
+                dropout=cfg.dropout,
+                name=f"{tag}lstm_{i + 1}",
+            )(x)
+        return keras.layers.Dense(n_features, name=f"{tag}next_step")(x)
 
     latent = cfg.latent_units or cfg.units
     for i in range(cfg.layers):
@@ -84,15 +142,12 @@ def build_model(cfg: ModelConfig, window_length: int, n_features: int) -> keras.
             latent if last else cfg.units,
             return_sequences=not last,
             dropout=cfg.dropout,
-            name=f"encoder_lstm_{i + 1}",
+            name=f"{tag}encoder_lstm_{i + 1}",
         )(x)
-    x = keras.layers.RepeatVector(window_length, name="repeat_latent")(x)
+    x = keras.layers.RepeatVector(window_length, name=f"{tag}repeat_latent")(x)
     for i in range(cfg.layers):
-        x = _lstm(cfg.units, return_sequences=True, dropout=cfg.dropout, name=f"decoder_lstm_{i + 1}")(x)
-    outputs = keras.layers.TimeDistributed(keras.layers.Dense(n_features), name="reconstruction")(x)
-    if level is not None:
-        outputs = outputs + level
-    return keras.Model(inputs, outputs, name="lstm_autoencoder")
+        x = _lstm(cfg.units, return_sequences=True, dropout=cfg.dropout, name=f"{tag}decoder_lstm_{i + 1}")(x)
+    return keras.layers.TimeDistributed(keras.layers.Dense(n_features), name=f"{tag}reconstruction")(x)
 
 
 def lstm_layers(model: keras.Model) -> list[Any]:

@@ -31,8 +31,13 @@ import numpy as np
 import numpy.typing as npt
 
 from anomalyd.errors import DataError
-from anomalyd_train.calibration import Calibration, calibrate_threshold, to_contract_threshold
-from anomalyd_train.config import TrainConfig, check_score_features, config_to_dict
+from anomalyd_train.calibration import (
+    Calibration,
+    calibrate_threshold,
+    to_contract_threshold,
+    training_quantile_threshold,
+)
+from anomalyd_train.config import ModelConfig, TrainConfig, check_score_features, config_to_dict
 from anomalyd_train.data import Dataset, Segment, load_dataset
 from anomalyd_train.windows import (
     Scaler,
@@ -120,9 +125,12 @@ def _epoch_logger(echo: Callable[[str], None], epochs: int) -> Any:
     return EpochLine()
 
 
-def _inputs_targets(kind: str, z: FloatArray) -> tuple[FloatArray, FloatArray]:
-    """Network input and target from normalised windows ``(n, L, F)``."""
-    if kind == "forecast":
+def _inputs_targets(model_cfg: ModelConfig, z: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Network input and target from normalised windows ``(n, L, F)``: the forecaster's
+    target is step L, or with ``score = "bias"`` every step after the burn-in."""
+    if model_cfg.kind == "forecast":
+        if model_cfg.score == "bias":
+            return z[:, :-1, :], z[:, model_cfg.burn_in + 1 :, :]
         return z[:, :-1, :], z[:, -1, :]
     return z, z
 
@@ -140,20 +148,25 @@ def fit_model(
     """
     import keras
 
-    from anomalyd_train.models import build_model
+    from anomalyd_train.models import build_networks, member_mse
 
     keras.utils.set_random_seed(cfg.training.seed)
     _, length, n_features = train_z.shape
-    model = build_model(cfg.model, length, n_features)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=cfg.training.learning_rate), loss="mse")
-    x, y = _inputs_targets(cfg.model.kind, train_z)
-    validation = _inputs_targets(cfg.model.kind, val_z) if val_z is not None and len(val_z) else None
+    model, members = build_networks(cfg.model, length, n_features)
+    # Several members train through their twin (each on its own loss); the weights are shared.
+    fitted_model = members if members is not None else model
+    fitted_model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=cfg.training.learning_rate),
+        loss=member_mse if members is not None else "mse",
+    )
+    x, y = _inputs_targets(cfg.model, train_z)
+    validation = _inputs_targets(cfg.model, val_z) if val_z is not None and len(val_z) else None
     monitor = "val_loss" if validation is not None else "loss"
     # patience 0 turns stopping off but still keeps the best epoch's weights.
     patience = cfg.training.patience or cfg.training.epochs
     stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True)
     started = time.perf_counter()
-    fitted = model.fit(
+    fitted = fitted_model.fit(
         x,
         y,
         batch_size=cfg.training.batch_size,
@@ -328,7 +341,21 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
 
     from anomalyd_train.models import lstm_layers
 
-    scale = export.residual_scales(export.squared_residuals(model, cfg.model.kind, train_z))
+    bias_score = cfg.model.score == "bias"
+    burn_in = cfg.model.burn_in if bias_score else None
+    scale = export.residual_scales(export.squared_residuals(model, cfg.model.kind, train_z, burn_in=burn_in))
+    bias = None
+    if bias_score:
+        bias = export.BiasScore.measure(
+            export.forecast_residuals(model, train_z, cfg.model.burn_in),
+            scale,
+            prep.scored,
+            cfg.model.burn_in,
+            cfg.model.bias_decay,
+        )
+    flat_floor = (
+        export.flatline_floors(train_z, prep.scored, cfg.model.flatline_ratio) if cfg.model.flatline else None
+    )
     scoring = export.build_scoring_function(
         model,
         cfg.model.kind,
@@ -338,20 +365,34 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         residual_scale=scale,
         n_lstm_layers=len(lstm_layers(model)),
         scored=prep.scored,
+        bias=bias,
+        flat_floor=flat_floor,
     )
     val_scores = scoring(val_ws.windows)[0] if len(val_ws) else np.zeros(0, np.float32)
     cal_scores = scoring(cal_ws.windows)[0] if len(cal_ws) else val_scores
-    calibration = calibrate_threshold(
-        cal_scores.astype(np.float64),
-        cfg.calibration.target_false_alarm_rate,
-        initial_quantile=cfg.calibration.initial_quantile,
-        min_peaks=cfg.calibration.min_peaks,
-    )
-    echo(
-        f"threshold {calibration.threshold:.6g} ({calibration.method}, target false-alarm rate "
-        f"{cfg.calibration.target_false_alarm_rate:g} per window, "
-        f"{len(cal_scores)} {calibration_source} windows)"
-    )
+    if cfg.calibration.method == "training_quantile":
+        # Every window of the training data: the training part (all of it, not only the
+        # subsample fitted on) and both held-out parts.
+        # (cal_scores is val_scores again when there is no calibration part: count it once.)
+        held_out = [val_scores, cal_scores] if len(cal_ws) else [val_scores]
+        all_scores = np.concatenate([scoring(prep.train_windows.windows)[0], *held_out])
+        calibration = training_quantile_threshold(
+            all_scores.astype(np.float64), cfg.calibration.quantile, cfg.calibration.factor
+        )
+        calibration_source = "training-data"
+        echo(f"threshold {calibration.threshold:.6g} (training_quantile: {calibration.note})")
+    else:
+        calibration = calibrate_threshold(
+            cal_scores.astype(np.float64),
+            cfg.calibration.target_false_alarm_rate,
+            initial_quantile=cfg.calibration.initial_quantile,
+            min_peaks=cfg.calibration.min_peaks,
+        )
+        echo(
+            f"threshold {calibration.threshold:.6g} ({calibration.method}, target false-alarm rate "
+            f"{cfg.calibration.target_false_alarm_rate:g} per window, "
+            f"{len(cal_scores)} {calibration_source} windows)"
+        )
 
     parity_source = val_ws if len(val_ws) else cal_ws
     parity = parity_source.windows[_evenly(len(parity_source), cfg.export.parity_windows)]
@@ -361,7 +402,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         "window_length": cfg.window.length,
         "score_features": prep.score_features,
         "threshold": to_contract_threshold(calibration).model_dump(mode="json"),
-        "score": export.score_definition(dataset.features, prep.score_features),
+        "score": _score_text(cfg, dataset.features, prep.score_features, flat_floor),
         "normalisation": {"mean": scaler.mean.tolist(), "std": scaler.std.tolist()},
         "training_data": {
             "source": dataset.source,
@@ -416,6 +457,29 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
     return result
 
 
+def _score_text(
+    cfg: TrainConfig, features: list[str], score_features: list[str] | None, flat_floor: FloatArray | None
+) -> str:
+    """The contract's ``score``: what the graph computes, for people."""
+    from anomalyd_train import export
+
+    if cfg.model.score == "bias":
+        text = export.bias_score_definition(
+            features,
+            score_features,
+            decay=cfg.model.bias_decay,
+            burn_in=cfg.model.burn_in,
+            members=cfg.model.members,
+        )
+    else:
+        text = export.score_definition(features, score_features)
+        if cfg.model.members > 1:
+            text += f"; the network's output is the mean of {cfg.model.members} networks' outputs"
+    if flat_floor is not None:
+        text += export.flatline_definition(flat_floor, features)
+    return text
+
+
 def held_out_devices(result: TrainResult) -> list[str]:
     """The origins held out whole for calibration (``split.calibration = "devices"``), else []."""
     cfg = result.config
@@ -461,8 +525,12 @@ def format_summary(result: TrainResult) -> str:
         f"training   {len(h.loss)} epochs in {h.seconds:.0f} s"
         + (" (stopped early)" if h.stopped_early else "")
         + f"; best epoch {h.best_epoch}: loss {h.loss[h.best_epoch - 1]:.5f}{best_val}",
-        f"threshold  {c.threshold:.6g} by {c.method} on {c.n_scores} {result.calibration_source} windows, "
-        f"target false-alarm rate {c.target_false_alarm_rate:g}/window",
+        f"threshold  {c.threshold:.6g} by {c.method} on {c.n_scores} {result.calibration_source} windows"
+        + (
+            f", target false-alarm rate {c.target_false_alarm_rate:g}/window"
+            if c.target_false_alarm_rate is not None
+            else ""
+        ),
     ]
     held = held_out_devices(result)
     if held:

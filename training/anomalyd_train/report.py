@@ -254,7 +254,12 @@ def plot_scores(result: TrainResult, path: Path) -> None:
     ax.set_xlabel("score (log scale; ≈1 is a typical training window)")
     ax.set_ylabel("windows (log scale)")
     ax.set_title(
-        f"Held-out scores on normal data — target false-alarm rate {c.target_false_alarm_rate:g} per window"
+        "Held-out scores on normal data"
+        + (
+            f" — target false-alarm rate {c.target_false_alarm_rate:g} per window"
+            if c.target_false_alarm_rate is not None
+            else f" — threshold {c.method}"
+        )
     )
     ax.grid(True, which="major", alpha=0.3)
     # Scores pile up around 1 and the threshold sits in the right tail: the upper left is free.
@@ -390,7 +395,12 @@ def _markdown(result: TrainResult, numbers: dict[str, Any], figures: list[str]) 
         f"- training: {len(h.loss)} epochs, kept epoch {h.best_epoch}"
         + (f" (validation loss {h.val_loss[h.best_epoch - 1]:.5f})" if h.val_loss and h.best_epoch else ""),
         f"- threshold: {cal.threshold:.6g} by `{cal.method}` on {cal.n_scores} {result.calibration_source} "
-        f"windows, target false-alarm rate {cal.target_false_alarm_rate:g} per window"
+        "windows"
+        + (
+            f", target false-alarm rate {cal.target_false_alarm_rate:g} per window"
+            if cal.target_false_alarm_rate is not None
+            else ""
+        )
         + (f"; {cal.note}" if cal.note else ""),
     ]
     from anomalyd_train.pipeline import held_out_devices
