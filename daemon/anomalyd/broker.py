@@ -3,7 +3,9 @@
 ``anomalyd demo`` starts one when no broker listens on 127.0.0.1:1883, ``anomalyd bench``
 starts one for every run, and the test suite builds its brokers (passwords, TLS) on the
 same class. The broker gets its own directory with a generated ``mosquitto.conf`` and a
-log file; it can be stopped, killed and restarted on the same port.
+log file; it can be stopped, killed and restarted on the same port. It runs in a session
+of its own, so that a Ctrl-C in the terminal reaches the program that started it, which
+stops its clients first and the broker last, and not the broker itself.
 """
 
 from __future__ import annotations
@@ -157,11 +159,16 @@ class PrivateBroker:
             return
         with self.log_path.open("ab") as log:
             log_start = log.tell()
+            # A session (and process group) of its own: the terminal sends Ctrl-C to its
+            # whole foreground process group, and a broker in ours would die with the
+            # demo's clients still connected to it. Whoever started it stops it: stop(),
+            # close(), or the context manager.
             self._proc = subprocess.Popen(
                 [self.executable, "-c", str(self.config_path)],
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         # An open port alone could be another process's (a port= that is taken): mosquitto

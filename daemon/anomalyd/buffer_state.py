@@ -10,6 +10,11 @@ presence, dtype kind and shape (which carry the model's window length and number
 features, and the number of cadence steps kept), and the values the buffers rely on
 (counts >= 0, finite readings and steps, unique device ids). The layout is versioned by
 ``STATE_VERSION``; a snapshot of another version is refused, not guessed at.
+
+``established`` (which devices had passed probation, ``anomalyd.device_slots``) came
+after version 1 and is optional within it, so that snapshots written before it still
+load (a device counts as established if it holds a full window) and a daemon from before
+it reads the newer ones (it ignores the key).
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ def write_unrolled(
 
 
 def checked_state(state: dict[str, npt.NDArray[Any]], length: int, n_features: int) -> dict[str, Any]:
-    """The arrays of an exported state, checked and in the buffers' dtypes.
+    """The arrays of an exported state, checked and in the buffers' dtypes (``established``
+    always present: when the state lacks it, the devices holding a full window).
 
     Raises ``ValueError`` naming the first problem found.
     """
@@ -104,6 +110,13 @@ def checked_state(state: dict[str, npt.NDArray[Any]], length: int, n_features: i
                 f"{RING_STEPS} cadence steps): was it saved with another model?"
             )
         out[name] = a.astype(dtype, copy=False)
+    established = state.get("established")
+    if established is None:
+        out["established"] = out["counts"] >= length
+    elif isinstance(established, np.ndarray) and established.dtype.kind == "b" and established.shape == (n,):
+        out["established"] = established
+    else:
+        raise ValueError(f"buffer state: 'established' must be a bool array of shape ({n},)")
     names = devices.tolist()
     if len(set(names)) != n or any(not d for d in names):
         raise ValueError("buffer state: device ids must be unique and non-empty")

@@ -18,10 +18,13 @@ A device yields a window when it has ``c >= start`` readings and ``(c - start) %
 (``DUPLICATE`` if equal, ``OUT_OF_ORDER`` if older); a gap longer than ``max_gap_s``
 restarts the device (its count goes back to 0, it warms up again).
 
-A device's row is its *slot*, given out by ``DeviceSlots`` (``anomalyd.device_slots``).
-When all slots are taken, a new device takes the slot of the least recently seen one
-(its id is returned in ``evicted`` so the detector forgets it); only if every tracked
-device has readings in the same batch is the newcomer rejected (``DEVICE_LIMIT``).
+A device's row is its *slot*, given out by ``DeviceSlots`` (``anomalyd.device_slots``,
+where admission is explained). A new device is *on probation* until its readings since
+(re)start reach the window length (checked after every round, and after resampled
+writes), then *established*. When all slots are taken, a new device takes the slot of the
+least recently seen device on probation (its id is returned in ``evicted`` so the detector
+forgets it), or, when there is none it may take, its reading is rejected
+(``DEVICE_LIMIT``). Established devices give up their slot only in ``evict_idle``.
 
 **Cadence** (with ``period_band``): each round's steps go to a ``CadenceTracker``
 (``anomalyd.cadence_tracker``; the logic and its reasons are in ``anomalyd.cadence``)
@@ -93,7 +96,8 @@ class IngestResult:
     accepted: int
     rejections: list[Rejection]  # OUT_OF_ORDER, DUPLICATE, BAD_TIMESTAMP, DEVICE_LIMIT
     ready: ReadyWindows
-    evicted: list[str] = field(default_factory=list)  # LRU-evicted: the detector must forget them
+    # Devices on probation whose slot went to a newcomer: the detector must forget them.
+    evicted: list[str] = field(default_factory=list)
     resets: int = 0  # devices restarted because of a gap > max_gap_s
     skipped_cadence: int = 0  # windows due but withheld: their device's cadence is outside the band
     cadence_changes: list[CadenceChange] = field(default_factory=list)  # verdict changes, in order
@@ -117,6 +121,10 @@ class DeviceBuffers:
     ``period_band`` (from ``anomalyd.cadence.period_band``) turns the cadence check on;
     it needs ``sample_period_s``, the model's period, which changes report and
     ``resample=True`` uses as its grid step.
+
+    ``probation_slots`` of the slots are held back for devices on probation (None: a tenth
+    of ``max_devices``, rounded down; more than ``max_devices``: all of them, and then no
+    device is ever established, every one may be pushed out by a newcomer).
     """
 
     def __init__(  # noqa: PLR0917 - positional signature kept for existing callers
@@ -131,9 +139,12 @@ class DeviceBuffers:
         period_band: tuple[float, float] | None = None,
         sample_period_s: float | None = None,
         resample: bool = False,
+        probation_slots: int | None = None,
     ) -> None:
         if max_devices < 1 or window_length < 1 or n_features < 1 or hop < 1:
             raise ValueError("max_devices, window_length, n_features and hop must be >= 1")
+        if probation_slots is not None and probation_slots < 0:
+            raise ValueError(f"probation_slots must be >= 0, got {probation_slots}")
         if warmup not in ("wait", "pad"):
             raise ValueError(f"warmup must be 'wait' or 'pad', got {warmup!r}")
         if period_band is not None:
@@ -173,12 +184,30 @@ class DeviceBuffers:
             max_gap_s=max_gap_s,
             resample=self.resample,
         )
-        self._slots = DeviceSlots(max_devices, self._clear)
+        self.probation_slots = (
+            max_devices // 10 if probation_slots is None else min(probation_slots, max_devices)
+        )
+        self._slots = DeviceSlots(max_devices, self._clear, reserve=self.probation_slots)
 
     @property
     def n_devices(self) -> int:
         """Devices currently tracked."""
         return len(self._slots)
+
+    @property
+    def n_established(self) -> int:
+        """Tracked devices that have held a full window (only idle eviction removes them)."""
+        return self._slots.n_established
+
+    @property
+    def n_probation(self) -> int:
+        """Tracked devices on probation (a newcomer may take their slot)."""
+        return self._slots.n_probation
+
+    def is_established(self, device: str) -> bool:
+        """Whether the device is tracked and established."""
+        slot = self._slots.slot(device)
+        return slot is not None and bool(self._slots.established[slot])
 
     @property
     def n_cadence_mismatched(self) -> int:
@@ -221,7 +250,7 @@ class DeviceBuffers:
         self._cadence.release(slot)
 
     def evict_idle(self, now_mono: float, idle_s: float) -> list[str]:
-        """Forget devices whose newest reading arrived more than ``idle_s`` ago."""
+        """Forget devices, established or not, whose newest reading arrived more than ``idle_s`` ago."""
         stale = np.flatnonzero(self._slots.used() & (self._last_arrival < now_mono - idle_s))
         return self._slots.free(stale.tolist())
 
@@ -236,7 +265,7 @@ class DeviceBuffers:
         evicted: list[str] = []
         if len(batch.devices) == 0:
             return IngestResult(0, acc.rejections, ReadyWindows.empty(self.window_length, self.n_features))
-        slot_list, occ_list = self._slots.assign(batch.devices, acc.rejections, evicted)
+        slot_list, occ_list = self._slots.assign(batch.devices, acc.rejections, evicted, batch.topic_of)
         slots = np.asarray(slot_list, np.int64)
         occ = np.asarray(occ_list, np.int64)
         order = np.argsort(occ, kind="stable")
@@ -275,7 +304,12 @@ class DeviceBuffers:
                     reason = Reason.DUPLICATE if t == p else Reason.OUT_OF_ORDER
                 device = batch.devices[int(idx[j])]
                 acc.rejections.append(
-                    Rejection(reason, "", f"device {device[:64]!r}: ts {t!r} <= last {p!r}")
+                    Rejection(
+                        reason,
+                        batch.topic_of(int(idx[j])),
+                        f"device {device[:64]!r}: ts {t!r} <= last {p!r}",
+                        device,
+                    )
                 )
             keep = ~bad
             idx, s, ts, prev = idx[keep], s[keep], ts[keep], prev[keep]
@@ -302,6 +336,7 @@ class DeviceBuffers:
         self._count[s] += 1
         self._last_ts[s] = ts
         self._last_arrival[s] = arrival
+        self._promote(s)
         ready = self._windows_of(s, acc)
         if len(ready):
             acc.out.append(ready)  # copied now: the next round may overwrite these slots
@@ -344,6 +379,13 @@ class DeviceBuffers:
                 ready = self._write_series(slot, *grid, arrival=float(arrival[j]))
                 if ready is not None:
                     acc.out.append(ready)
+        self._promote(s)
+
+    def _promote(self, written: npt.NDArray[np.int64]) -> None:
+        """Establish the just-written slots (no repeats) whose window is full, if on probation."""
+        full = written[self._count[written] >= self.window_length]
+        if full.size:
+            self._slots.promote(full)
 
     def _write_series(
         self,
@@ -446,9 +488,10 @@ class DeviceBuffers:
         rows zero —, ``counts`` (n,) int64, ``last_ts`` (n,) float64, ``steps`` (n, K)
         float32 and ``n_steps`` (n,) int64 (the cadence ring as stored: position
         ``i % K`` holds step ``i``), ``mismatched`` (n,) bool, and the resampling state
-        ``grid_anchor`` (n,) float64 (NaN: none), ``grid_k`` (n,) int64 and
-        ``last_values`` (n, F) float32. Arrival times are not exported: monotonic clocks
-        do not survive a restart.
+        ``grid_anchor`` (n,) float64 (NaN: none), ``grid_k`` (n,) int64,
+        ``last_values`` (n, F) float32, and ``established`` (n,) bool (False: on
+        probation). Arrival times are not exported: monotonic clocks do not survive a
+        restart.
         """
         devices, slots = self._slots.by_recency()
         c = self._count[slots]
@@ -458,14 +501,19 @@ class DeviceBuffers:
             "windows": unroll(self._ring, slots, c),
             "counts": c,
             "last_ts": self._last_ts[slots],
+            "established": self._slots.established[slots],
             **self._cadence.export(slots),
         }
 
     def import_state(self, state: dict[str, npt.NDArray[Any]], now_mono: float) -> int:
         """Restore ``export_state``'s devices into this empty instance; returns how many.
 
-        Every restored device arrived at ``now_mono`` (for idle eviction). Beyond
-        ``max_devices`` the most recently seen devices are kept. The verdicts are kept,
+        Every restored device arrived at ``now_mono`` (for idle eviction). Established
+        devices are established again (while there is room beside the probation slots:
+        the most recent ones; the others restart on probation with their window). Beyond
+        ``max_devices``, established devices are kept before those on probation, the most
+        recently seen first within each, so a restart during a burst of unknown ids
+        does not trade real devices for them. The verdicts are kept,
         and judged again by this instance's band at each device's next reading; with
         another band (a new model or tolerance), the step counts are recomputed from the
         steps. Raises ``ValueError`` naming the problem if the state is malformed or was
@@ -474,14 +522,18 @@ class DeviceBuffers:
         if len(self._slots):
             raise ValueError(f"import_state needs an empty DeviceBuffers; this one tracks {self.n_devices}")
         st = checked_state(state, self.window_length, self.n_features)
-        n = st["devices"].shape[0]
-        keep = slice(max(0, n - self.max_devices), n)
-        st = {k: v[keep] for k, v in st.items()}
+        if st["devices"].shape[0] > self.max_devices:
+            established = np.flatnonzero(st["established"])[-self.max_devices :]
+            probation = np.flatnonzero(~st["established"])
+            room = self.max_devices - established.size  # > 0 only if every established one fits
+            kept = [established, probation[probation.size - room :]] if room else [established]
+            keep = np.sort(np.concatenate(kept))  # still least recently seen first
+            st = {k: v[keep] for k, v in st.items()}
         devices = [str(d) for d in st["devices"].tolist()]
         k = len(devices)
         if k == 0:
             return 0
-        slots = self._slots.claim_free(devices)
+        slots = self._slots.restore(devices, st["established"])
         write_unrolled(self._ring, slots, st["counts"], st["windows"])
         self._count[slots] = st["counts"]
         self._last_ts[slots] = st["last_ts"]

@@ -2,18 +2,25 @@
 
 Subcommands:
 
-- ``run [--config FILE] [--broker HOST:PORT] [--model PATH] [--metrics-addr HOST:PORT]``:
+- ``run [--config FILE] [--broker ADDRESS] [--model PATH] [--metrics-addr HOST:PORT]``:
   the daemon (embedded defaults without a file);
-- ``check-config FILE``: validate a configuration, print every error with its key path;
+- ``check-config FILE [--as-service [--unit UNIT]]``: check a configuration and everything
+  ``run`` needs with it (secrets, TLS files, the model against the configuration, the
+  state directory; ``anomalyd.preflight``), print every problem with its key path;
 - ``inspect-model PATH``: print a model's contract, the graph check and the providers;
 - ``simulate``: publish the synthetic fleet, with anomalies, over MQTT;
 - ``demo``: daemon + simulator + a live view of scores and alerts, in one command;
 - ``bench``: the daemon end to end (throughput, latency, memory, start-up) against limits
   measured in the same run.
 
-Exit codes: 0 ok; 78 configuration error; 65 bad model; 69 requested execution provider
-unavailable; 76 the broker refused our credentials at start; 70 internal failure;
-130 interrupted / forced stop.
+A broker ADDRESS (``--broker``) is what ``mqtt.host`` takes: ``HOST``, ``HOST:PORT``,
+``[IPv6]:PORT``, ``mqtt://HOST[:PORT]`` or ``tcp://`` (plain), ``mqtts://`` or ``ssl://``
+(TLS, ``run`` only); without a port, the scheme's (1883, or 8883 for TLS).
+
+Exit codes (``anomalyd.errors``): 0 ok; 64 usage error (unknown option, no subcommand);
+65 bad model; 69 requested execution provider unavailable; 70 internal failure (a bug: the
+traceback is printed); 76 the broker refused our credentials at start; 78 configuration
+error (``check-config``: any problem); 130 interrupted / forced stop.
 """
 
 from __future__ import annotations
@@ -25,13 +32,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from anomalyd import __version__
-from anomalyd.errors import AnomalydError, ConfigError, ModelContractError
+from anomalyd.errors import EX_SOFTWARE, AnomalydError, ConfigError, ModelContractError, UsageError
 
 if TYPE_CHECKING:
+    from anomalyd.config_sections import BrokerAddress
     from anomalyd.simulator import SimulationSettings
+    from anomalyd.systemd_unit import ServiceUnit
 
 PROG = "anomalyd"
 log = logging.getLogger("anomalyd")
@@ -50,6 +59,36 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ConfigError(f"expected a port between 0 and 65535, got {port}", what)
     return host, port
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, except that a usage error exits 64 (EX_USAGE, sysexits.h) instead
+    of argparse's 2, which sysexits does not define. Subcommand parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
+
+
+def broker_address(text: str, what: str) -> BrokerAddress:
+    """``text`` as a broker address (see the module docstring); ``ConfigError`` naming ``what``."""
+    from anomalyd.config_sections import parse_broker_address  # pydantic: not for --help
+
+    try:
+        return parse_broker_address(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc), what) from None
+
+
+def _plain_broker(text: str, what: str) -> tuple[str, int]:
+    """(host, port) of a broker reached over plain TCP (the simulator's, the demo's and the
+    benchmark's clients do not do TLS)."""
+    address = broker_address(text, what)
+    if address.tls:
+        raise ConfigError(
+            f"this command connects without TLS: give HOST:PORT or mqtt://HOST:PORT, got {text!r}", what
+        )
+    return address.host, address.port or address.default_port
 
 
 def _positive_float(text: str) -> float:
@@ -88,8 +127,11 @@ def _positive_int(text: str) -> int:
 def _run_overrides(args: argparse.Namespace) -> dict[str, object]:
     overrides: dict[str, object] = {}
     if args.broker:
-        host, port = parse_address(args.broker, "--broker")
-        overrides["mqtt.host"], overrides["mqtt.port"] = host, port
+        # The whole address as mqtt.host, so that the configuration takes it apart as it does
+        # a file's (mqtts:// turns TLS on); its port, or the scheme's, beats the file's port.
+        address = broker_address(args.broker, "--broker")
+        overrides["mqtt.host"] = args.broker.strip()
+        overrides["mqtt.port"] = address.port or address.default_port
     if args.model:
         overrides["model.path"] = str(args.model)
     if args.metrics_addr:
@@ -105,11 +147,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from anomalyd.logsetup import configure
     from anomalyd.service import run_service
 
-    config = load_config(args.config, _run_overrides(args))  # ConfigError → 78 before logging exists
+    overrides = _run_overrides(args)
+    config = load_config(args.config, overrides)  # ConfigError → 78 before logging exists
     configure(config.logging.level, config.logging.format)
     log.info("anomalyd %s starting (config: %s)", __version__, args.config or "embedded defaults")
     try:
-        return run_service(config)
+        return run_service(config, config_path=args.config, overrides=overrides)  # SIGHUP reads both again
     except AnomalydError as exc:
         # One clear line in the journal; main() turns it into the exit code.
         log.critical("start failed: %s", exc)
@@ -127,16 +170,43 @@ class _ReportedError(Exception):
 # --------------------------------------------------------------------------- check-config
 
 
-def _cmd_check_config(args: argparse.Namespace) -> int:
-    from anomalyd.config import config_errors
+def _service_unit(args: argparse.Namespace) -> ServiceUnit | None:
+    """The unit ``--as-service`` / ``--unit`` asks to check as; None without them."""
+    from anomalyd.systemd_unit import default_unit_path, read_unit
 
+    if not args.as_service and args.unit is None:
+        return None
+    path = args.unit if args.unit is not None else default_unit_path()
+    if path is None:
+        raise ConfigError(
+            "no anomalyd.service in /etc/systemd/system (nor the other unit directories): give --unit",
+            "--as-service",
+        )
+    try:
+        return read_unit(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the unit file {str(path)!r}: {exc}", "--unit") from None
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from anomalyd.config import config_errors, load_config
+    from anomalyd.preflight import check_start
+
+    unit = _service_unit(args)
+    label = str(args.config)
     errors = config_errors(args.config)
+    summary: list[str] = []
     if not errors:
-        print(f"{args.config}: OK")
+        check = check_start(load_config(args.config), unit)
+        errors, summary = check.problems, check.summary
+    if not errors:
+        print(f"{label}: OK" + (f", as {unit.path} would run it" if unit is not None else ""))
+        for line in summary:
+            print(f"  {line}")
         return 0
     for err in errors:
-        print(f"{args.config}: {err}", file=sys.stderr)
-    print(f"{args.config}: {len(errors)} error(s)", file=sys.stderr)
+        print(f"{label}: {err}", file=sys.stderr)
+    print(f"{label}: {len(errors)} error(s)", file=sys.stderr)
     return ConfigError.exit_code
 
 
@@ -193,7 +263,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     configure("INFO", "text")
     settings = _simulation_settings(args)
-    host, port = parse_address(args.broker, "--broker")
+    host, port = _plain_broker(args.broker, "--broker")
     return simulate(settings, host, port, start_ts=args.start_ts)
 
 
@@ -204,7 +274,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # The daemon's own log lines would drown the live view: warnings and errors only.
     configure("WARNING", "text")
     settings = _simulation_settings(args)
-    broker = parse_address(args.broker, "--broker") if args.broker else None
+    broker = _plain_broker(args.broker, "--broker") if args.broker else None
     metrics = parse_address(args.metrics_addr, "--metrics-addr")
     return run_demo(settings, broker, args.model, metrics)
 
@@ -232,9 +302,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     model = args.model or Config().model.path
     settings = BenchSettings.quick_variant(model) if args.quick else BenchSettings(model)
     if args.flood and args.quick:
-        raise ConfigError("--flood runs for minutes; it is not part of --quick", "--flood")
+        raise UsageError("--flood: it runs for minutes; it is not part of --quick")
     settings.flood = args.flood
-    settings.broker = parse_address(args.broker, "--broker") if args.broker else None
+    settings.broker = _plain_broker(args.broker, "--broker") if args.broker else None
     for name in _BENCH_TUNABLES:
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
@@ -276,7 +346,7 @@ def _add_simulation_args(p: argparse.ArgumentParser, speed: float, anomalies: fl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG, description="anomalyd: anomaly detection for sensor fleets over MQTT with ONNX Runtime"
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -284,7 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the daemon", description="Run the daemon until SIGTERM/SIGINT.")
     p.add_argument("--config", type=Path, help="configuration file (TOML); default: embedded defaults")
-    p.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker (overrides mqtt.host/port)")
+    p.add_argument(
+        "--broker",
+        metavar="ADDRESS",
+        help="MQTT broker: HOST[:PORT] or mqtt[s]://HOST[:PORT] (overrides mqtt.host/port; mqtts: TLS)",
+    )
     p.add_argument("--model", type=Path, metavar="PATH", help="model file (overrides model.path)")
     p.add_argument(
         "--metrics-addr", metavar="HOST:PORT", help="metrics endpoint (overrides metrics.host/port)"
@@ -294,8 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_cmd_run)
 
-    p = sub.add_parser("check-config", help="validate a configuration file", description="Validate FILE.")
+    p = sub.add_parser(
+        "check-config",
+        help="check a configuration file and what `run` needs with it",
+        description="Check FILE, then what `anomalyd run --config FILE` needs to start: the secrets "
+        "where the service reads them, the TLS files, the model (loaded, warmed up and checked against "
+        "the configuration), the state directory. Prints every problem with its key path and exits 78 "
+        "if there is any; the broker is not contacted.",
+    )
     p.add_argument("config", type=Path, metavar="FILE")
+    p.add_argument(
+        "--as-service",
+        action="store_true",
+        help="check as the systemd unit runs the daemon: $CREDENTIALS_DIRECTORY as its LoadCredential= "
+        "fills it, its StateDirectory=, DynamicUser= and ProtectHome=/ProtectSystem= "
+        "(unit: /etc/systemd/system/anomalyd.service, else the one in the anomalyd checkout)",
+    )
+    p.add_argument("--unit", type=Path, metavar="UNIT", help="the unit file for --as-service (implies it)")
     p.set_defaults(run=_cmd_check_config)
 
     p = sub.add_parser("inspect-model", help="print a model's contract", description="Describe a model file.")
@@ -307,7 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish simulated devices over MQTT",
         description="Publish the synthetic fleet (with labelled anomalies) as device telemetry.",
     )
-    p.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT", help="MQTT broker")
+    p.add_argument(
+        "--broker",
+        default="127.0.0.1:1883",
+        metavar="ADDRESS",
+        help="MQTT broker: HOST[:PORT] or mqtt://HOST[:PORT]",
+    )
     p.add_argument("--start-ts", type=float, help="timestamp of the first reading (default: so it ends now)")
     _add_simulation_args(p, speed=1.0, anomalies=2.0, devices=4)
     p.set_defaults(run=_cmd_simulate)
@@ -319,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         "alerts as they arrive. Without --broker: 127.0.0.1:1883 if a broker listens there, else a "
         "private mosquitto on a free port (if mosquitto is installed). Ctrl-C stops.",
     )
-    p.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker (default: see above)")
+    p.add_argument("--broker", metavar="ADDRESS", help="MQTT broker, HOST[:PORT] (default: see above)")
     p.add_argument("--model", type=Path, metavar="PATH", help="model file (default: the shipped model)")
     p.add_argument(
         "--metrics-addr", default="127.0.0.1:0", metavar="HOST:PORT", help="metrics (any free port)"
@@ -337,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="small loads, under a minute (CI)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write every figure as JSON")
-    p.add_argument("--broker", metavar="HOST:PORT", help="use this broker (default: a private mosquitto)")
+    p.add_argument(
+        "--broker", metavar="ADDRESS", help="use this broker, HOST[:PORT] (default: a private mosquitto)"
+    )
     p.add_argument("--model", type=Path, metavar="PATH", help="model file (default: the shipped model)")
     p.add_argument("--publishers", type=_positive_int, help="publisher processes (2)")
     p.add_argument("--rate", type=_positive_float, help="readings/s per device in paced steps (10; quick 50)")
@@ -380,4 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except Exception:
+        # Nothing anomalyd raises on purpose: a bug. The traceback is what a report needs, and
+        # 70 (EX_SOFTWARE) tells systemd to restart, as for the pipeline thread's failure.
+        log.critical("internal error (exit %d)", EX_SOFTWARE, exc_info=True)
+        return EX_SOFTWARE
     return code

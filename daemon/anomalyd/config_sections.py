@@ -13,20 +13,24 @@ accessors use it) ever reads them.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from anomalyd.errors import ConfigError
 from anomalyd.paths import DEFAULT_MODEL_PATH
 
 __all__ = [
     "BatchingConfig",
+    "BrokerAddress",
     "CommandsConfig",
     "DetectorConfig",
     "LoggingConfig",
@@ -40,6 +44,8 @@ __all__ = [
     "StateConfig",
     "StreamConfig",
     "TlsConfig",
+    "check_host",
+    "parse_broker_address",
     "read_secret",
 ]
 
@@ -50,7 +56,12 @@ _CREDENTIAL_NAME = re.compile(r"^[A-Za-z0-9_.@:\-]{1,255}$")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, frozen=True)
+    # allow_inf_nan=False: no duration, size or rate of the daemon means anything at
+    # infinity (an infinite drain timeout or queue size crashes the daemon, an infinite
+    # delay never fires), and NaN compares false with every bound.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, validate_default=True, frozen=True, allow_inf_nan=False
+    )
 
 
 def _existing_file(v: Path | None, info: ValidationInfo) -> Path | None:
@@ -85,6 +96,135 @@ def _check_topic_template(v: str, placeholders: int) -> str:
     if "{" in stripped or "}" in stripped:
         raise ValueError(f"expected no placeholder other than '{{device}}', got {v!r}")
     return v
+
+
+# --------------------------------------------------------------------------- broker addresses
+
+#: URL schemes of a broker address, as MQTT clients and tools write them (Paho, Telegraf,
+#: Node-RED, mosquitto_sub -L): whether the scheme means TLS, and its default port.
+_BROKER_SCHEMES: dict[str, tuple[bool, int]] = {
+    "mqtt": (False, 1883),
+    "tcp": (False, 1883),
+    "mqtts": (True, 8883),
+    "ssl": (True, 8883),
+}
+_WEBSOCKET_SCHEMES = ("ws", "wss")
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_\-]{0,61}[A-Za-z0-9_])?$")
+_BROKER_FORMS = "HOST, HOST:PORT, [IPv6]:PORT, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS)"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    """A broker address taken apart: ``host`` (a name or an IP address, no brackets),
+    ``port`` (None: not given) and ``tls`` (None: a bare host says nothing about TLS;
+    True/False: the URL's scheme does)."""
+
+    host: str
+    port: int | None = None
+    tls: bool | None = None
+    scheme: str | None = None
+
+    @property
+    def default_port(self) -> int:
+        """The port of the scheme (8883 for TLS, else 1883) when the address gives none."""
+        return 8883 if self.tls else 1883
+
+
+def check_host(host: str) -> str:
+    """``host`` if it is an IP address or a DNS host name; ``ValueError`` saying why not.
+
+    Names follow RFC 1123 (letters, digits, '-', dot-separated labels of at most 63
+    characters), plus '_', which container and internal DNS names use. A name whose last
+    label is all digits is taken for a mistyped IPv4 address, as resolvers would.
+    """
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 zone ("fe80::1%eth0") is allowed
+    except ValueError:
+        pass
+    else:
+        return host
+    name = host.removesuffix(".")
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ValueError(f"expected a host name or an IP address, got {host!r}")
+    if labels[-1].isdigit():
+        raise ValueError(f"expected a host name or an IP address, {host!r} is neither (not a valid IPv4)")
+    return host
+
+
+def _port(text: str, address: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"expected a port between 1 and 65535 in {address!r}, got {text!r}")
+    return int(text)
+
+
+def _host_and_port(text: str, address: str) -> tuple[str, int | None]:
+    """``HOST``, ``HOST:PORT``, ``IPv6``, ``[IPv6]`` or ``[IPv6]:PORT`` → (host, port or None)."""
+    if text.startswith("["):
+        inside, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"expected [IPv6] or [IPv6]:PORT, got {address!r}")
+        try:
+            ipaddress.IPv6Address(inside.split("%", 1)[0])
+        except ValueError:
+            raise ValueError(f"expected an IPv6 address between '[' and ']', got {address!r}") from None
+        return inside, _port(rest[1:], address) if rest else None
+    if text.count(":") > 1:
+        try:
+            ipaddress.IPv6Address(text.split("%", 1)[0])
+        except ValueError:
+            raise ValueError(
+                f"expected one of {_BROKER_FORMS}, got {address!r}: more than one ':' (an IPv6 "
+                "address with a port is written [ADDRESS]:PORT)"
+            ) from None
+        return text, None
+    host, colon, port = text.partition(":")
+    return check_host(host), _port(port, address) if colon else None
+
+
+def parse_broker_address(text: str) -> BrokerAddress:
+    """A broker address as people write it: a host name or IP address, ``HOST:PORT``,
+    ``[IPv6]:PORT``, or a URL ``mqtt://`` / ``tcp://`` (plain TCP) or ``mqtts://`` /
+    ``ssl://`` (TLS) ``HOST[:PORT]``. ``ValueError`` says what is wrong and which form
+    works: websockets (``ws://``, ``wss://``) are refused, anomalyd speaks MQTT over TCP.
+    """
+    text = text.strip()
+    if "://" not in text:
+        host, port = _host_and_port(text, text)
+        return BrokerAddress(host, port)
+    scheme = text.partition("://")[0].lower()
+    if scheme in _WEBSOCKET_SCHEMES:
+        tls = scheme == "wss"
+        raise ValueError(
+            f"MQTT over websockets ({scheme}://) is not supported: anomalyd connects to the "
+            f"broker's MQTT TCP listener; write {'mqtts' if tls else 'mqtt'}://HOST:"
+            f"{8883 if tls else 1883} (the broker's {'TLS ' if tls else ''}MQTT port), got {text!r}"
+        )
+    if scheme not in _BROKER_SCHEMES:
+        raise ValueError(
+            f"unknown scheme {scheme + '://'!r}: expected mqtt:// or tcp:// (plain TCP), "
+            f"mqtts:// or ssl:// (TLS), or a bare host name, got {text!r}"
+        )
+    url = urlsplit(text)
+    if "@" in url.netloc:
+        raise ValueError(
+            "a user name or password does not go in the broker address: set mqtt.username and "
+            "mqtt.password_file or mqtt.password_credential"
+        )
+    if url.path not in ("", "/") or url.query or url.fragment:
+        raise ValueError(f"expected {scheme}://HOST[:PORT] with nothing after it, got {text!r}")
+    if not url.netloc:
+        raise ValueError(f"expected a host after {scheme}://, got {text!r}")
+    host, port = _host_and_port(url.netloc, text)
+    return BrokerAddress(host, port, tls=_BROKER_SCHEMES[scheme][0], scheme=scheme)
+
+
+@dataclass(frozen=True, slots=True)
+class _BadBrokerAddress:
+    """Stands in for ``mqtt.host`` when ``MqttConfig`` could not take the address apart, so
+    that the problem is reported at ``mqtt.host`` (a model validator's error has no key)."""
+
+    message: str
 
 
 class TlsConfig(Section):
@@ -141,7 +281,13 @@ class TlsConfig(Section):
 class MqttConfig(Section):
     """Connection to the MQTT broker and the telemetry subscription."""
 
-    host: str = Field(default="127.0.0.1", min_length=1, description="broker host name or address")
+    host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="broker: a host name or IP address, HOST:PORT, [IPv6]:PORT, or a URL HOST[:PORT] with "
+        "mqtt:// or tcp:// (plain TCP) or mqtts:// or ssl:// (TLS on; default port 8883); "
+        "ws:// and wss:// are refused (anomalyd speaks MQTT over TCP)",
+    )
     port: int = Field(default=1883, ge=1, le=65535, description="broker TCP port (8883 is usual for TLS)")
     protocol: Literal["5", "3.1.1"] = Field(default="5", description='MQTT version: "5" or "3.1.1"')
     client_id: str = Field(
@@ -175,6 +321,59 @@ class MqttConfig(Section):
     clean_start: bool = Field(
         default=True, description="start a fresh session on connect (false: broker keeps our session)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _broker_url(cls, data: Any) -> Any:
+        """``host`` may be a URL or ``HOST:PORT`` (see ``parse_broker_address``): take it
+        apart into ``host``, ``port`` and ``tls`` here, so the MQTT link only ever sees a
+        bare host. ``mqtts://`` turns TLS on (an empty ``[mqtt.tls]`` if there is none);
+        a port given twice must agree."""
+        if not isinstance(data, dict) or not isinstance(data.get("host"), str):
+            return data
+        try:
+            address = parse_broker_address(data["host"])
+        except ValueError as exc:
+            return {**data, "host": _BadBrokerAddress(str(exc))}
+        out = {**data, "host": address.host}
+        port = data.get("port")
+        port_given = "port" in data and isinstance(port, int) and not isinstance(port, bool)
+        if address.port is not None:
+            if port_given and port != address.port:
+                problem = (
+                    f"the address gives port {address.port} but mqtt.port is {port}: give the port "
+                    "once (in the address or in mqtt.port)"
+                )
+                return {**data, "host": _BadBrokerAddress(problem)}
+            if "port" not in data or port_given:
+                out["port"] = address.port  # else mqtt.port's own error is reported
+        elif address.scheme is not None and "port" not in data:
+            out["port"] = address.default_port
+        tls_given = data.get("tls") is not None
+        if address.tls is True and not tls_given:
+            out["tls"] = {}
+        elif address.tls is False and tls_given:
+            rest = data["host"].strip().split("://", 1)[1]
+            problem = (
+                f"{address.scheme}:// is plain TCP but [mqtt.tls] is set: write mqtts://{rest} "
+                "for TLS, or remove [mqtt.tls]"
+            )
+            return {**data, "host": _BadBrokerAddress(problem)}
+        return out
+
+    @field_validator("host", mode="before")
+    @classmethod
+    def _host_was_taken_apart(cls, v: object) -> object:
+        if isinstance(v, _BadBrokerAddress):
+            raise ValueError(v.message)
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_a_host(cls, v: str) -> str:
+        # Set directly (MqttConfig(host=...)) rather than through _broker_url, it must still
+        # be a bare host.
+        return check_host(v)
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -257,12 +456,25 @@ class StreamConfig(Section):
     """Validation limits and per-device rolling windows."""
 
     max_devices: int = Field(
-        default=10000, ge=1, le=10_000_000, description="devices tracked at once; the least recent goes"
+        default=10000,
+        ge=1,
+        le=10_000_000,
+        description="devices tracked at once; newcomers may push out only devices on probation "
+        "(stream.probation_slots)",
     )
     max_gap_s: float = Field(
         default=60.0, gt=0, description="a gap longer than this between readings restarts the device's window"
     )
     idle_evict_s: float = Field(default=3600.0, gt=0, description="forget a device silent for this long")
+    # Admission (anomalyd.device_slots): a burst of unknown ids must not push out real devices.
+    probation_slots: int | None = Field(
+        default=None,
+        ge=0,
+        le=10_000_000,
+        description="slots held back for new devices on probation (until they have sent a full window); "
+        "newcomers push out only devices on probation, never established ones (unset: max_devices / 10)",
+        examples=[1000],
+    )
     hop: int = Field(default=1, ge=1, description="score a device every `hop` new readings (1: every one)")
     warmup: Literal["wait", "pad"] = Field(
         default="wait",
@@ -283,11 +495,18 @@ class StreamConfig(Section):
         description="... and their size in MiB (payloads, topics, about 200 bytes each besides): "
         "bounds the daemon's memory and the lag it can build under a flood; overflow is dropped, counted",
     )
+    # Both keys are applied by anomalyd.decode, whose docstring says what they mean.
     device_id_pattern: str = Field(
-        default=r"^[A-Za-z0-9_.:\-]{1,64}$", description="regular expression a device id must match"
+        default=r"^[A-Za-z0-9_.:\-]{1,64}$",
+        description="regular expression the whole device id must match; whatever it says, '.', '..' and "
+        "ids holding '+', '#', '/' or a non-printable character are refused",
     )
     max_future_skew_s: float = Field(
-        default=300.0, gt=0, description="reject readings stamped further than this in the future"
+        default=5.0,
+        gt=0,
+        description="reject readings stamped further than this ahead of their arrival (reason future); "
+        "keep it small: a reading that gets in holds back the device's earlier-stamped ones "
+        "(out_of_order) until real time catches up",
     )
     overload_lag_s: float = Field(
         default=10.0,
@@ -313,6 +532,20 @@ class StreamConfig(Section):
         description='"linear": interpolate a device at the wrong cadence onto the model\'s sample '
         "period and score it, instead of not scoring it (CPU grows with the ratio of periods)",
     )
+
+    @field_validator("intake_queue_mib")
+    @classmethod
+    def _queue_holds_a_message(cls, v: float, info: ValidationInfo) -> float:
+        # A queue smaller than one message of the largest accepted size (plus a topic, which
+        # MQTT bounds at 64 KiB) would drop every such message, however idle the daemon.
+        largest = info.data.get("max_payload_bytes")
+        if largest is not None and v * 2**20 < largest + 65536:
+            need = (largest + 65536) / 2**20
+            raise ValueError(
+                f"expected room for one message of stream.max_payload_bytes ({largest} bytes) and "
+                f"its topic: at least {need:.3g} MiB, got {v:g}"
+            )
+        return v
 
     @field_validator("device_id_pattern")
     @classmethod
@@ -408,6 +641,9 @@ class DetectorConfig(Section):
     def _finite(cls, v: float | None) -> float | None:
         if v is not None and not math.isfinite(v):
             raise ValueError(f"expected a finite number, got {v}")
+        # Scores are >= 0: a threshold at or below 0 would hold every device in alert.
+        if v is not None and v <= 0:
+            raise ValueError(f"expected a threshold > 0 (scores are never negative), got {v}")
         return v
 
 
@@ -515,11 +751,45 @@ class StateConfig(Section):
 
 
 class MetricsConfig(Section):
-    """The Prometheus endpoint."""
+    """The HTTP endpoint: Prometheus metrics (/metrics), liveness (/healthz), readiness (/readyz)."""
 
-    enabled: bool = Field(default=True, description="serve /metrics over HTTP")
+    enabled: bool = Field(default=True, description="serve /metrics, /healthz and /readyz over HTTP")
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=9847, ge=0, le=65535, description="TCP port (0: any free port)")
+    idle_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="close a connection that sends no request for this long (also the time a client "
+        "gets to read a response)",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="close a connection whose request line and headers have not all arrived this long "
+        "after their first byte",
+    )
+    max_connections: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="connections served at once, a thread each; more are closed unserved and counted "
+        "(anomalyd_http_connections_refused_total)",
+    )
+    stall_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="/healthz fails (503) once the pipeline loop has not turned, or a batch has been in "
+        "ONNX Runtime, for this long",
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _listen_host(cls, v: str) -> str:
+        # Empty: every interface. Anything else must be an address or a name to bind to,
+        # or the start fails on it.
+        return check_host(v) if v else v
 
 
 class LoggingConfig(Section):

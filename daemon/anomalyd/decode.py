@@ -16,10 +16,22 @@ Accepted payloads (field names are the model's feature names; other fields are i
 ``ts`` is epoch seconds (number) or an ISO 8601 string (no zone: UTC); absent or null
 means the arrival time. Booleans are not numbers here (``true`` is not a reading), and
 numbers must fit float32, the model's input type.
+
+A reading stamped more than ``max_future_skew_s`` after its arrival is rejected as
+``future``: the device's clock is ahead. Keep that skew small (seconds): a reading that
+gets in is the device's newest, and its later readings stamped before it are out of order
+until real time catches up, so the skew is also the longest one bad timestamp can keep a
+device's real readings out.
+
+A device id is the topic level at ``{device}``; the whole of it must match the configured
+pattern, and whatever the pattern says it may not be ``.`` or ``..`` nor hold an MQTT
+wildcard, a separator, or a control or other non-printable character (it becomes a level
+of the output topics, and appears in logs).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -46,6 +58,11 @@ _TOPIC_MAX = 256
 # the id becomes a level of the output topics, where they are wildcards or separators.
 # Plain substring tests: far faster than a regex, and a long topic is parsed on every message.
 _NEVER_IN_ID = ("+", "#", "/", "\x00")
+# Never a device id either: relative path elements, for whoever maps topics onto paths or URLs.
+_NEVER_AN_ID = frozenset({".", ".."})
+#: A timestamp above this many times the arrival time is not epoch seconds at all (milliseconds
+#: are 1000 times as large): ``bad_timestamp``, where a plausible one too far ahead is ``future``.
+_NOT_SECONDS_FACTOR = 100.0
 # The topic -> verdict cache is bounded by entries and by bytes: a flood of distinct topics
 # (a misconfigured fleet, or someone probing the broker) must not grow memory, and the broker
 # allows topics up to 64 KiB, so an entry count alone could still pin gigabytes of keys.
@@ -67,6 +84,7 @@ class Reason(StrEnum):
     OVERSIZED = "oversized"
     BAD_DEVICE_ID = "bad_device_id"
     BAD_TOPIC = "bad_topic"
+    FUTURE = "future"
     OUT_OF_ORDER = "out_of_order"
     DUPLICATE = "duplicate"
     DEVICE_LIMIT = "device_limit"
@@ -86,25 +104,39 @@ class RawMessage:
 
 @dataclass
 class Rejection:
-    """A rejected message or reading; ``detail`` is short, for a rate-limited log line."""
+    """A rejected message or reading; ``detail`` is short, for a rate-limited log line.
+
+    ``device`` is the device id when it is known and valid, else empty (a refused topic).
+    """
 
     reason: Reason
     topic: str
     detail: str
+    device: str = ""
 
 
 @dataclass
 class DecodedBatch:
-    """Accepted readings of a list of messages, in arrival order, as numpy arrays."""
+    """Accepted readings of a list of messages, in arrival order, as numpy arrays.
+
+    ``topics`` holds each reading's MQTT topic, so that a later stage's rejection (out of
+    order, duplicate) can name it; it is empty for readings that did not come over MQTT
+    (replay).
+    """
 
     devices: list[str]
     ts: npt.NDArray[np.float64]
     values: npt.NDArray[np.float32]
     arrival_mono: npt.NDArray[np.float64]
     rejections: list[Rejection] = field(default_factory=list)
+    topics: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.devices)
+
+    def topic_of(self, i: int) -> str:
+        """The topic of reading ``i`` (cut short like a rejection's), or "" if not known."""
+        return self.topics[i][:_TOPIC_MAX] if i < len(self.topics) else ""
 
     @classmethod
     def empty(cls, n_features: int) -> DecodedBatch:
@@ -137,8 +169,8 @@ class _Refusal:
     reason: Reason
     detail: str
 
-    def rejection(self, topic: str) -> Rejection:
-        return Rejection(self.reason, topic[:_TOPIC_MAX], self.detail[:_DETAIL_MAX])
+    def rejection(self, topic: str, device: str = "") -> Rejection:
+        return Rejection(self.reason, topic[:_TOPIC_MAX], self.detail[:_DETAIL_MAX], device)
 
 
 _NOT_THE_TEMPLATE = _Refusal(Reason.BAD_TOPIC, "topic does not match the template")
@@ -218,7 +250,14 @@ class Decoder:
         device = topic[len(p) : len(topic) - len(s)]
         if "/" in device:
             return _SEVERAL_LEVELS
-        if any(c in device for c in _NEVER_IN_ID) or not self._id_pattern.search(device):
+        if device in _NEVER_AN_ID:
+            return _Refusal(Reason.BAD_DEVICE_ID, f"device id {device!r} is a relative path element")
+        # isprintable: no newline (a forged log line), NUL, other control or invisible character.
+        if any(c in device for c in _NEVER_IN_ID) or not device.isprintable():
+            what = "a wildcard, separator or non-printable character"
+            return _Refusal(Reason.BAD_DEVICE_ID, f"device id {_short(device)} holds {what}")
+        # fullmatch, not search: with search, "$" also matches before a final newline.
+        if not self._id_pattern.fullmatch(device):
             return _Refusal(Reason.BAD_DEVICE_ID, f"device id {_short(device)} does not match the pattern")
         return device
 
@@ -246,11 +285,16 @@ class Decoder:
         return self._check_time(ts, arrival)
 
     def _check_time(self, ts: float, arrival: float) -> float:
-        if not math.isfinite(ts) or ts < MIN_TIMESTAMP:
+        if not math.isfinite(ts):
+            raise _RejectError(Reason.BAD_TIMESTAMP, f"ts {ts!r} is not finite")
+        if ts < MIN_TIMESTAMP:
             raise _RejectError(Reason.BAD_TIMESTAMP, f"ts {ts!r} is before 2000 (not epoch seconds?)")
         if ts > arrival + self.max_future_skew_s:
-            hint = " (milliseconds?)" if ts > arrival * 100 else ""
-            raise _RejectError(Reason.BAD_TIMESTAMP, f"ts {ts!r} is {ts - arrival:.0f} s in the future{hint}")
+            if ts > arrival * _NOT_SECONDS_FACTOR:
+                why = f"ts {ts!r} is not epoch seconds (milliseconds?): arrival was {arrival:.0f}"
+                raise _RejectError(Reason.BAD_TIMESTAMP, why)
+            # Bounded above by the test before: at most a dozen digits.
+            raise _RejectError(Reason.FUTURE, f"ts {ts!r} is {ts - arrival:.1f} s ahead of its arrival")
         return ts
 
     def _object(self, obj: dict[str, Any], arrival: float, out: list[float]) -> float:
@@ -322,9 +366,11 @@ class Decoder:
         ts: list[float] = []
         flat: list[float] = []
         arrivals: list[float] = []
+        topics: list[str] = []
         rejections: list[Rejection] = []
         for msg in messages:
             topic = msg.topic
+            device: str | _Refusal = ""
             try:
                 device = self._device_of(topic)
                 if isinstance(device, _Refusal):
@@ -339,6 +385,7 @@ class Decoder:
                     ts.append(self._object(doc, msg.arrival, flat))
                     devices.append(device)
                     arrivals.append(msg.arrival_mono)
+                    topics.append(topic)
                     continue
                 if not isinstance(doc, list) or not doc:
                     raise _RejectError(
@@ -354,14 +401,16 @@ class Decoder:
                     readings = [self._array_item(item, msg.arrival) for item in doc]
                 for t, row in readings:
                     if isinstance(row, _Refusal):
-                        rejections.append(row.rejection(topic))
+                        rejections.append(row.rejection(topic, device))
                         continue
                     ts.append(t)
                     flat.extend(row)
                     devices.append(device)
                     arrivals.append(msg.arrival_mono)
+                    topics.append(topic)
             except _RejectError as rej:
-                rejections.append(Rejection(rej.reason, topic[:_TOPIC_MAX], rej.detail[:_DETAIL_MAX]))
+                known = device if isinstance(device, str) else ""
+                rejections.append(Rejection(rej.reason, topic[:_TOPIC_MAX], rej.detail[:_DETAIL_MAX], known))
             except Exception as exc:  # pragma: no cover - belt and braces: input must never kill us
                 rejections.append(
                     Rejection(Reason.MALFORMED_JSON, topic[:_TOPIC_MAX], f"unexpected: {exc!r}"[:_DETAIL_MAX])
@@ -373,6 +422,7 @@ class Decoder:
             np.array(flat, dtype=np.float32).reshape(n, self.n_features),
             np.array(arrivals, dtype=np.float64),
             rejections,
+            topics,
         )
 
     def _array_item(self, item: object, arrival: float) -> tuple[float, list[float] | _Refusal]:
@@ -389,7 +439,36 @@ class Decoder:
         try:
             return orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
-            # orjson refuses NaN/Infinity literals as invalid JSON; say what they were.
-            if b"NaN" in payload or b"Infinity" in payload:
-                raise _RejectError(Reason.NON_FINITE, "NaN or Infinity literal") from None
+            # orjson refuses NaN/Infinity literals and numbers beyond a double (1e400) as
+            # invalid JSON; say so when that is all that is wrong with the payload.
+            if _non_finite_only(payload):
+                raise _RejectError(Reason.NON_FINITE, "NaN, Infinity or a number beyond a double") from None
             raise _RejectError(Reason.MALFORMED_JSON, str(exc)) from None
+
+
+def _non_finite_only(payload: bytes) -> bool:
+    """Whether ``payload`` is JSON once NaN, Infinity and out-of-range numbers are allowed,
+    and holds one of those: the standard library's parser admits them, and its hooks see them.
+
+    Runs only for payloads orjson refused, so it costs nothing on the normal path; and a
+    payload is at most ``max_payload_bytes``. Deep nesting raises RecursionError: refused.
+    """
+    seen = False
+
+    def constant(_text: str) -> float:
+        nonlocal seen
+        seen = True
+        return 0.0
+
+    def number(text: str) -> float:
+        nonlocal seen
+        # float(), never int(): a 5000-digit integer must not cost a big-number conversion.
+        if not math.isfinite(float(text)):
+            seen = True
+        return 0.0
+
+    try:
+        json.loads(payload.decode("utf-8"), parse_constant=constant, parse_float=number, parse_int=number)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return False
+    return seen

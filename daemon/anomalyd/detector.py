@@ -37,7 +37,8 @@ under the threshold in force, and the device not in alert. An anomaly therefore 
 teach the detector that it is normal, however long it lasts; the price is that a lasting
 *upward* change of the normal level raises an alert that only clears when scores fall back
 below the frozen threshold (an operator can raise ``threshold_scale`` live).
-``set_threshold`` (a model reload: new scores, new distribution) restarts the learning.
+``set_threshold`` (a model reload: new scores, new distribution) restarts the learning;
+``reconfigure`` (a reload of ``[detector]``: same scores) keeps it.
 
 Padded (warm-up) windows take part like any other: ``warmup = "pad"`` exists to score
 early. A non-finite score (NaN, inf) means a broken model or input, not a verdict on the
@@ -212,6 +213,44 @@ class Detector:
             state.learnt = 0
             state.log_mean = state.log_var = 0.0
             state.adaptive = math.nan
+
+    def reconfigure(self, cfg: DetectorConfig, contract_threshold: float) -> None:
+        """Take a changed ``[detector]`` (a configuration reload) from the next window on.
+
+        Checked whole first (as ``from_config`` checks it), so a bad value changes nothing.
+        Each device keeps its alert and its hysteresis counts (the new ``k_enter`` and
+        ``k_exit`` count on from them), its published and operator states, and what the
+        adaptive threshold learnt: the model and its scores are the same, so the learnt
+        statistics still describe the device; its adaptive threshold is recomputed from
+        them with the new ``adaptive_k``, ``adaptive_floor``, ``adaptive_min_windows`` and
+        static threshold. What no longer means the same is dropped: another ``smoothing``
+        smooths another quantity, so the smoothing state and the learnt statistics restart;
+        ``adaptive`` turned off drops the learnt statistics and ends any re-baselining
+        (which waits for them), so that the device can raise alerts again.
+        """
+        new = Detector.from_config(cfg, contract_threshold, self.n_scored)  # raises before any change
+        smoothing_changed = new.smoothing != self.smoothing
+        self.threshold_scale = new.threshold_scale
+        self.base_threshold, self.threshold = new.base_threshold, new.threshold
+        self.smoothing, self.ewma_alpha = new.smoothing, new.ewma_alpha
+        self.k_enter, self.k_exit = new.k_enter, new.k_exit
+        self.adaptive, self.adaptive_windows = new.adaptive, new.adaptive_windows
+        self.adaptive_min_windows = new.adaptive_min_windows
+        self.adaptive_k, self.adaptive_floor = new.adaptive_k, new.adaptive_floor
+        for state in self._states.values():
+            if smoothing_changed:
+                state.smoothed = math.nan
+                state.channel = None
+            if smoothing_changed or not self.adaptive:
+                state.learnt = 0
+                state.log_mean = state.log_var = 0.0
+            if not self.adaptive:
+                state.rebaselining = False
+            if self.adaptive and state.learnt >= self.adaptive_min_windows:
+                state.adaptive = self._learnt_threshold(state)
+                state.rebaselining = False
+            else:
+                state.adaptive = math.nan
 
     @property
     def n_devices(self) -> int:
@@ -404,9 +443,13 @@ class Detector:
         state.log_mean += lam * delta
         state.log_var = (1.0 - lam) * (state.log_var + lam * delta * delta)
         if state.learnt >= self.adaptive_min_windows:
-            learnt = math.exp(state.log_mean + self.adaptive_k * math.sqrt(state.log_var))
-            state.adaptive = max(self.adaptive_floor * self.threshold, learnt)
+            state.adaptive = self._learnt_threshold(state)
             state.rebaselining = False
+
+    def _learnt_threshold(self, state: DeviceState) -> float:
+        """The device's adaptive threshold from its learnt statistics (module docstring)."""
+        learnt = math.exp(state.log_mean + self.adaptive_k * math.sqrt(state.log_var))
+        return max(self.adaptive_floor * self.threshold, learnt)
 
     def update(
         self,

@@ -1,7 +1,19 @@
 """One root exception for everything anomalyd raises on purpose.
 
-Start-up failures map to distinct process exit codes (see ``EXIT_CODES``) so that
-systemd can tell a bad configuration (do not restart) from a crash (restart).
+Each error carries the process exit code it ends a command with (sysexits.h numbers), so
+that systemd can tell a bad configuration (do not restart) from a crash (restart):
+
+==  =====================================================================================
+64  EX_USAGE: the command line is wrong (unknown option, missing subcommand)
+65  EX_DATAERR: a model file (or training data) is unusable
+69  EX_UNAVAILABLE: something the command needs is not there (CUDA for
+    ``model.providers = "cuda"``, the ``train`` extra for ``anomalyd-train train``)
+70  EX_SOFTWARE: an internal failure (a bug; a failed export check)
+76  EX_PROTOCOL: the broker refused our credentials or subscription at start
+78  EX_CONFIG: a configuration file, option, secret or credential is wrong
+==  =====================================================================================
+
+Besides these, 0 is success and 130 a forced stop (a second signal) or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -11,6 +23,18 @@ class AnomalydError(Exception):
     """Root of every error anomalyd raises deliberately."""
 
     exit_code = 1
+
+
+#: A failure nothing foresaw (a bug): the code ``anomalyd`` exits with after printing the
+#: traceback, and the daemon's when its pipeline thread dies.
+EX_SOFTWARE = 70
+
+
+class UsageError(AnomalydError):
+    """The command line is wrong: an unknown option, a missing subcommand, options that
+    do not go together."""
+
+    exit_code = 64  # EX_USAGE
 
 
 class ConfigError(AnomalydError):
@@ -45,6 +69,13 @@ class ProviderError(AnomalydError):
     """The requested ONNX Runtime execution provider is not really available."""
 
     exit_code = 69  # EX_UNAVAILABLE
+
+
+class MissingExtraError(AnomalydError):
+    """A command needs an optional part of anomalyd that is not installed (a pip extra,
+    e.g. ``anomalyd[train]`` for TensorFlow); the message says how to install it."""
+
+    exit_code = 69  # EX_UNAVAILABLE: installing the extra fixes it, not editing a config
 
 
 class BrokerError(AnomalydError):

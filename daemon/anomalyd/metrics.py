@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterator
-from wsgiref.simple_server import WSGIServer
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -25,14 +25,17 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from anomalyd.alerts import ANOMALOUS, STATES
 from anomalyd.commands import REJECT_REASONS, VERBS
+from anomalyd.http_server import Checks, HttpLimits, HttpServer
 from anomalyd.snapshot import RESTORE_RESULTS
+
+if TYPE_CHECKING:
+    from anomalyd.config_sections import MetricsConfig
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +235,8 @@ class Metrics:
         self.devices_tracked = Gauge("anomalyd_devices_tracked", "Devices with a rolling window", registry=r)
         self.devices_evicted = Counter(
             "anomalyd_devices_evicted",
-            "Devices forgotten (idle: silent for stream.idle_evict_s; capacity: max_devices reached)",
+            "Devices forgotten (idle: silent for stream.idle_evict_s; capacity: max_devices reached, a "
+            "device still on probation gave its slot to a new one; established devices only go idle)",
             ["cause"],
             registry=r,
         )
@@ -300,6 +304,13 @@ class Metrics:
         self.model_reloads = Counter(
             "anomalyd_model_reloads", "Model reloads (SIGHUP), by result", ["result"], registry=r
         )
+        self.config_reloads = Counter(
+            "anomalyd_config_reloads",
+            "Reloads (SIGHUP) of the configuration file and the model, by result (failure: nothing "
+            "of it was applied; the log names the key or model at fault)",
+            ["result"],
+            registry=r,
+        )
         # ---- alert states (anomalyd.alerts), commands, snapshots
         self.alerts_active = Gauge(
             "anomalyd_alerts_active", "Devices whose published alert state is anomalous", registry=r
@@ -337,6 +348,18 @@ class Metrics:
             "UNIX time of the newest snapshot written (0: none yet)",
             registry=r,
         )
+        # ---- the HTTP endpoint (anomalyd.http_server; MetricsServer feeds these)
+        self.http_connections = Gauge(
+            "anomalyd_http_connections",
+            "HTTP connections to /metrics, /healthz and /readyz being served "
+            "(at most metrics.max_connections)",
+            registry=r,
+        )
+        self.http_connections_refused = Counter(
+            "anomalyd_http_connections_refused",
+            "HTTP connections closed unserved because metrics.max_connections were already open",
+            registry=r,
+        )
         # Pre-create the labelled children so that every series exists (at 0) from the
         # first scrape: rate() and absent() work, and dashboards do not show "no data".
         for direction in ALERT_DIRECTIONS:
@@ -345,6 +368,7 @@ class Metrics:
             self.devices_evicted.labels(cause=cause)
         for result in RELOAD_RESULTS:
             self.model_reloads.labels(result=result)
+            self.config_reloads.labels(result=result)
         for kind in PUBLISH_KINDS:
             self.published.labels(kind=kind)
             self.publish_denied.labels(kind=kind)
@@ -407,18 +431,63 @@ class Metrics:
 
 
 class MetricsServer:
-    """The ``/metrics`` HTTP endpoint (prometheus_client's threaded WSGI server)."""
+    """The HTTP endpoint (``anomalyd.http_server``): ``/metrics`` serves ``registry``,
+    ``/healthz`` and ``/readyz`` the ``liveness`` and ``readiness`` checks (none: always 200).
+    With ``metrics``, its connections are counted there."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self._server: WSGIServer
-        self._thread: threading.Thread
-        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        *,
+        limits: HttpLimits | None = None,
+        liveness: Checks | None = None,
+        readiness: Checks | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._server = HttpServer(
+            registry,
+            host,
+            port,
+            limits=limits,
+            liveness=liveness,
+            readiness=readiness,
+            on_refused=metrics.http_connections_refused.inc if metrics is not None else None,
+        )
+        if metrics is not None:
+            server = self._server
+            metrics.http_connections.set_function(lambda: float(server.open_connections))
         self.host = host
-        self.port = int(self._server.server_address[1])
-        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        self.port = self._server.port
+        log.info("metrics on http://%s:%d/metrics (health: /healthz, /readyz)", host, self.port)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: MetricsConfig,
+        metrics: Metrics,
+        *,
+        liveness: Checks | None = None,
+        readiness: Checks | None = None,
+    ) -> MetricsServer:
+        """Serve ``metrics.registry`` on ``config.host:config.port`` with its limits.
+        Raises ``OSError`` if the address cannot be bound."""
+        limits = HttpLimits(
+            idle_timeout_s=config.idle_timeout_s,
+            header_timeout_s=config.header_timeout_s,
+            max_connections=config.max_connections,
+        )
+        return cls(
+            metrics.registry,
+            config.host,
+            config.port,
+            limits=limits,
+            liveness=liveness,
+            readiness=readiness,
+            metrics=metrics,
+        )
 
     def close(self) -> None:
-        """Stop serving and release the port."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        """Stop serving, release the port, end the open connections."""
+        self._server.close()

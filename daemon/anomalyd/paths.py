@@ -1,8 +1,9 @@
 """Where anomalyd finds the files it ships, without importing anything heavy.
 
 The configuration's defaults name the committed default model; keeping its path here
-(and not in ``anomalyd.model``) means ``anomalyd check-config`` and the config example
-never import ONNX Runtime.
+(and not in ``anomalyd.model``) means that reading and validating a configuration, and
+rendering the config example, never import ONNX Runtime. (``anomalyd check-config`` does
+load it, to check the model, but only once the file itself is valid.)
 """
 
 from __future__ import annotations

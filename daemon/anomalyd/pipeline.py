@@ -169,6 +169,7 @@ class Pipeline:
             else None,
             sample_period_s=data.sample_period_s,
             resample=cfg.stream.resample == "linear",
+            probation_slots=cfg.stream.probation_slots,
         )
         self.batcher = Batcher(
             cfg.batching.max_batch, cfg.batching.max_delay_ms / 1000.0, c.window_length, c.n_features
@@ -381,6 +382,7 @@ class Pipeline:
                     d.score,
                     d.threshold,
                     hidden,
+                    extra={"device": d.device, "score": float(d.score), "threshold": float(d.threshold)},
                 )
             if d.record is not None:
                 changed.append(d.record)
@@ -405,7 +407,13 @@ class Pipeline:
         first = {r.reason: r for r in reversed(rejections)}
         for reason, r in first.items():
             self._reject_log.log(
-                logging.WARNING, str(reason), "rejected (%s) on %r: %s", reason, r.topic[:200], r.detail
+                logging.WARNING,
+                str(reason),
+                "rejected (%s) on %r: %s",
+                reason,
+                r.topic[:200],
+                r.detail,
+                extra={"reason": str(reason), "topic": r.topic, "device": r.device},
             )
 
     def _forget(self, devices: list[str], reason: str) -> None:
@@ -437,6 +445,7 @@ class Pipeline:
                 ("resampled onto the model's period" if resampled else "not scored until it returns")
                 if change.mismatched
                 else "back within the model's tolerance (its window restarts)",
+                extra={"device": change.device},
             )
             if not resampled:
                 record = self.detector.set_cadence(
@@ -538,8 +547,9 @@ class Pipeline:
         c = self.model.contract
         try:
             n = self.buffers.import_state(snap.buffers, now)
-            # Only the devices whose windows came back (a smaller stream.max_devices keeps
-            # the most recent ones): a detector state without a window would never be evicted.
+            # Only the devices whose windows came back (a smaller stream.max_devices keeps the
+            # established ones, then the most recent): a detector state without a window would
+            # never be evicted.
             kept = set(self.buffers.devices())
             self.detector.import_state(
                 [s for s in snap.detector if not isinstance(s, dict) or s.get("device") in kept], c.n_features
@@ -551,6 +561,17 @@ class Pipeline:
         return n
 
     # ------------------------------------------------------------------ model swap
+
+    def apply_config(self, config: Config) -> None:
+        """Take a reloaded configuration whose differences from the running one may all change
+        live (``anomalyd.reload.plan_reload`` keeps the running values of the rest). Every
+        pending window is decided under the old ``[detector]``, then the detector is
+        reconfigured in place (``Detector.reconfigure``); the keys read at every pass
+        (``stream.idle_evict_s``, ``stream.overload_lag_s``) apply from the next one."""
+        if config.detector != self.config.detector:
+            self.flush(force=True)
+            self.detector.reconfigure(config.detector, self.model.contract.threshold.value)
+        self.config = config
 
     def swap_model(self, new: LoadedModel) -> None:
         """Finish pending windows with the current model, then serve ``new``."""

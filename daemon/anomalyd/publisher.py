@@ -123,6 +123,14 @@ class Publisher:
         self._features = list(feature_names)
         self._model_version = model_version
 
+    def set_output(self, output: OutputConfig) -> None:
+        """Take reloaded ``[output]`` settings (pipeline thread). Its status topic and QoS and
+        its alert topic must be the running ones: the last will and the alert subscription
+        carry them, and only a restart changes those (``anomalyd.reload``)."""
+        self._out = output
+        self._score_parts = output.score_topic.split("{device}")
+        self._alert_parts = output.alert_topic.split("{device}")
+
     def forget(self, devices: list[str]) -> None:
         """Drop the rate-limiting state of devices the pipeline no longer tracks."""
         since = self._since

@@ -15,8 +15,18 @@ Threads: the paho network thread (``anomalyd.mqtt``) only enqueues into the inta
 publisher: no locks) and feeds it from the queue, in passes; the pipeline's inference
 threads only run ONNX Runtime on batches it hands them; the main thread only waits for signals,
 pings the watchdog while the pipeline makes progress, and starts reloads; a short-lived
-reload thread loads and warms a new model beside the serving one, and the pipeline
-thread swaps it in.
+reload thread reads the configuration again and loads and warms a new model beside the
+serving one, and the pipeline thread takes both in between two passes.
+
+Reload (SIGHUP, ``systemctl reload``): the configuration file the daemon was started with
+is read again, with the command line's overrides on top, and compared with the running one
+(``anomalyd.reload``): what may change live changes (``[detector]``, most of ``[output]``,
+``[logging]`` level and format, the model file and its session options, ...), every other
+changed key is logged as needing a restart and keeps its running value. The model file is
+loaded again when it or its options changed. All or nothing: a configuration that does not
+load, or a model that does not load and warm up, leaves the running configuration and model
+in place, is logged at ERROR with the key path or model at fault, and is counted
+(``anomalyd_config_reloads_total{result="failure"}``).
 
 Stop (SIGTERM/SIGINT; a second one forces): ``STOPPING=1`` → unsubscribe (intake stops)
 → the pipeline scores everything queued and pending and publishes it, within
@@ -28,24 +38,29 @@ alert state becomes ``unknown``/``stopped``: nothing will resume it) → ``stopp
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
 from anomalyd.alerts import RetainedStates
 from anomalyd.commands import CommandInbox
-from anomalyd.config import Config
+from anomalyd.config import Config, ModelSection, load_config
 from anomalyd.decode import Reason
 from anomalyd.errors import AnomalydError, ConfigError
 from anomalyd.intake import IntakeQueue
+from anomalyd.logsetup import reconfigure as reconfigure_logging
 from anomalyd.metrics import Metrics, MetricsServer
 from anomalyd.model import LoadedModel, SessionOptions, load_model
 from anomalyd.mqtt import MqttLink, subscription_filter
 from anomalyd.pipeline import Pipeline
 from anomalyd.publisher import Publisher, last_will
+from anomalyd.reload import ReloadPlan, file_digest, plan_reload
 from anomalyd.sdnotify import Notifier, watchdog_interval
 from anomalyd.snapshot import SnapshotKeeper
 
@@ -70,11 +85,36 @@ _DRAIN_MAX_BYTES = 256 * 1024
 _HOUSEKEEPING_S = 1.0
 #: How often the start re-announces itself to systemd while waiting for the broker.
 _BROKER_WAIT_TICK_S = 5.0
+#: How long a reload waits for the pipeline thread to take what it hands over.
+_HANDOVER_TIMEOUT_S = 30.0
+
+
+def _session_options(model: ModelSection) -> SessionOptions:
+    return SessionOptions(
+        providers=model.providers,
+        intra_op_threads=model.intra_op_threads,
+        allow_spinning=model.allow_spinning,
+    )
+
+
+@dataclass(slots=True)
+class _Handover:
+    """What a reload hands the pipeline thread: the configuration to run with (None: no
+    live change for the pipeline) and a new model (None: keep serving the current one).
+    The pipeline thread fills ``error`` if it could not take them (then it changed nothing)."""
+
+    config: Config | None
+    model: LoadedModel | None
+    error: str | None = None
 
 
 class Service:
     """One anomalyd instance. ``start()`` then ``run_forever()``; ``request_stop()`` /
-    ``request_reload()`` from signal handlers or tests."""
+    ``request_reload()`` from signal handlers or tests.
+
+    ``config`` is what ``load_config(config_path, overrides)`` returned: a reload reads the
+    same file with the same overrides again (no ``config_path``: the embedded defaults).
+    """
 
     def __init__(
         self,
@@ -82,8 +122,12 @@ class Service:
         *,
         registry: CollectorRegistry | None = None,
         notifier: Notifier | None = None,
+        config_path: str | os.PathLike[str] | None = None,
+        overrides: dict[str, object] | None = None,
     ) -> None:
         self.config = config
+        self._config_path = Path(config_path) if config_path is not None else None
+        self._overrides = dict(overrides or {})
         self.registry = registry if registry is not None else CollectorRegistry()
         self.notifier = notifier if notifier is not None else Notifier()
         self.metrics = Metrics(self.registry, config.batching.max_batch, process=registry is None)
@@ -109,8 +153,12 @@ class Service:
         self._publisher: Publisher | None = None
         self._pipeline: threading.Thread | None = None
         self._reloader: threading.Thread | None = None
-        self._pending_model: LoadedModel | None = None
-        self._swapped = threading.Event()
+        # A reload's hand-over to the pipeline thread; the lock lets a reload that gave up
+        # waiting take it back, so that it is either applied whole or not at all.
+        self._handover: _Handover | None = None
+        self._handover_lock = threading.Lock()
+        self._handed_over = threading.Event()
+        self._model_digest: str | None = None  # of the serving model's file, read before loading it
         self.heartbeat = time.monotonic()
         self._watchdog_s = watchdog_interval() if self.notifier.enabled else None
         # The idle pipeline still turns (and beats) four times per ping interval, so an
@@ -142,7 +190,8 @@ class Service:
         self._wake.set()
 
     def request_reload(self) -> None:
-        """Reload the model file (SIGHUP); the old model serves until the new one is warm."""
+        """Reload the configuration and the model (SIGHUP); what runs stays until the new
+        configuration is checked and the new model (if it changed) is warm."""
         self._reload.set()
         self._wake.set()
 
@@ -154,7 +203,7 @@ class Service:
             self.request_stop()
 
         def on_hup(_signum: int, _frame: FrameType | None) -> None:
-            log.info("received SIGHUP: reloading the model")
+            log.info("received SIGHUP: reloading the configuration and the model")
             self.request_reload()
 
         signal.signal(signal.SIGTERM, on_stop)
@@ -177,15 +226,9 @@ class Service:
 
     # ------------------------------------------------------------------ start
 
-    def _session_options(self) -> SessionOptions:
-        m = self.config.model
-        return SessionOptions(
-            providers=m.providers, intra_op_threads=m.intra_op_threads, allow_spinning=m.allow_spinning
-        )
-
-    def _load_warm(self) -> LoadedModel:
-        model = load_model(self.config.model.path, self._session_options())
-        sizes = self.config.batching.warmup_sizes()
+    def _load_warm(self, cfg: Config) -> LoadedModel:
+        model = load_model(cfg.model.path, _session_options(cfg.model))
+        sizes = cfg.batching.warmup_sizes()
         t0 = time.perf_counter()
         model.warm_up(sizes)
         log.info(
@@ -218,13 +261,17 @@ class Service:
         password = cfg.mqtt.password()
         passphrase = cfg.mqtt.key_passphrase()
         self.notifier.status("loading model")
-        model = self._load_warm()
+        # Read before loading: a file replaced meanwhile then differs at the next reload.
+        self._model_digest = file_digest(cfg.model.path)
+        model = self._load_warm(cfg)
         self.model = model
         if self._stop.is_set():
             return False
         if cfg.metrics.enabled:
             try:
-                self.metrics_server = MetricsServer(self.registry, cfg.metrics.host, cfg.metrics.port)
+                self.metrics_server = MetricsServer.from_config(
+                    cfg.metrics, self.metrics, liveness=self.liveness, readiness=self.readiness
+                )
             except OSError as exc:
                 raise ConfigError(
                     f"cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port}: {exc.strerror or exc}",
@@ -274,6 +321,7 @@ class Service:
         self._pipeline = threading.Thread(
             target=self._run_pipeline_loop, name="anomalyd-pipeline", daemon=True
         )
+        self.heartbeat = time.monotonic()  # /healthz: the loading above was no stall
         self._pipeline.start()
         link.start()
         started = time.monotonic()
@@ -335,6 +383,35 @@ class Service:
             f"subscribed to {self.config.mqtt.topic_in} at {self.config.mqtt.host}:{self.config.mqtt.port}"
         )
 
+    # ------------------------------------------------------------------ health (HTTP /healthz, /readyz)
+
+    def liveness(self) -> dict[str, bool]:
+        """``/healthz`` checks (True: passing): the pipeline thread lives and its loop turned
+        within ``metrics.stall_timeout_s``, no batch has been in ONNX Runtime longer, the MQTT
+        network thread lives. A part not started yet passes; so do threads ended by a stop."""
+        now = time.monotonic()
+        stall_s = self.config.metrics.stall_timeout_s
+        thread, pipeline, link = self._pipeline, self.pipeline, self._link
+        return {
+            "pipeline_thread": thread is None or thread.is_alive() or self._draining.is_set(),
+            "pipeline_loop": thread is None or not thread.is_alive() or now - self.heartbeat < stall_s,
+            "inference": pipeline is None or pipeline.inference_age(now) < stall_s,
+            "mqtt_thread": link is None or link.alive or self._stop.is_set(),
+        }
+
+    def readiness(self) -> dict[str, bool]:
+        """``/readyz`` checks (True: passing): the start is complete (model warm, broker
+        connected, telemetry subscription granted) and no stop has begun; the broker is
+        connected and grants the telemetry subscription now; the daemon is not overloaded."""
+        link, pipeline, running = self._link, self.pipeline, self.ready.is_set()
+        return {
+            "model_loaded": self.model is not None,
+            "running": running,
+            "broker_connected": link is not None and link.connected,
+            "subscription_granted": running and link is not None and not link.subscription_denied,
+            "not_overloaded": pipeline is None or not pipeline.overloaded,
+        }
+
     # ------------------------------------------------------------------ main loop
 
     def run_forever(self) -> int:
@@ -354,7 +431,7 @@ class Service:
                 if self._reload.is_set() and (self._reloader is None or not self._reloader.is_alive()):
                     self._reload.clear()
                     self._reloader = threading.Thread(
-                        target=self._reload_model, name="anomalyd-reload", daemon=True
+                        target=self._run_reload, name="anomalyd-reload", daemon=True
                     )
                     self._reloader.start()
                 if wd and self._progressing(wd / 2):
@@ -373,8 +450,9 @@ class Service:
         inference_ok = self.pipeline is None or self.pipeline.inference_age(now) < max_age_s
         return pipeline_ok and link_ok and inference_ok and now - self.heartbeat < max_age_s
 
-    def shutdown(self) -> int:
-        """Stop in order; safe to call after a partial start. Returns the exit code."""
+    def shutdown(self, exit_code: int | None = None) -> int:
+        """Stop in order; safe to call after a partial start. Returns the exit code: that of
+        the failed start when ``exit_code`` is given (the log line must say what the process exits with)."""
         deadline = time.monotonic() + self.config.shutdown.drain_timeout_s
         self.notifier.stopping("draining")
         self.metrics.ready.set(0)
@@ -410,48 +488,132 @@ class Service:
         self.notifier.close()
         if self._pipeline_failed:
             return EXIT_INTERNAL
-        code = EXIT_FORCED if self._force.is_set() else EXIT_OK
+        code = exit_code if exit_code is not None else EXIT_FORCED if self._force.is_set() else EXIT_OK
         log.info("stopped (exit %d)", code)
         return code
 
     # ------------------------------------------------------------------ reload
 
-    def _reload_model(self) -> None:
+    def _run_reload(self) -> None:
+        """The reload thread: read the configuration again, load the model if it changed, and
+        hand what changes live to the pipeline thread; all of it, or on any failure none."""
         self.notifier.reloading()
+        source = str(self._config_path) if self._config_path is not None else "embedded defaults"
         try:
-            new = self._load_warm()
-        except AnomalydError as exc:
-            self._reload_failed(str(exc))
+            new = load_config(self._config_path, self._overrides)
+        except ConfigError as exc:
+            why = str(exc) if source in str(exc) else f"{source}: {exc}"
+            self._reload_failed("configuration reload", why)
             return
-        except Exception as exc:  # anything ORT throws must not take the server down
-            log.exception("model reload failed")
-            self._reload_failed(repr(exc))
+        plan = plan_reload(self.config, new)
+        # The model file is read again only when it (or how it is run) changed; an
+        # unreadable one is loaded anyway, so that the error says what is wrong with it.
+        digest = file_digest(plan.config.model.path)
+        model: LoadedModel | None = None
+        if plan.live_in("model") or digest is None or digest != self._model_digest:
+            try:
+                model = self._load_warm(plan.config)
+            except AnomalydError as exc:
+                self._reload_failed("model reload", str(exc), model=True)
+                return
+            except Exception as exc:  # anything ORT throws must not take the server down
+                log.exception("model reload failed")
+                self._reload_failed("model reload", repr(exc), model=True)
+                return
+        if plan.unchanged and model is None:
+            log.info(
+                "reload: nothing changed (configuration: %s; model file %s)", source, plan.config.model.path
+            )
+            self.metrics.config_reloads.labels(result="success").inc()
+            self.notifier.ready(self._status_line())
             return
-        self._swapped.clear()
-        self._pending_model = new
+        error = self._hand_over(_Handover(plan.config if plan.live else None, model))
+        if error is not None:
+            self._reload_failed(
+                "model reload" if model is not None else "reload", error, model=model is not None
+            )
+            return
+        self._reload_done(plan, model, digest)
+
+    def _hand_over(self, handover: _Handover) -> str | None:
+        """Give the pipeline thread what a reload changes and wait until it has taken it.
+        Returns None once it is applied, else why not (then none of it was applied)."""
+        self._handed_over.clear()
+        with self._handover_lock:
+            self._handover = handover
         self._queue.wake()
-        if not self._swapped.wait(30.0):
-            self._reload_failed("the pipeline did not take the new model within 30 s")
+        if not self._handed_over.wait(_HANDOVER_TIMEOUT_S):
+            with self._handover_lock:
+                if self._handover is handover:  # never taken: take it back
+                    self._handover = None
+                    return f"the pipeline thread did not take it within {_HANDOVER_TIMEOUT_S:.0f} s"
+            self._handed_over.wait()  # taken meanwhile: the pipeline thread is applying it
+        return handover.error
+
+    def _take_handover(self, pipeline: Pipeline) -> None:
+        """On the pipeline thread, between two passes: apply what a reload handed over."""
+        with self._handover_lock:
+            handover, self._handover = self._handover, None
+        if handover is None:
             return
-        self.metrics.model_reloads.labels(result="success").inc()
-        self.notifier.ready(self._status_line())
-        log.info("model reloaded: now serving %s", new.contract.model_version)
+        applied = False
+        try:
+            if handover.config is not None:
+                try:
+                    pipeline.apply_config(handover.config)
+                except ValueError as exc:  # Detector.reconfigure checks before it changes anything
+                    handover.error = f"the detector refused the new [detector]: {exc}"
+                    return
+                if self._publisher is not None:
+                    self._publisher.set_output(handover.config.output)
+            new = handover.model
+            if new is not None:
+                pipeline.swap_model(new)  # pending windows are scored by the old model first
+                self.model = new
+                if self._publisher is not None:
+                    self._publisher.set_model(new.contract.feature_names, new.contract.model_version)
+            assert self.model is not None
+            self._announce_model(self.model, pipeline.threshold)
+            applied = True
+        finally:
+            if not applied and handover.error is None:
+                handover.error = "the pipeline thread failed while applying it (see above)"
+            self._handed_over.set()
 
-    def _reload_failed(self, why: str) -> None:
-        self.metrics.model_reloads.labels(result="failure").inc()
-        old = self.model.contract.model_version if self.model else "?"
-        log.error("model reload failed, still serving %s: %s", old, why)
+    def _reload_done(self, plan: ReloadPlan, model: LoadedModel | None, digest: str | None) -> None:
+        """The reload thread, once the pipeline thread took its part: the rest, and the log."""
+        cfg = plan.config
+        if plan.live_in("logging"):
+            reconfigure_logging(cfg.logging.level, cfg.logging.format)
+        self.config = cfg
+        for change in plan.restart:
+            log.warning("reload: needs a restart: %s (the running value stays until then)", change.describe())
+        if plan.live:
+            log.info("reload: applied %s", "; ".join(c.describe() for c in plan.live))
+        if model is not None:
+            self._model_digest = digest
+            log.info("model reloaded: now serving %s", model.contract.model_version)
+        log.info(
+            "reload done: %s, static threshold %.6g%s",
+            self._status_line(),
+            self.threshold,
+            f"; {len(plan.restart)} change(s) wait for a restart" if plan.restart else "",
+        )
+        # Counted last: whoever watches the counters finds everything above done.
+        if model is not None:
+            self.metrics.model_reloads.labels(result="success").inc()
+        self.metrics.config_reloads.labels(result="success").inc()
         self.notifier.ready(self._status_line())
 
-    def _swap_model(self, new: LoadedModel) -> None:
-        """On the pipeline thread: finish pending windows with the old model, then switch."""
-        assert self.pipeline is not None
-        self.pipeline.swap_model(new)
-        self.model = new
-        if self._publisher is not None:
-            self._publisher.set_model(new.contract.feature_names, new.contract.model_version)
-        self._announce_model(new, self.pipeline.threshold)
-        self._swapped.set()
+    def _reload_failed(self, what: str, why: str, *, model: bool = False) -> None:
+        """Nothing of the reload was applied: say why at ERROR, count it (``model``: the
+        model part failed, which ``anomalyd_model_reloads_total`` counts too)."""
+        serving = self.model.contract.model_version if self.model else "?"
+        log.error("%s failed, still serving %s with the running configuration: %s", what, serving, why)
+        if model:
+            self.metrics.model_reloads.labels(result="failure").inc()
+        self.metrics.config_reloads.labels(result="failure").inc()
+        self.notifier.ready(self._status_line())
 
     # ------------------------------------------------------------------ pipeline thread
 
@@ -461,10 +623,8 @@ class Service:
         try:
             while not self._abort.is_set():
                 self.heartbeat = now = time.monotonic()
-                pending = self._pending_model
-                if pending is not None:
-                    self._pending_model = None
-                    self._swap_model(pending)
+                if self._handover is not None:
+                    self._take_handover(pipeline)
                 if self._draining.is_set():
                     self._drain_all(pipeline)
                     return
@@ -510,14 +670,23 @@ class Service:
         log.info("drained: %d windows scored during shutdown", pipeline.windows_scored - scored_before)
 
 
-def run_service(config: Config, registry: CollectorRegistry | None = None) -> int:
-    """Start and run until stopped (the ``anomalyd run`` command). Returns the exit code."""
-    service = Service(config, registry=registry)
+def run_service(
+    config: Config,
+    registry: CollectorRegistry | None = None,
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+    overrides: dict[str, object] | None = None,
+) -> int:
+    """Start and run until stopped (the ``anomalyd run`` command). Returns the exit code.
+
+    ``config_path`` and ``overrides`` are what ``config`` was loaded from: SIGHUP reads them again.
+    """
+    service = Service(config, registry=registry, config_path=config_path, overrides=overrides)
     service.install_signal_handlers()
     try:
         started = service.start()
-    except AnomalydError:
-        service.shutdown()
+    except AnomalydError as exc:
+        service.shutdown(exc.exit_code)
         raise
     if not started:
         return service.shutdown()

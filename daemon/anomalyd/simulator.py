@@ -9,13 +9,19 @@ Timestamps are placed so that no reading is ever stamped in the future when it i
 (the daemon rejects readings more than ``stream.max_future_skew_s`` ahead): at
 ``speed = 1`` the stream starts now, faster streams start far enough in the past to end
 about now.
+
+The demo puts every topic (telemetry, scores, alert states, status, commands) under a
+prefix of its own, ``anomalyd-demo/<random>/``, and removes what it left retained there
+when it ends: a broker it shares with real daemons and devices is left as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -24,15 +30,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 import numpy.typing as npt
 import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from anomalyd.broker import PrivateBroker
-from anomalyd.config import MqttConfig
-from anomalyd.errors import AnomalydError, BrokerError
+from anomalyd.config import Config, MqttConfig
+from anomalyd.errors import EX_SOFTWARE, AnomalydError, BrokerError
 from anomalyd.intake import IntakeQueue
 from anomalyd.mqtt import MqttLink, subscription_filter
 from anomalyd.synthetic import FEATURES, AnomalyEvent, DeviceSeries, FleetSpec, generate_fleet, interleave
@@ -316,6 +325,144 @@ class LiveView:
         print(f"{time.strftime('%H:%M:%S')}  {line}", file=self._out, flush=True)
 
 
+#: Where ``anomalyd demo`` looks for a broker when it is not given one.
+LOCAL_BROKER = ("127.0.0.1", 1883)
+
+#: First level of every topic ``anomalyd demo`` uses; the second is random, one per run.
+DEMO_TOPIC_ROOT = "anomalyd-demo"
+
+#: Retained messages the demo found under its prefix and could not clear are named in a
+#: warning; beyond this many, the rest are counted.
+_NAMED_MAX = 5
+
+
+def demo_topic_prefix() -> str:
+    """``anomalyd-demo/<8 random hex digits>``: a prefix that no other run (demo or real
+    daemon) uses, so that the demo neither reads nor changes their messages."""
+    return f"{DEMO_TOPIC_ROOT}/{secrets.token_hex(4)}"
+
+
+def demo_topic_overrides(prefix: str) -> dict[str, object]:
+    """Configuration overrides that put every topic the daemon uses under ``prefix/``:
+    telemetry in; scores, batches, alert states and status out; operator commands. Each is
+    the default topic with ``prefix/`` in front."""
+    defaults = Config()
+    return {
+        "mqtt.topic_in": f"{prefix}/{defaults.mqtt.topic_in}",
+        "output.score_topic": f"{prefix}/{defaults.output.score_topic}",
+        "output.batch_topic": f"{prefix}/{defaults.output.batch_topic}",
+        "output.alert_topic": f"{prefix}/{defaults.output.alert_topic}",
+        "output.status_topic": f"{prefix}/{defaults.output.status_topic}",
+        "commands.topic": f"{prefix}/{defaults.commands.topic}",
+    }
+
+
+def clear_retained(host: str, port: int, prefix: str, timeout: float = 10.0) -> list[str]:
+    """Delete every message the broker at ``host:port`` retains under ``prefix/``; return
+    their topics, sorted.
+
+    The broker hands over what it retains under ``prefix/#`` right after granting that
+    subscription, before anything published later on the same connection: so once a marker
+    message this client publishes after the SUBACK comes back, the list is complete. Each
+    is then overwritten with an empty retained message (MQTT's way of deleting one), at
+    QoS 1, and acknowledged before this returns.
+
+    Raises ``BrokerError`` if the broker cannot be reached, refuses the connection, the
+    subscription or a deletion, or has not answered within ``timeout`` seconds.
+    """
+    if not prefix or any(c in prefix for c in "+#\0") or prefix.startswith("$"):
+        raise ValueError(f"expected a topic prefix without wildcards, got {prefix!r}")
+    where = f"MQTT broker {host}:{port}"
+    marker_topic = f"{prefix}/end-of-retained"
+    marker = secrets.token_hex(8).encode()
+    retained: set[str] = set()
+    refused: list[str] = []
+    listed = threading.Event()
+
+    def on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            refused.append(f"the connection ({reason})")
+            listed.set()
+            return
+        c.subscribe(f"{prefix}/#", qos=1)
+
+    def on_subscribe(c: mqtt.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
+        if any(r.is_failure for r in reasons):
+            refused.append(f"the subscription to {prefix}/# ({reasons[0]})")
+            listed.set()
+            return
+        c.publish(marker_topic, marker, qos=1)
+
+    def on_message(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == marker_topic and msg.payload == marker:
+            listed.set()
+        elif msg.retain and msg.payload and not listed.is_set():
+            retained.add(msg.topic)
+
+    failed_mids: dict[int, str] = {}
+
+    def on_publish(_c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        if reason.is_failure:  # MQTT 5: a PUBACK can refuse (an ACL, for one)
+            failed_mids[mid] = str(reason)
+
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"anomalyd-demo-cleanup-{os.getpid()}", protocol=mqtt.MQTTv5
+    )
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    client.on_publish = on_publish
+    deadline = time.monotonic() + timeout
+    try:
+        client.connect(host, port, keepalive=30)
+    except OSError as exc:
+        raise BrokerError(f"cannot connect to {where}: {exc}") from None
+    client.loop_start()
+    try:
+        if not listed.wait(timeout):
+            raise BrokerError(f"{where} did not list its retained messages within {timeout:g} s")
+        if refused:
+            raise BrokerError(f"{where} refused {refused[0]}")
+        topics = sorted(retained)
+        infos = [client.publish(t, b"", qos=1, retain=True) for t in topics]
+        for info in infos:
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise BrokerError(f"cannot send to {where}: {mqtt.error_string(info.rc)}")
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        left = [
+            t
+            for t, info in zip(topics, infos, strict=True)
+            if not info.is_published() or info.mid in failed_mids
+        ]
+        if left:
+            named = ", ".join(left[:_NAMED_MAX]) + (
+                f" and {len(left) - _NAMED_MAX} more" if len(left) > _NAMED_MAX else ""
+            )
+            raise BrokerError(f"{where} did not acknowledge the deletion of {named}")
+        return topics
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _clear_demo_retained(host: str, port: int, prefix: str, out: TextIO) -> None:
+    """``clear_retained`` for the demo's prefix, and a line saying what it did."""
+    try:
+        cleared = clear_retained(host, port, prefix)
+    except BrokerError as exc:
+        log.warning(
+            "could not remove the retained messages the demo left under %s/: %s; remove them with "
+            "`mosquitto_sub -h %s -p %d -t '%s/#' --remove-retained -W 2`",
+            prefix,
+            exc,
+            host,
+            port,
+            prefix,
+        )
+        return
+    print(f"removed the {len(cleared)} retained messages the demo left under {prefix}/", file=out, flush=True)
+
+
 def _broker_listening(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -330,8 +477,8 @@ def _start_private_broker() -> PrivateBroker:
         private = PrivateBroker()
     except BrokerError as exc:
         raise BrokerError(
-            f"no MQTT broker listens on 127.0.0.1:1883 and none can be started here: {exc}; "
-            "or pass --broker HOST:PORT"
+            f"no MQTT broker listens on {LOCAL_BROKER[0]}:{LOCAL_BROKER[1]} and none can be started "
+            f"here: {exc}; or pass --broker HOST:PORT"
         ) from None
     try:
         private.start()
@@ -339,6 +486,36 @@ def _start_private_broker() -> PrivateBroker:
         private.close()
         raise
     return private
+
+
+class _StopSignals:
+    """While in use: SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal went away) set
+    ``stop``, so that the demo ends in order instead of where it stands; the second and
+    later ones also call ``on_repeat`` (the demo forces the daemon's stop with it)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.received = 0
+        self.on_repeat: Callable[[], None] | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, _signum: int, _frame: FrameType | None) -> None:
+        self.received += 1
+        self.stop.set()
+        if self.received > 1 and self.on_repeat is not None:
+            self.on_repeat()
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, previous in self._previous.items():
+            # None: a handler installed from C, which Python cannot put back; the default it is.
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 def run_demo(
@@ -350,32 +527,89 @@ def run_demo(
     out: TextIO | None = None,
     stop: threading.Event | None = None,
 ) -> int:
-    """The ``anomalyd demo`` command: broker (found or started), daemon, simulator, live view."""
+    """The ``anomalyd demo`` command: broker (found or started), daemon, simulator, live view.
+
+    Every topic it uses lies under a prefix of its own (``demo_topic_prefix``). However it
+    ends (``stop``, Ctrl-C, SIGTERM, SIGHUP, an error) it stops in order: the simulator and
+    the daemon (which drains and publishes its final states), the live view, then what it
+    left retained under its prefix on a broker it found, then a private broker. A second
+    signal skips the daemon's drain (exit 130). Call it from the main thread (signals).
+    """
+    out = out or sys.stdout
+    stop = stop or threading.Event()
+    with _StopSignals(stop) as signals, contextlib.ExitStack() as on_exit:
+        private: PrivateBroker | None = None
+        if broker is None:
+            broker = LOCAL_BROKER
+            if not _broker_listening(*broker):
+                private = _start_private_broker()
+                on_exit.callback(private.close)  # registered first, so it runs last
+                broker = (private.host, private.port)
+                print(f"started a private mosquitto on {private.address}", file=out)
+        host, port = broker
+        prefix = demo_topic_prefix()
+        if private is None:
+            # A broker someone else runs is left as it was; a private one goes with everything on it.
+            on_exit.callback(_clear_demo_retained, host, port, prefix, out)
+        return _demo(
+            settings,
+            host=host,
+            port=port,
+            prefix=prefix,
+            model_path=model_path,
+            metrics_addr=metrics_addr,
+            out=out,
+            stop=stop,
+            signals=signals,
+        )
+
+
+def _demo(
+    settings: SimulationSettings,
+    *,
+    host: str,
+    port: int,
+    prefix: str,
+    model_path: Path | None,
+    metrics_addr: tuple[str, int],
+    out: TextIO,
+    stop: threading.Event,
+    signals: _StopSignals,
+) -> int:
+    """Daemon, simulator and live view on the broker at ``host:port``, under ``prefix``,
+    until ``stop``; then the daemon stopped, the simulator and the view closed."""
     from anomalyd.config import load_config
     from anomalyd.service import Service
 
-    out = out or sys.stdout
-    stop = stop or threading.Event()
-    private: PrivateBroker | None = None
-    if broker is None:
-        broker = ("127.0.0.1", 1883)
-        if not _broker_listening(*broker):
-            private = _start_private_broker()
-            broker = ("127.0.0.1", private.port)
-            print(f"started a private mosquitto on 127.0.0.1:{private.port}", file=out)
-    host, port = broker
+    if stop.is_set():
+        return 130  # interrupted while the broker was being started
     overrides: dict[str, object] = {
         "mqtt.host": host,
         "mqtt.port": port,
         "metrics.host": metrics_addr[0],
         "metrics.port": metrics_addr[1],
         "logging.level": "WARNING",
+        **demo_topic_overrides(prefix),
     }
     if model_path is not None:
         overrides["model.path"] = str(model_path)
     config = load_config(None, overrides)
     service = Service(config)
-    previous = signal.signal(signal.SIGINT, lambda _s, _f: stop.set())
+
+    stop_requests = 0
+
+    def request_stop() -> None:
+        nonlocal stop_requests
+        stop_requests += 1
+        service.request_stop()
+
+    def force_stop() -> None:
+        # The service takes its second stop request as "stop now, skip the drain".
+        while stop_requests < 2:
+            request_stop()
+
+    signals.on_repeat = force_stop
+    settings = replace(settings, topic_template=config.mqtt.topic_in)
     queue = IntakeQueue(100_000)
     viewer = MqttLink(
         _mqtt_config(host, port),
@@ -388,66 +622,103 @@ def run_demo(
         ],
         name="view-mqtt",
     )
-    runner = threading.Thread(target=_run_daemon, args=(service, stop), name="anomalyd-demo-daemon")
+    outcome = _DaemonOutcome()
+    runner = threading.Thread(target=_run_daemon, args=(service, stop, outcome), name="anomalyd-demo-daemon")
+    sim = threading.Thread(
+        target=simulate, args=(settings, host, port, None, stop), name="anomalyd-demo-sim", daemon=True
+    )
+    began = False
     try:
         runner.start()
         while not service.ready.wait(0.2):
             if stop.is_set() or not runner.is_alive():
-                return 1 if not stop.is_set() else 130
-        assert service.model is not None
-        c = service.model.contract
-        print(
-            f"anomalyd demo: broker {host}:{port}, model {c.model_version} "
-            f"({c.kind}, window {c.window_length}), threshold {service.threshold:.3g}, "
-            f"metrics http://{metrics_addr[0]}:{service.metrics_port}/metrics",
-            file=out,
-        )
-        span = settings.duration_s / settings.speed
-        first = c.window_length / settings.rate_hz / settings.speed
-        print(
-            f"simulating {settings.devices} devices at {settings.rate_hz:g} Hz, "
-            f"{settings.duration_s:.0f} s of data at {settings.speed:g}x ({span:.0f} s); "
-            f"the first scores come after one window ({first:.1f} s). Ctrl-C stops.",
-            file=out,
-            flush=True,
-        )
-        viewer.start()
-        viewer.wait_connected(10.0)
-        sim = threading.Thread(
-            target=simulate, args=(settings, host, port, None, stop), name="anomalyd-demo-sim", daemon=True
-        )
-        sim.start()
-        view = LiveView(out)
-        announced = False
-        while not stop.is_set() and runner.is_alive():
-            queue.wait(0.2)
-            for msg in queue.drain(10_000):
-                view.handle(msg.topic, msg.payload, msg.retained)
-            view.tick()
-            if not announced and not sim.is_alive() and not stop.is_set():
-                announced = True
-                print("simulation finished; the daemon keeps running. Ctrl-C stops.", file=out, flush=True)
-        stale = f" ({view.stale} retained alert states left by earlier runs not shown)" if view.stale else ""
-        print(f"stopping: {view.scores} scores and {view.raised} alerts seen{stale}", file=out, flush=True)
-        return 0
+                break
+        else:
+            began = True
+            assert service.model is not None
+            c = service.model.contract
+            print(
+                f"anomalyd demo: broker {host}:{port}, model {c.model_version} "
+                f"({c.kind}, window {c.window_length}), threshold {service.threshold:.3g}, "
+                f"metrics http://{metrics_addr[0]}:{service.metrics_port}/metrics",
+                file=out,
+            )
+            print(
+                f"topics under {prefix}/: telemetry {config.mqtt.topic_in}, "
+                f"scores {config.output.score_topic}, alerts {config.output.alert_topic}, "
+                f"status {config.output.status_topic}",
+                file=out,
+            )
+            span = settings.duration_s / settings.speed
+            first = c.window_length / settings.rate_hz / settings.speed
+            print(
+                f"simulating {settings.devices} devices at {settings.rate_hz:g} Hz, "
+                f"{settings.duration_s:.0f} s of data at {settings.speed:g}x ({span:.0f} s); "
+                f"the first scores come after one window ({first:.1f} s). Ctrl-C stops.",
+                file=out,
+                flush=True,
+            )
+            viewer.start()
+            viewer.wait_connected(10.0)
+            sim.start()
+            _watch(queue, sim, runner, stop, out)
     finally:
+        # Readings stop, then the daemon drains and publishes its last states while the
+        # broker is still there to take them; the simulator's and the view's connections
+        # close cleanly before anyone stops the broker.
         stop.set()
-        service.request_stop()
-        runner.join(30.0)
+        if stop_requests == 0:
+            request_stop()
+        runner.join(60.0)
+        if sim.ident is not None:
+            sim.join(30.0)
         viewer.close(2.0)
-        signal.signal(signal.SIGINT, previous)
-        if private is not None:
-            private.close()
+    if outcome.exit_code is None:
+        # Still running, or its thread died of an unexpected error (its traceback is printed).
+        log.error("the daemon %s", "did not stop within 60 s" if runner.is_alive() else "failed")
+        return EX_SOFTWARE
+    if not began and signals.received and outcome.exit_code == 0:
+        return 130  # interrupted before the demo began: nothing was shown
+    return outcome.exit_code
 
 
-def _run_daemon(service: Service, stop: threading.Event) -> None:
+def _watch(
+    queue: IntakeQueue, sim: threading.Thread, runner: threading.Thread, stop: threading.Event, out: TextIO
+) -> None:
+    """The live view, until ``stop`` or the daemon's end."""
+    view = LiveView(out)
+    announced = False
+    while not stop.is_set() and runner.is_alive():
+        queue.wait(0.2)
+        for msg in queue.drain(10_000):
+            view.handle(msg.topic, msg.payload, msg.retained)
+        view.tick()
+        if not announced and not sim.is_alive() and not stop.is_set():
+            announced = True
+            print("simulation finished; the daemon keeps running. Ctrl-C stops.", file=out, flush=True)
+    print(f"stopping: {view.scores} scores and {view.raised} alerts seen", file=out, flush=True)
+
+
+@dataclass
+class _DaemonOutcome:
+    """How the demo's daemon thread ended: ``exit_code`` as ``anomalyd run`` would exit
+    with it; None while it runs."""
+
+    exit_code: int | None = None
+
+
+def _run_daemon(service: Service, stop: threading.Event, outcome: _DaemonOutcome) -> None:
+    """The demo's daemon thread: start, run until ``request_stop()``, stop in order. Sets
+    ``stop`` when it ends, so that a daemon that fails (at start or later) ends the demo."""
     try:
         if service.start():
-            # run_forever returns once request_stop() was called (by run_demo's finally).
-            service.run_forever()
+            # run_forever returns once request_stop() was called (by _demo's finally).
+            outcome.exit_code = service.run_forever()
         else:
-            service.shutdown()
+            outcome.exit_code = service.shutdown()
     except AnomalydError as exc:
         log.error("daemon failed to start: %s", exc)
         service.shutdown()
+        outcome.exit_code = exc.exit_code
+    finally:
         stop.set()

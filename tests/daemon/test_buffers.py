@@ -132,20 +132,26 @@ def test_gap_resets_the_device() -> None:
     assert b.ingest(batch([("a", 32, 0)])).resets == 0  # exactly max_gap_s is not a gap
 
 
-def test_lru_eviction() -> None:
+def test_a_newcomer_takes_the_slot_of_the_least_recent_device_on_probation() -> None:
     b = buffers(L=2, max_devices=2)
     b.ingest(batch([("a", 1, 1), ("b", 1, 1)]))
-    b.ingest(batch([("a", 2, 2)]))  # b is now the least recently seen
+    b.ingest(batch([("a", 2, 2)]))  # a: a full window, established; b: on probation
+    assert b.is_established("a")
+    assert not b.is_established("b")
     r = b.ingest(batch([("c", 1, 1)]))
     assert r.evicted == ["b"]
     assert b.n_devices == 2
     assert b.readings("b") == 0
-    r = b.ingest(batch([("b", 5, 5), ("b", 6, 6)]))  # b comes back fresh; a goes
-    assert r.evicted == ["a"]
+    # b comes back fresh. Before admission existed a, the least recently seen, went; now
+    # a is established and only c, on probation, can give up its slot.
+    r = b.ingest(batch([("b", 5, 5), ("b", 6, 6)]))
+    assert r.evicted == ["c"]
     assert firsts(r.ready) == [[5, 6]]
+    assert b.is_established("a")
+    assert b.readings("a") == 2
 
 
-def test_device_limit_only_when_every_slot_is_in_the_batch() -> None:
+def test_device_limit_only_when_every_device_on_probation_is_in_the_batch() -> None:
     b = buffers(L=2, max_devices=2)
     r = b.ingest(batch([("a", 1, 1), ("b", 1, 1), ("c", 1, 1), ("a", 2, 2)]))
     assert [x.reason for x in r.rejections] == [Reason.DEVICE_LIMIT]
@@ -181,41 +187,84 @@ def test_bad_arguments() -> None:
 
 
 class Reference:
-    """Plain-Python model of DeviceBuffers, reading by reading."""
+    """Plain-Python model of DeviceBuffers, reading by reading.
 
-    def __init__(self, L: int, hop: int, warmup: str, max_devices: int, max_gap: float) -> None:  # noqa: N803
+    Admission: a device is on probation until it has L readings since (re)start, then
+    established (at most ``max_devices - probation`` at once); a newcomer takes a free
+    slot, else the least recently seen device on probation not seen in this batch, else it
+    is refused.
+    """
+
+    def __init__(  # noqa: PLR0917
+        self,
+        L: int,  # noqa: N803
+        hop: int,
+        warmup: str,
+        max_devices: int,
+        max_gap: float,
+        probation: int | None = None,
+    ) -> None:
         self.L, self.hop, self.max_devices, self.max_gap = L, hop, max_devices, max_gap
         self.start = L if warmup == "wait" else 1
+        reserve = max_devices // 10 if probation is None else min(probation, max_devices)
+        self.max_established = max_devices - reserve
         self.hist: dict[str, list[float]] = {}
         self.last: dict[str, float] = {}
         self.lru: OrderedDict[str, None] = OrderedDict()
+        self.probation: OrderedDict[str, None] = OrderedDict()
+        self.established: set[str] = set()
+
+    def forget(self, dev: str) -> None:
+        del self.lru[dev]
+        self.probation.pop(dev, None)
+        self.established.discard(dev)
+        self.hist.pop(dev)
+        self.last.pop(dev)
+
+    def admit(
+        self, rows: list[tuple[str, float, float]], counts: dict[str, int]
+    ) -> list[tuple[str, float, float]]:
+        """The slot mapping pass, as in the real thing: the rows that got a slot."""
+        touched: set[str] = set()
+        keep: list[tuple[str, float, float]] = []
+        for dev, ts, v in rows:
+            if dev not in self.lru:
+                if len(self.lru) >= self.max_devices:
+                    victim = next(iter(self.probation), None)
+                    if victim is None or victim in touched:
+                        counts[Reason.DEVICE_LIMIT] = counts.get(Reason.DEVICE_LIMIT, 0) + 1
+                        continue
+                    self.forget(victim)
+                    counts["evicted"] += 1
+                self.lru[dev] = None
+                self.probation[dev] = None
+                self.hist[dev] = []
+                self.last[dev] = -np.inf
+            if dev not in touched:
+                self.lru.move_to_end(dev)
+                if dev in self.probation:
+                    self.probation.move_to_end(dev)
+                touched.add(dev)
+            keep.append((dev, ts, v))
+        return keep
+
+    def promote(self, full: list[tuple[int, int, str]]) -> None:
+        """Establish devices that held a full window, in the real order: by round (the
+        device's k-th reading of the batch), then by position in the batch."""
+        for _, _, dev in sorted(full):
+            if dev in self.probation and len(self.established) < self.max_established:
+                del self.probation[dev]
+                self.established.add(dev)
 
     def ingest(
         self, rows: list[tuple[str, float, float]]
     ) -> tuple[dict[str, list[tuple[list[float], bool]]], dict[str, int]]:
         windows: dict[str, list[tuple[list[float], bool]]] = {}
         counts = {"accepted": 0, "resets": 0, "evicted": 0}
-        touched: set[str] = set()
-        keep: list[tuple[str, float, float]] = []
-        for dev, ts, v in rows:  # slot mapping pass, as in the real thing
-            if dev not in self.lru:
-                if len(self.lru) >= self.max_devices:
-                    victim = next(iter(self.lru))
-                    if victim in touched:
-                        counts[Reason.DEVICE_LIMIT] = counts.get(Reason.DEVICE_LIMIT, 0) + 1
-                        continue
-                    del self.lru[victim]
-                    self.hist.pop(victim)
-                    self.last.pop(victim)
-                    counts["evicted"] += 1
-                self.lru[dev] = None
-                self.hist[dev] = []
-                self.last[dev] = -np.inf
-            if dev not in touched:
-                self.lru.move_to_end(dev)
-                touched.add(dev)
-            keep.append((dev, ts, v))
-        for dev, ts, v in keep:
+        occurrence: dict[str, int] = {}
+        full: list[tuple[int, int, str]] = []
+        for pos, (dev, ts, v) in enumerate(self.admit(rows, counts)):
+            k = occurrence[dev] = occurrence.get(dev, -1) + 1
             if ts <= self.last[dev]:
                 r = Reason.DUPLICATE if ts == self.last[dev] else Reason.OUT_OF_ORDER
                 counts[r] = counts.get(r, 0) + 1
@@ -227,9 +276,12 @@ class Reference:
             self.hist[dev].append(v)
             counts["accepted"] += 1
             c = len(self.hist[dev])
+            if c >= self.L:
+                full.append((k, pos, dev))
             if c >= self.start and (c - self.start) % self.hop == 0:
                 tail = self.hist[dev][-self.L :]
                 windows.setdefault(dev, []).append(([tail[0]] * (self.L - len(tail)) + tail, c < self.L))
+        self.promote(full)
         return windows, counts
 
 
@@ -238,6 +290,7 @@ class Reference:
     hop=st.integers(1, 3),
     warmup=st.sampled_from(["wait", "pad"]),
     max_devices=st.integers(1, 4),
+    probation=st.one_of(st.none(), st.integers(0, 5)),
     batches=st.lists(
         st.lists(
             st.tuples(st.sampled_from("abcde"), st.sampled_from([-2.0, 0.0, 1.0, 1.0, 1.0, 2.0, 30.0])),
@@ -248,15 +301,16 @@ class Reference:
     ),
 )
 @settings(max_examples=300, deadline=None)
-def test_windows_match_reference_model(
+def test_windows_match_reference_model(  # noqa: PLR0917
     L: int,  # noqa: N803
     hop: int,
     warmup: Literal["wait", "pad"],
     max_devices: int,
+    probation: int | None,
     batches: list[list[tuple[str, float]]],
 ) -> None:
-    real = DeviceBuffers(max_devices, L, F, hop, warmup, 10.0)
-    ref = Reference(L, hop, warmup, max_devices, 10.0)
+    real = DeviceBuffers(max_devices, L, F, hop, warmup, 10.0, probation_slots=probation)
+    ref = Reference(L, hop, warmup, max_devices, 10.0, probation)
     clock = dict.fromkeys("abcde", 1000.0)
     value = 0.0
     for steps in batches:
@@ -278,6 +332,8 @@ def test_windows_match_reference_model(
         for reason in (Reason.DUPLICATE, Reason.OUT_OF_ORDER, Reason.DEVICE_LIMIT):
             assert sum(r.reason == reason for r in got.rejections) == counts.get(reason, 0)
         assert real.n_devices == len(ref.lru)
+        assert sorted(d for d in real.devices() if real.is_established(d)) == sorted(ref.established)
+        assert real.n_probation == len(ref.probation)
         assert got.ready.padded.dtype == np.bool_
         assert got.ready.end_ts.shape == got.ready.arrival_mono.shape == (len(got.ready),)
 
@@ -392,17 +448,21 @@ def test_a_gap_restarts_the_steps_and_keeps_the_verdict() -> None:
 
 
 def test_eviction_clears_the_cadence_state() -> None:
-    b = cadence_buffers(max_devices=2)
+    # L = 16: 12 readings give a verdict (8 steps) but no full window, so a is still on
+    # probation and a newcomer may take its slot (an established device would keep it).
+    b = cadence_buffers(L=16, max_devices=2)
     b.ingest(batch(series("a", 1000.0 + 5.0 * np.arange(12))))
     assert b.n_cadence_mismatched == 1
+    assert not b.is_established("a")
     b.ingest(batch(series("b", [1.0]) + series("c", [1.0])))  # a is the least recent: evicted
     assert b.n_cadence_mismatched == 0
-    r = b.ingest(batch(series("a", 5000.0 + np.arange(10))))  # back fresh at 1 Hz (b goes)
+    r = b.ingest(batch(series("a", 5000.0 + np.arange(20))))  # back fresh at 1 Hz (b goes)
+    assert r.evicted == ["b"]
     assert r.cadence_changes == []
-    assert len(r.ready) == 7
+    assert len(r.ready) == 5
     b.ingest(batch(series("a", 6000.0 + 5.0 * np.arange(12))))
     assert b.n_cadence_mismatched == 1
-    assert sorted(b.evict_idle(now_mono=1e9, idle_s=1.0)) == ["a", "c"]
+    assert sorted(b.evict_idle(now_mono=1e9, idle_s=1.0)) == ["a", "c"]  # established a too
     assert b.n_cadence_mismatched == 0
 
 
@@ -559,10 +619,15 @@ def test_import_keeps_the_most_recent_devices_and_their_clock() -> None:
     b = cadence_buffers(max_devices=3)
     assert b.import_state(a.export_state(), now_mono=100.0) == 3
     assert b.devices() == ["c", "d", "e"]
+    assert b.n_established == 3  # full windows: established before, established again
+    # Every slot holds an established device (no probation slots with 3): a newcomer is
+    # refused until one idles out. (Before admission existed, c, the least recent, went.)
     r = b.ingest(batch(series("f", [100.0])))  # arrives at 100.5
-    assert r.evicted == ["c"]  # the least recent of the restored ones goes first
+    assert r.evicted == []
+    assert [x.reason for x in r.rejections] == [Reason.DEVICE_LIMIT]
     assert b.evict_idle(now_mono=100.9, idle_s=1.0) == []
-    assert sorted(b.evict_idle(now_mono=101.2, idle_s=1.0)) == ["d", "e"]  # restored "at" 100
+    assert sorted(b.evict_idle(now_mono=101.2, idle_s=1.0)) == ["c", "d", "e"]  # restored "at" 100
+    assert b.ingest(batch(series("f", [101.0]))).accepted == 1
 
 
 def test_empty_state_round_trip() -> None:
@@ -600,6 +665,11 @@ def _state() -> dict[str, np.ndarray]:
         (lambda s: s["windows"].__setitem__((0, 0, 0), np.nan), "non-finite"),
         (lambda s: s["last_ts"].__setitem__(0, np.nan), "'last_ts'"),
         (lambda s: s.update(version=np.array(2)), "version 2"),
+        (lambda s: s.update(established=np.array([1, 0])), "'established' must be a bool array"),
+        (
+            lambda s: s.update(established=np.array([True])),
+            r"'established' must be a bool array of shape \(2,\)",
+        ),
     ],
 )
 def test_malformed_state_is_refused_clearly(change: object, match: str) -> None:
@@ -640,24 +710,12 @@ class CadenceReference(Reference):
         windows: dict[str, list[list[float]]] = {}
         skipped = 0
         changes: list[tuple[str, bool, float, float]] = []
-        keep: list[tuple[str, float, float]] = []
-        touched: set[str] = set()
-        for dev, ts, v in rows:  # slot mapping as in Reference.ingest
-            if dev not in self.lru:
-                if len(self.lru) >= self.max_devices:
-                    victim = next(iter(self.lru))
-                    if victim in touched:
-                        continue
-                    del self.lru[victim]
-                    for d in (self.hist, self.last, self.steps, self.mis):
-                        d.pop(victim)
-                self.lru[dev] = None
-                self.hist[dev], self.last[dev], self.steps[dev], self.mis[dev] = [], -np.inf, [], False
-            if dev not in touched:
-                self.lru.move_to_end(dev)
-                touched.add(dev)
-            keep.append((dev, ts, v))
-        for dev, ts, v in keep:
+        occurrence: dict[str, int] = {}
+        full: list[tuple[int, int, str]] = []
+        for pos, (dev, ts, v) in enumerate(self.admit(rows, {"evicted": 0})):
+            k = occurrence[dev] = occurrence.get(dev, -1) + 1
+            if dev not in self.steps:  # a newcomer
+                self.steps[dev], self.mis[dev] = [], False
             if ts <= self.last[dev]:
                 continue
             if np.isfinite(self.last[dev]):
@@ -679,13 +737,21 @@ class CadenceReference(Reference):
             self.last[dev] = ts
             self.hist[dev].append(v)
             c = len(self.hist[dev])
+            if c >= self.L:
+                full.append((k, pos, dev))
             if c >= self.start and (c - self.start) % self.hop == 0:
                 if self.mis[dev]:
                     skipped += 1
                 else:
                     tail = self.hist[dev][-self.L :]
                     windows.setdefault(dev, []).append([tail[0]] * (self.L - len(tail)) + tail)
+        self.promote(full)
         return windows, skipped, changes
+
+    def forget(self, dev: str) -> None:
+        super().forget(dev)
+        self.steps.pop(dev)
+        self.mis.pop(dev)
 
 
 @given(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def test_run_with_a_bad_option_value_exits_78_with_one_line() -> None:
     out = anomalyd("run", "--broker", "localhost:notaport")
     assert out.returncode == 78
     assert out.stderr.strip().splitlines() == [
-        "anomalyd: --broker: expected a port number after ':', got 'notaport'"
+        "anomalyd: --broker: expected a port between 1 and 65535 in 'localhost:notaport', got 'notaport'"
     ]
     out = anomalyd("run", "--config", "/nonexistent/anomalyd.toml")
     assert out.returncode == 78
@@ -283,3 +284,42 @@ def test_demo_view_shows_states_and_keeps_a_first_normal_quiet() -> None:
     lines = out.getvalue().splitlines()
     assert [line.split("m-1")[1].split()[0] for line in lines] == ["raised", "cleared", "unknown"]
     assert lines[-1].endswith("unknown (idle)")
+
+
+def test_run_takes_an_mqtts_url_and_connects_with_tls(
+    tmp_path: Path, broker_factory: Callable[..., MosquittoBroker], tiny_model: Callable[..., Path]
+) -> None:
+    """An ``mqtts://`` address: host and port taken apart, and the daemon connects to a
+    TLS-only listener."""
+    from tests.broker import TlsFiles
+    from tests.daemon_process import NotifyListener
+
+    files = TlsFiles.create(tmp_path / "tls")
+    secured = broker_factory(tls=files)
+    config = tmp_path / "anomalyd.toml"
+    config.write_text(
+        f'[mqtt]\nhost = "mqtts://127.0.0.1:{secured.port}"\n[mqtt.tls]\nca_file = "{files.ca_cert}"\n'
+        f'[model]\npath = "{tiny_model()}"\n[metrics]\nport = 0\n'
+    )
+    notify = NotifyListener(tmp_path / "notify.sock")
+    env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID")}
+    env["NOTIFY_SOCKET"] = str(notify.path)
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "anomalyd", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+    try:
+        notify.wait_for("READY=1", 60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        notify.close()
+    assert f"at 127.0.0.1:{secured.port}" in log.read_text()

@@ -299,6 +299,7 @@ def test_example_file_documents_every_key_with_its_default() -> None:
         ("batching", "warmup_batch_sizes"),
         ("detector", "threshold"),
         ("state", "directory"),
+        ("stream", "probation_slots"),
     ]:
         raw[sect].pop(key)  # examples for keys whose default is unset / machine-specific
     assert Config.model_validate(raw) == Config()
@@ -328,3 +329,131 @@ def test_state_directory_from_the_key_else_systemds_state_directory(
 def test_command_topic_needs_device_and_verb_levels(topic: str) -> None:
     with pytest.raises(ConfigError, match=r"commands\.topic"):
         load_config(None, {"commands.topic": topic})
+
+
+# --------------------------------------------------------------------------- broker addresses
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("broker.plant", ("broker.plant", 1883, False)),
+        ("10.0.0.7", ("10.0.0.7", 1883, False)),
+        ("::1", ("::1", 1883, False)),
+        ("mosquitto_1", ("mosquitto_1", 1883, False)),  # container names resolve with '_'
+        ("broker.plant:1884", ("broker.plant", 1884, False)),
+        ("[fd00::7]:1884", ("fd00::7", 1884, False)),
+        ("mqtt://broker.example:1883", ("broker.example", 1883, False)),
+        ("mqtt://127.0.0.1:18831", ("127.0.0.1", 18831, False)),
+        ("tcp://broker.example", ("broker.example", 1883, False)),
+        ("mqtt://[::1]:1999/", ("::1", 1999, False)),
+        ("mqtts://broker.example", ("broker.example", 8883, True)),
+        ("ssl://broker.example:9883", ("broker.example", 9883, True)),
+        ("MQTTS://Broker.Example", ("Broker.Example", 8883, True)),
+    ],
+)
+def test_broker_addresses_become_host_port_and_tls(host: str, expected: tuple[str, int, bool]) -> None:
+    cfg = load_config(None, {"mqtt.host": host})
+    assert (cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.tls is not None) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "fragment"),
+    [
+        ("not a host!!", "expected a host name or an IP address"),
+        ("mqtt://broker.example:1883:1883", "more than one ':'"),
+        ("broker:port", "expected a port between 1 and 65535"),
+        ("mqtt://broker:0", "expected a port between 1 and 65535"),
+        ("mqtt://broker:70000", "expected a port between 1 and 65535"),
+        ("1883", "not a valid IPv4"),
+        ("300.1.1.1", "not a valid IPv4"),
+        ("ws://broker:8080/mqtt", "websockets (ws://) is not supported"),
+        ("wss://broker/mqtt", "write mqtts://HOST:8883"),
+        ("http://broker", "unknown scheme 'http://'"),
+        ("mqtt://user:secret@broker", "does not go in the broker address"),
+        ("mqtt://broker/sensors", "with nothing after it"),
+        ("mqtt://", "expected a host after mqtt://"),
+        ("[not-v6]:1883", "expected an IPv6 address"),
+    ],
+)
+def test_a_broker_address_that_is_not_one_is_refused_at_mqtt_host(host: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"mqtt.host": host})
+    assert info.value.key_path == "mqtt.host"
+    assert fragment in str(info.value)
+    assert "secret" not in str(info.value)
+
+
+def test_a_port_in_the_address_and_in_mqtt_port_must_agree(tmp_path: Path) -> None:
+    p = write(tmp_path, '[mqtt]\nhost = "mqtt://broker:1884"\nport = 1885\n')
+    errors = config_errors(p)
+    assert keys(errors) == ["mqtt.host"]
+    assert "port 1884 but mqtt.port is 1885" in str(errors[0])
+    same = load_config(write(tmp_path, '[mqtt]\nhost = "mqtt://broker:1884"\nport = 1884\n', "same.toml"))
+    assert same.mqtt.port == 1884
+    # A URL without a port takes mqtt.port.
+    cfg = load_config(write(tmp_path, '[mqtt]\nhost = "mqtts://broker"\nport = 9999\n', "p.toml"))
+    assert (cfg.mqtt.port, cfg.mqtt.tls is not None) == (9999, True)
+
+
+def test_mqtts_keeps_the_tls_table_and_mqtt_refuses_one(tmp_path: Path) -> None:
+    ca = write(tmp_path, "c", "ca.pem")
+    cfg = load_config(None, {"mqtt.host": "mqtts://broker", "mqtt.tls.ca_file": str(ca)})
+    assert cfg.mqtt.tls is not None
+    assert cfg.mqtt.tls.ca_file == ca
+    errors = config_errors(None, {"mqtt.host": "mqtt://broker", "mqtt.tls.ca_file": str(ca)})
+    assert keys(errors) == ["mqtt.host"]
+    assert "write mqtts://broker for TLS, or remove [mqtt.tls]" in str(errors[0])
+
+
+def test_an_mqtt_config_built_directly_takes_the_address_apart_too() -> None:
+    m = MqttConfig(host="mqtts://broker.example:8884")
+    assert (m.host, m.port, m.tls is not None) == ("broker.example", 8884, True)
+    with pytest.raises(ValueError, match="expected a host name"):
+        MqttConfig(host="not a host!!")
+
+
+# --------------------------------------------------------------------------- value ranges
+
+
+@pytest.mark.parametrize("threshold", [0.0, -1.0])
+def test_a_threshold_must_be_positive(threshold: float) -> None:
+    with pytest.raises(ConfigError, match=r"^detector\.threshold: expected a threshold > 0"):
+        load_config(None, {"detector.threshold": threshold})
+    assert load_config(None, {"detector.threshold": 0.5}).detector.threshold == 0.5
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "shutdown.drain_timeout_s",  # an infinite drain deadline crashed the stop
+        "stream.intake_queue_mib",  # ... and an infinite queue size the start
+        "mqtt.reconnect_min_s",
+        "batching.max_delay_ms",
+        "state.snapshot_interval_s",
+        "commands.default_shelve_s",
+        "logging.rejection_log_interval_s",
+    ],
+)
+def test_infinite_durations_and_sizes_are_refused(key: str) -> None:
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, {key: value})
+        assert info.value.key_path == key
+        assert "finite number" in str(info.value)
+
+
+def test_the_intake_queue_must_hold_one_message_of_the_largest_size() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"stream.max_payload_bytes": 8 * 2**20, "stream.intake_queue_mib": 4.0})
+    assert info.value.key_path == "stream.intake_queue_mib"
+    assert "at least 8.06 MiB, got 4" in str(info.value)
+    cfg = load_config(None, {"stream.max_payload_bytes": 8 * 2**20, "stream.intake_queue_mib": 9.0})
+    assert cfg.stream.intake_queue_mib == 9.0
+
+
+def test_the_metrics_host_must_be_an_address_or_a_name() -> None:
+    with pytest.raises(ConfigError, match=r"^metrics\.host: expected a host name"):
+        load_config(None, {"metrics.host": "local host"})
+    assert load_config(None, {"metrics.host": "::"}).metrics.host == "::"
+    assert load_config(None, {"metrics.host": ""}).metrics.host == ""  # every interface

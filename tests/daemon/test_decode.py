@@ -150,7 +150,11 @@ def test_empty_input_gives_empty_arrays() -> None:
         (b"[" * 5000 + b"]" * 5000, Reason.MALFORMED_JSON),
         (b'{"ts": 1, "temperature": NaN, "pressure": 1, "vibration": 1}', Reason.NON_FINITE),
         (b'{"temperature": Infinity, "pressure": 1, "vibration": 1}', Reason.NON_FINITE),
-        (b'{"temperature": 1e400, "pressure": 1, "vibration": 1}', Reason.MALFORMED_JSON),
+        (b'{"temperature": 1e400, "pressure": 1, "vibration": 1}', Reason.NON_FINITE),
+        (b'{"temperature": -1e400, "pressure": 1, "vibration": 1}', Reason.NON_FINITE),
+        (b'{"ts": 1e400, "temperature": 1, "pressure": 1, "vibration": 1}', Reason.NON_FINITE),
+        (b'{"temperature": 1e400, "pressure": 1, "vibration": 1', Reason.MALFORMED_JSON),  # and cut short
+        (b'{"temperature": NaN, "pressure": 1 "vibration": 1}', Reason.MALFORMED_JSON),  # and a comma short
         (reading(temperature=1e39), Reason.NON_FINITE),
         (b'{"temperature": 1' + b"0" * 60 + b', "pressure": 1, "vibration": 1}', Reason.NON_FINITE),
         (reading(pressure=...), Reason.MISSING_FEATURE),
@@ -165,7 +169,9 @@ def test_empty_input_gives_empty_arrays() -> None:
         (reading(ts=12.5), Reason.BAD_TIMESTAMP),  # seconds since boot
         (reading(ts=MIN_TIMESTAMP - 1), Reason.BAD_TIMESTAMP),
         (reading(ts=NOW * 1000), Reason.BAD_TIMESTAMP),  # milliseconds
-        (reading(ts=NOW + 301), Reason.BAD_TIMESTAMP),
+        (reading(ts=1e300), Reason.BAD_TIMESTAMP),
+        (reading(ts=NOW + STREAM.max_future_skew_s + 1), Reason.FUTURE),
+        (reading(ts=NOW + 290), Reason.FUTURE),
         (reading(ts="9999-12-31T23:59:59"), Reason.BAD_TIMESTAMP),
         (reading(ts="0001-01-01T00:00:00+14:00"), Reason.BAD_TIMESTAMP),
         (reading(ts=-1e308), Reason.BAD_TIMESTAMP),
@@ -185,7 +191,14 @@ def test_rejections_have_the_right_reason(payload: object, reason: Reason) -> No
 
 
 def test_ts_just_inside_future_skew_is_accepted() -> None:
-    assert one(reading(ts=NOW + 299)).ts.tolist() == [NOW + 299]
+    ahead = NOW + STREAM.max_future_skew_s - 0.5
+    assert one(reading(ts=ahead)).ts.tolist() == [ahead]
+
+
+def test_future_skew_is_configurable() -> None:
+    d = decoder(max_future_skew_s=300.0)
+    assert d.decode([msg(reading(ts=NOW + 290))]).ts.tolist() == [NOW + 290]
+    assert reasons(d.decode([msg(reading(ts=NOW + 301))])) == [Reason.FUTURE]
 
 
 def test_oversized_payload_is_not_parsed() -> None:

@@ -258,7 +258,10 @@ def test_an_idle_check_resets_the_lag_gauge(model: LoadedModel, registry: Collec
 def test_every_path_that_ends_a_state_publishes_the_state_then_true(
     model: LoadedModel, tiny_model: Callable[..., Path], registry: CollectorRegistry
 ) -> None:
-    pipeline, sink = make(model, registry, **{"stream.max_devices": 2, "stream.idle_evict_s": 5.0})
+    # Every slot on probation (probation_slots = max_devices): a newcomer may push out any
+    # device, even one with a full window (otherwise "c" would be refused; see test_admission).
+    overrides = {"stream.max_devices": 2, "stream.probation_slots": 2, "stream.idle_evict_s": 5.0}
+    pipeline, sink = make(model, registry, **overrides)
     t0 = time.time() - 100
     pipeline.ingest(messages("a", t0, L) + messages("b", t0, L))
     pipeline.flush(force=True)

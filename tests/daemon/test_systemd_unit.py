@@ -15,6 +15,7 @@ from pathlib import Path
 
 import orjson
 
+from anomalyd.errors import ConfigError, ModelContractError, UsageError
 from tests.broker import MosquittoBroker, Subscriber, publish_many
 from tests.daemon_process import DaemonProcess
 
@@ -39,7 +40,9 @@ def test_unit_declares_what_the_daemon_relies_on() -> None:
     assert d["Type"] == ["notify"]
     assert d["NotifyAccess"] == ["main"]
     assert d["Restart"] == ["on-failure"]
-    assert set(d["RestartPreventExitStatus"][0].split()) == {"78", "65"}
+    # The exits a restart cannot fix: a usage error, a bad configuration, a bad model.
+    no_restart = {UsageError.exit_code, ConfigError.exit_code, ModelContractError.exit_code}
+    assert {int(code) for code in d["RestartPreventExitStatus"][0].split()} == no_restart
     assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert d["DynamicUser"] == ["yes"]
     assert d["LoadCredential"] == ["mqtt_password:/etc/anomalyd/mqtt_password"]

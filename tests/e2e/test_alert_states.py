@@ -82,7 +82,12 @@ def test_eviction_and_a_broker_that_lost_its_retained_messages(
 ) -> None:
     d = daemon_factory(
         tiny_model(window_length=WINDOW),
-        sections={"detector": TINY_DETECTOR, "stream": {"idle_evict_s": 3.0, "max_devices": 2}},
+        # probation_slots = max_devices: any device may be pushed out by a newcomer, even one
+        # with a full window (otherwise m3 would be refused while m1 and m2 are active).
+        sections={
+            "detector": TINY_DETECTOR,
+            "stream": {"idle_evict_s": 3.0, "max_devices": 2, "probation_slots": 2},
+        },
     )
     d.wait_ready()
     sub = Subscriber(broker, ["anomaly/+/alert"])
@@ -116,7 +121,7 @@ def test_eviction_and_a_broker_that_lost_its_retained_messages(
         assert back["state"] == "anomalous"
         assert back["since"] == doc["since"]
 
-        # Capacity eviction (max_devices = 2): m1 is the least recent when m3 arrives.
+        # Capacity eviction (max_devices = 2, both on probation): m1 is the least recent when m3 arrives.
         sub2 = Subscriber(broker, ["anomaly/+/alert"])
         publish_many(broker, readings("m2", t0, [COLD] * WINDOW))
         publish_many(broker, readings("m3", t0, [COLD] * WINDOW))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,7 +100,48 @@ def test_check_config_prints_the_resolved_config(tmp_path: Path, capsys: pytest.
 def test_subcommand_is_required() -> None:
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args([])
-    assert info.value.code == 2
+    assert info.value.code == 64  # EX_USAGE, as for `anomalyd`
+
+
+#: A Python start-up hook that makes the ``train`` extra's modules unimportable: a runtime-only
+#: install, in this environment where the extra is installed.
+WITHOUT_TRAIN_EXTRA = (
+    "import sys\n"
+    "for name in ('tensorflow', 'keras', 'tf2onnx', 'onnx', 'matplotlib'):\n"
+    "    sys.modules[name] = None  # import raises ModuleNotFoundError, find_spec says None\n"
+)
+
+
+def test_without_the_train_extra_training_says_how_to_install_it(tmp_path: Path) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(WITHOUT_TRAIN_EXTRA)
+    env = {**os.environ, "PYTHONPATH": str(hook)}
+    script = str(Path(sys.executable).parent / "anomalyd-train")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [script, *args], capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+
+    for args in (
+        ["train", "--out", str(tmp_path / "out")],
+        ["skab", str(tmp_path), "--out", str(tmp_path / "s")],
+    ):
+        out = run(*args)
+        assert out.returncode == 69, out.stderr
+        assert out.stderr.strip().splitlines() == [
+            "anomalyd-train: error: this command needs the training extra, which is not installed "
+            "(missing: tensorflow, keras, tf2onnx, onnx, matplotlib); install it with: "
+            "pip install 'anomalyd[train]'"
+        ]
+        assert out.stdout == ""  # nothing done before saying so
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "s").exists()
+    # Checking a training config needs none of it.
+    out = run("check-config")
+    assert out.returncode == 0, out.stderr
+    assert '"window"' in out.stdout
 
 
 @pytest.mark.parametrize("name", ["default.toml", "skab-example.toml"])

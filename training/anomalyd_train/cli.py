@@ -8,22 +8,45 @@ Subcommands (one function each, so a new one is a new ``_add_*`` / ``_cmd_*`` pa
 - ``skab DIR --out OUT [--config FILE]``: the SKAB benchmark through the daemon's scoring
   path (``anomalyd_train.skab``).
 
-Errors end the run with one line on stderr and the error's exit code: a bad config
-78, unusable data 65, a failed export check 70 (naming the check).
+``train`` and ``skab`` need the ``train`` extra (TensorFlow, Keras, tf2onnx, onnx,
+matplotlib); without it they stop before doing anything, saying how to install it
+(``pip install 'anomalyd[train]'``), with exit code 69. ``check-config`` needs none of it.
+
+Errors end the run with one line on stderr and the error's exit code: a usage error 64, a
+bad config 78, unusable data 65, the ``train`` extra not installed 69, a failed export
+check 70 (naming the check).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from anomalyd.errors import AnomalydError
+from anomalyd.cli import ArgumentParser
+from anomalyd.errors import AnomalydError, MissingExtraError
 
 PROG = "anomalyd-train"
+
+#: What the ``train`` extra installs that training, export and the report import (by
+#: module name: ``tensorflow-cpu`` installs ``tensorflow``).
+TRAIN_EXTRA_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx", "matplotlib")
+INSTALL_TRAIN_EXTRA = "pip install 'anomalyd[train]'"
+
+
+def require_train_extra() -> None:
+    """``MissingExtraError`` (exit 69) naming what is missing and how to install it, unless
+    every module of the ``train`` extra can be imported. Finds them without importing them."""
+    missing = [name for name in TRAIN_EXTRA_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtraError(
+            f"this command needs the training extra, which is not installed (missing: "
+            f"{', '.join(missing)}); install it with: {INSTALL_TRAIN_EXTRA}"
+        )
 
 
 def _quiet_tensorflow() -> None:
@@ -82,6 +105,7 @@ def _add_skab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _cmd_skab(args: argparse.Namespace) -> int:
+    require_train_extra()
     from anomalyd_train.skab import default_config_path, load_skab_config
 
     path = args.config if args.config is not None else default_config_path()
@@ -105,6 +129,7 @@ def _cmd_skab(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    require_train_extra()
     from anomalyd_train.config import load_train_config
 
     cfg = load_train_config(args.config)
@@ -127,7 +152,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0] if __doc__ else None)
+    # anomalyd's parser: a usage error exits 64 (EX_USAGE), as for ``anomalyd``.
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     adders: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
         _add_train,
