@@ -167,7 +167,8 @@ def test_committed_default_model_records_its_sample_period_and_spread() -> None:
     root = Path(__file__).resolve().parents[2]
     d = read_contract(root / "exported_models" / "default" / "model.onnx").training_data
     assert d.sample_period_s == pytest.approx(1.00003, rel=1e-5)
-    assert d.sample_period_p05_s is not None and d.sample_period_p95_s is not None
+    assert d.sample_period_p05_s is not None
+    assert d.sample_period_p95_s is not None
     assert 0.8 < d.sample_period_p05_s < d.sample_period_s < d.sample_period_p95_s < 1.2
 
 
