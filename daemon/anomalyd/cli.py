@@ -8,7 +8,10 @@ Subcommands:
   ``run`` needs with it (secrets, TLS files, the model against the configuration, the
   state directory; ``anomalyd.preflight``), print every problem with its key path;
 - ``inspect-model PATH``: print a model's contract, the graph check and the providers;
-- ``simulate``: publish the synthetic fleet, with anomalies, over MQTT;
+- ``simulate``: publish the synthetic fleet, with anomalies, over MQTT; with
+  ``--from-csv FILE --device NAME``, a recorded CSV file as one live device instead;
+- ``score FILE``: score a recorded CSV file offline through the daemon's pipeline
+  (``anomalyd.offline``): a CSV of per-row scores, alerts and contributions, and a plot;
 - ``demo``: daemon + simulator + a live view of scores and alerts, in one command;
 - ``bench``: the daemon end to end (throughput, latency, memory, start-up) against limits
   measured in the same run.
@@ -18,9 +21,10 @@ A broker ADDRESS (``--broker``) is what ``mqtt.host`` takes: ``HOST``, ``HOST:PO
 (TLS, ``run`` only); without a port, the scheme's (1883, or 8883 for TLS).
 
 Exit codes (``anomalyd.errors``): 0 ok; 64 usage error (unknown option, no subcommand);
-65 bad model; 69 requested execution provider unavailable; 70 internal failure (a bug: the
-traceback is printed); 76 the broker refused our credentials at start; 78 configuration
-error (``check-config``: any problem); 130 interrupted / forced stop.
+65 bad model or unusable CSV file; 69 requested execution provider unavailable (or, for
+``score --plot``, matplotlib); 70 internal failure (a bug: the traceback is printed); 76 the
+broker refused our credentials at start; 78 configuration error (``check-config``: any
+problem); 130 interrupted / forced stop.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from anomalyd import __version__
+from anomalyd.config_addresses import BrokerAddress, parse_broker_address
 from anomalyd.errors import EX_SOFTWARE, AnomalydError, ConfigError, ModelContractError, UsageError
 
 if TYPE_CHECKING:
-    from anomalyd.config_sections import BrokerAddress
+    from anomalyd.csvdata import CsvOptions
     from anomalyd.simulator import SimulationSettings
     from anomalyd.systemd_unit import ServiceUnit
 
@@ -72,8 +77,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def broker_address(text: str, what: str) -> BrokerAddress:
     """``text`` as a broker address (see the module docstring); ``ConfigError`` naming ``what``."""
-    from anomalyd.config_sections import parse_broker_address  # pydantic: not for --help
-
     try:
         return parse_broker_address(text)
     except ValueError as exc:
@@ -262,9 +265,56 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from anomalyd.simulator import simulate
 
     configure("INFO", "text")
+    if args.from_csv is not None:
+        return _simulate_csv(args)
+    csv_only = [
+        f"--{name.replace('_', '-')}" for name in ("device", *_CSV_OPTIONS) if getattr(args, name) is not None
+    ]
+    if csv_only:
+        raise UsageError(f"{', '.join(csv_only)}: only with --from-csv")
     settings = _simulation_settings(args)
     host, port = _plain_broker(args.broker, "--broker")
     return simulate(settings, host, port, start_ts=args.start_ts)
+
+
+def _simulate_csv(args: argparse.Namespace) -> int:
+    """``simulate --from-csv FILE --device NAME``: the recording as one live device."""
+    from anomalyd.csvdata import read_csv
+    from anomalyd.simulator import SimulationSettings, simulate_recording
+
+    synthetic = {
+        "--devices": args.devices != _SIMULATE_DEVICES,
+        "--anomalies": args.anomalies != _SIMULATE_ANOMALIES,
+        "--rate": args.rate is not None,
+        "--duration": args.duration is not None,
+        "--seed": args.seed is not None,
+    }
+    given = [option for option, present in synthetic.items() if present]
+    if given:
+        raise UsageError(f"{', '.join(given)}: the synthetic fleet's options do not go with --from-csv")
+    if args.device is None:
+        raise UsageError("--from-csv needs --device NAME: the device id to publish the file as")
+    device = _device_id(args.device)
+    options = _csv_options(args)
+    if options.feature_columns is None:
+        raise UsageError("--from-csv needs --feature-columns COL,...: the columns to publish")
+    host, port = _plain_broker(args.broker, "--broker")
+    recording = read_csv(args.from_csv, options)  # DataError: 65, before any connection
+    for line in recording.notes():
+        log.info("%s", line)
+    settings = SimulationSettings(speed=args.speed, qos=args.qos)
+    return simulate_recording(recording, device, settings, host=host, port=port, start_ts=args.start_ts)
+
+
+def _device_id(text: str) -> str:
+    """``--device``: a name that can be one level of an MQTT topic and a daemon's device id."""
+    if not text or text in (".", "..") or any(c in text for c in "+#/\0") or not text.isprintable():
+        raise ConfigError(
+            f"expected a device id without '+', '#', '/' or non-printable characters, not '.' or '..', "
+            f"got {text!r}",
+            "--device",
+        )
+    return text
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -317,6 +367,95 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             )
         settings.scenarios = names
     return run_bench(settings, args.json)
+
+
+# --------------------------------------------------------------------------- score / CSV files
+
+#: The CSV options (``anomalyd.csvdata.CsvOptions``) as argparse destinations; None when not given.
+_CSV_OPTIONS = (
+    "separator",
+    "timestamp_column",
+    "timestamp_format",
+    "feature_columns",
+    "feature_names",
+    "label_column",
+    "first_rows",
+    "encoding",
+)
+
+#: ``anomalyd simulate``'s defaults for the synthetic fleet's size and anomaly rate (with
+#: --from-csv, a value other than these means the option was given, which is an error).
+_SIMULATE_DEVICES = 4
+_SIMULATE_ANOMALIES = 2.0
+
+
+def _column_list(text: str | None, option: str) -> tuple[str, ...] | None:
+    """``A,B,C`` → ("A", "B", "C"), each stripped; a column name may hold spaces, not commas."""
+    if text is None:
+        return None
+    items = tuple(part.strip() for part in text.split(","))
+    if not all(items):
+        raise ConfigError(f"expected comma-separated column names, got {text!r}", option)
+    return items
+
+
+def _csv_options(args: argparse.Namespace) -> CsvOptions:
+    from anomalyd.csvdata import CsvOptions, separator_of
+
+    return CsvOptions(
+        separator=separator_of(args.separator) if args.separator is not None else ",",
+        timestamp_column=args.timestamp_column if args.timestamp_column is not None else "ts",
+        timestamp_format=args.timestamp_format,
+        feature_columns=_column_list(args.feature_columns, "--feature-columns"),
+        feature_names=_column_list(args.feature_names, "--feature-names"),
+        label_column=args.label_column,
+        first_rows=args.first_rows,
+        encoding=args.encoding if args.encoding is not None else "utf-8",
+    )
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from anomalyd.config import load_config
+    from anomalyd.logsetup import configure
+    from anomalyd.offline import score_file
+
+    # The pipeline's own warnings (a cadence the model was not trained for, ...) on stderr.
+    configure("WARNING", "text")
+    options = _csv_options(args)
+    config = load_config(args.config, {"model.path": str(args.model)} if args.model else None)
+    out = args.out if args.out is not None else Path(f"{args.file.stem}.scores.csv")
+    plot = None if args.no_plot else (args.plot if args.plot is not None else out.with_suffix(".png"))
+    return score_file(
+        args.file,
+        options,
+        config,
+        device=args.device,
+        out=out,
+        plot=plot,
+        plot_required=args.plot is not None,
+    )
+
+
+def _add_csv_args(p: argparse.ArgumentParser, title: str, columns_help: str) -> None:
+    g = p.add_argument_group(title, "the options of the training configuration's [data.csv] table")
+    g.add_argument("--separator", metavar="CHAR", help="field separator (','; 'tab' for a tab)")
+    g.add_argument("--timestamp-column", metavar="NAME", help="timestamp column ('ts')")
+    g.add_argument(
+        "--timestamp-format",
+        metavar="FORMAT",
+        help="strptime format of the timestamps, e.g. '%%Y-%%m-%%d %%H:%%M:%%S' (default: epoch seconds "
+        "or ISO 8601, from the first row); times without a zone are UTC",
+    )
+    g.add_argument("--feature-columns", metavar="COL,...", help=columns_help)
+    g.add_argument(
+        "--feature-names",
+        metavar="NAME,...",
+        help="the feature name of each of --feature-columns, same order (default: the column name "
+        "sanitised as training does, 'Volume Flow RateRMS' -> volume_flow_rate_rms)",
+    )
+    g.add_argument("--label-column", metavar="NAME", help="0/1 anomaly label column (default: none)")
+    g.add_argument("--first-rows", type=_positive_int, metavar="N", help="read only the first N data rows")
+    g.add_argument("--encoding", metavar="NAME", help="text encoding of the file (utf-8)")
 
 
 def _add_simulation_args(p: argparse.ArgumentParser, speed: float, anomalies: float, devices: int) -> None:
@@ -403,8 +542,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="MQTT broker: HOST[:PORT] or mqtt://HOST[:PORT]",
     )
     p.add_argument("--start-ts", type=float, help="timestamp of the first reading (default: so it ends now)")
-    _add_simulation_args(p, speed=1.0, anomalies=2.0, devices=4)
+    _add_simulation_args(p, speed=1.0, anomalies=_SIMULATE_ANOMALIES, devices=_SIMULATE_DEVICES)
+    p.add_argument(
+        "--from-csv",
+        type=Path,
+        metavar="FILE",
+        help="publish this recorded CSV file as one device (--device) instead of the synthetic fleet: "
+        "paced by its timestamps over --speed, stamped with its steps so that none is ahead of when it "
+        "is sent",
+    )
+    p.add_argument("--device", metavar="NAME", help="with --from-csv: the device id to publish as")
+    _add_csv_args(
+        p,
+        "CSV file (with --from-csv)",
+        columns_help="the columns to publish, each as its feature name (required)",
+    )
     p.set_defaults(run=_cmd_simulate)
+
+    p = sub.add_parser(
+        "score",
+        help="score a recorded CSV file offline through the daemon's pipeline",
+        description="Run one device's recorded readings through the daemon's pipeline (buffers, "
+        "batcher, ONNX Runtime, detector) without MQTT, and write per row the score, threshold, "
+        "window verdict, alert state and each feature's contribution (CSV), and a plot (PNG, "
+        "needs matplotlib: pip install 'anomalyd[plot]'). Bad rows are skipped and counted.",
+    )
+    p.add_argument("file", type=Path, metavar="FILE.csv")
+    p.add_argument("--model", type=Path, metavar="PATH", help="model file (default: model.path)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="daemon configuration (detector, stream); default: embedded",
+    )
+    p.add_argument("--device", metavar="NAME", help="device name in the output (default: the file's stem)")
+    p.add_argument("--out", type=Path, metavar="OUT.csv", help="output CSV (default: ./<stem>.scores.csv)")
+    plot = p.add_mutually_exclusive_group()
+    plot.add_argument(
+        "--plot", type=Path, metavar="PATH.png", help="write the plot here (default: the output with .png)"
+    )
+    plot.add_argument("--no-plot", action="store_true", help="no plot")
+    _add_csv_args(
+        p,
+        "CSV file",
+        columns_help="the columns holding the model's features (default: the columns named as the "
+        "model's features, or whose sanitised names are)",
+    )
+    p.set_defaults(run=_cmd_score)
 
     p = sub.add_parser(
         "demo",

@@ -1,5 +1,10 @@
 """Configuration: declared once (pydantic models), checked once, with key paths in errors.
 
+This module is the public entry: ``Config``, ``load_config``, ``config_errors``, and the
+section models re-exported from where they are declared (``config_mqtt``: ``[mqtt]`` and
+TLS; ``config_stream``: ``[stream]``; ``config_sections``: the smaller sections; all on
+``config_base.Section``).
+
 Every section is a pydantic model with ``extra="forbid"``; defaults are the embedded
 defaults, so ``Config()`` is what ``anomalyd run`` uses without a file. Scalars are
 strict (``port = "1883"`` or ``enabled = "yes"`` in the TOML is an error, not a guess);
@@ -25,7 +30,9 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, Field, ValidationError
 
+from anomalyd.config_base import Section
 from anomalyd.config_errors import validation_errors
+from anomalyd.config_mqtt import MqttConfig, TlsConfig, read_secret
 from anomalyd.config_sections import (
     BatchingConfig,
     CommandsConfig,
@@ -33,15 +40,11 @@ from anomalyd.config_sections import (
     LoggingConfig,
     MetricsConfig,
     ModelSection,
-    MqttConfig,
     OutputConfig,
-    Section,
     ShutdownConfig,
     StateConfig,
-    StreamConfig,
-    TlsConfig,
-    read_secret,
 )
+from anomalyd.config_stream import StreamConfig
 from anomalyd.errors import ConfigError
 
 __all__ = [

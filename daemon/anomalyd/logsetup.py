@@ -214,11 +214,18 @@ class RateLimitedLog:
         self._suppressed: dict[str, int] = {}
 
     def log(
-        self, level: int, key: str, msg: str, *args: object, extra: Mapping[str, object] | None = None
+        self,
+        level: int,
+        key: str,
+        msg: str,
+        *args: object,
+        extra: Mapping[str, object] | None = None,
+        exc_info: BaseException | None = None,
     ) -> bool:
         """Log ``msg % args`` unless ``key`` was logged less than ``interval_s`` ago.
 
-        ``extra`` becomes fields of the record (JSON lines show them: device, topic, reason).
+        ``extra`` becomes fields of the record (JSON lines show them: device, topic, reason);
+        ``exc_info``, an exception whose traceback the line carries if it is written.
         Returns True if the line was written.
         """
         now = time.monotonic()
@@ -230,7 +237,9 @@ class RateLimitedLog:
             self._last[key] = now
             suppressed = self._suppressed.pop(key, 0)
         if suppressed:
-            self._logger.log(level, "%s (%d similar suppressed)", msg % args, suppressed, extra=extra)
+            self._logger.log(
+                level, "%s (%d similar suppressed)", msg % args, suppressed, extra=extra, exc_info=exc_info
+            )
         else:
-            self._logger.log(level, msg, *args, extra=extra)
+            self._logger.log(level, msg, *args, extra=extra, exc_info=exc_info)
         return True

@@ -126,6 +126,11 @@ class Pipeline:
         self._wake = wake
         self._reassert: list[str] = []  # devices whose alert state is still to re-assert
         self._cadence_log = RateLimitedLog(log, config.logging.rejection_log_interval_s)
+        # A model that fails on every batch must not flood the journal either: its first
+        # failure is logged with the traceback, then at most one line per interval says how
+        # many more failed meanwhile (every failure is still counted).
+        self._model_error_log = RateLimitedLog(log, config.logging.rejection_log_interval_s)
+        self._model_error_traced = False
         # Twice as many batches in flight as threads: while the pipeline thread decodes the
         # next pass, the inference threads still have queued batches to score.
         self._max_in_flight = 2 * config.model.concurrent_batches
@@ -268,6 +273,12 @@ class Pipeline:
         """Batches handed to ONNX Runtime whose scores have not been taken yet."""
         return len(self._in_flight)
 
+    @property
+    def in_flight_windows(self) -> int:
+        """Windows in those batches. Other threads may read it (a stop that gives up on the
+        pipeline thread says how many are lost): the deque is copied in one step first."""
+        return sum(len(batch.devices) for batch, _future, _started in tuple(self._in_flight))
+
     def inference_age(self, now_mono: float) -> float:
         """Seconds the oldest batch in flight has been in ONNX Runtime (0: none). The
         service's watchdog reads it: a hung inference thread stalls the pipeline even while
@@ -341,12 +352,15 @@ class Pipeline:
         return decided
 
     def _collect_oldest(self) -> int:
-        batch, future, _started = self._in_flight.popleft()
+        # Taken off the deque only once its scores are in: while this thread waits for them,
+        # the batch still counts as in ONNX Runtime (inference_age, in_flight_windows).
+        batch, future, _started = self._in_flight[0]
         result: _RunResult | Exception
         try:
             result = future.result()
         except Exception as exc:
             result = exc
+        self._in_flight.popleft()
         return self._decide(batch, result)
 
     def _decide(self, batch: Batch, result: _RunResult | Exception) -> int:
@@ -355,7 +369,15 @@ class Pipeline:
         if isinstance(result, Exception):
             m.pipeline_errors.labels(stage="model").inc()
             m.windows_dropped.labels(reason="model_error").inc(n)
-            log.error("model failed on a batch of %d windows (dropped): %r", n, result, exc_info=result)
+            self._model_error_log.log(
+                logging.ERROR,
+                "model_error",
+                "model failed on a batch of %d windows (dropped): %r",
+                n,
+                result,
+                exc_info=None if self._model_error_traced else result,
+            )
+            self._model_error_traced = True
             return 0
         scores, contributions, seconds = result
         m.inference_seconds.observe(seconds)
@@ -582,6 +604,9 @@ class Pipeline:
             and old.contract.window_length == new.contract.window_length
         )
         self.model = new
+        # A failure of the new model is news: its first one is logged with the traceback.
+        self._model_error_log = RateLimitedLog(log, self.config.logging.rejection_log_interval_s)
+        self._model_error_traced = False
         if same_shape:
             self.detector.set_threshold(
                 Detector.configured_base(self.config.detector, new.contract.threshold.value)

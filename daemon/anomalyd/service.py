@@ -32,19 +32,26 @@ Stop (SIGTERM/SIGINT; a second one forces): ``STOPPING=1`` → unsubscribe (inta
 → the pipeline scores everything queued and pending and publishes it, within
 ``shutdown.drain_timeout_s`` → a snapshot (or, without a state directory, every device's
 alert state becomes ``unknown``/``stopped``: nothing will resume it) → ``stopped``
-(retained) → disconnect → exit 0.
+(retained) → disconnect → exit 0. Whatever is still queued or pending when the drain ends
+early (the deadline, or a second signal: exit 130) is dropped, counted and logged. A
+pipeline thread that does not end even then is stuck (ONNX Runtime cannot be interrupted):
+the stop goes on without it (no snapshot; exit 70), and ``run_service`` ends the process
+at once rather than let the interpreter's exit wait for that thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 from prometheus_client import CollectorRegistry
 
@@ -67,7 +74,8 @@ from anomalyd.snapshot import SnapshotKeeper
 log = logging.getLogger(__name__)
 
 #: Exit codes besides the errors' own (anomalyd.errors): a forced stop (second signal) and
-#: an internal failure of the pipeline thread (EX_SOFTWARE; systemd restarts it).
+#: an internal failure (EX_SOFTWARE; systemd restarts it): the pipeline thread died, or a
+#: stop had to leave it behind, stuck.
 EXIT_OK = 0
 EXIT_FORCED = 130
 EXIT_INTERNAL = 70
@@ -87,6 +95,11 @@ _HOUSEKEEPING_S = 1.0
 _BROKER_WAIT_TICK_S = 5.0
 #: How long a reload waits for the pipeline thread to take what it hands over.
 _HANDOVER_TIMEOUT_S = 30.0
+#: How long a stop waits for the pipeline thread once told to drop what is left (the drain
+#: deadline passed, or a second signal): it ends within a pass unless it is stuck.
+_ABORT_GRACE_S = 2.0
+#: How often a stop that waits for the drain looks for a second signal.
+_STOP_POLL_S = 0.1
 
 
 def _session_options(model: ModelSection) -> SessionOptions:
@@ -143,6 +156,8 @@ class Service:
         self._abort = threading.Event()
         self._pipeline_done = threading.Event()
         self._pipeline_failed = False
+        self._pipeline_abandoned = False
+        self._windows_dropped_at_stop = 0  # by the pipeline thread, when told to drop them
         self._queue = IntakeQueue(
             config.stream.intake_queue_size, int(config.stream.intake_queue_mib * 2**20)
         )
@@ -182,7 +197,10 @@ class Service:
     def request_stop(self) -> None:
         """Begin a graceful stop; a second request forces it (skip the drain)."""
         if self._stop.is_set():
-            log.warning("second stop request: stopping now, pending windows are dropped")
+            log.warning(
+                "second stop request: stopping now; queued messages and pending windows are dropped "
+                "(counted, and logged at the end of the stop)"
+            )
             self._force.set()
             self._abort.set()
             self._queue.wake()
@@ -219,6 +237,11 @@ class Service:
     def windows_scored(self) -> int:
         """Windows scored since start (the pipeline thread counts; tests and logs read it)."""
         return self.pipeline.windows_scored if self.pipeline is not None else 0
+
+    @property
+    def pipeline_abandoned(self) -> bool:
+        """The stop went on without the pipeline thread, which did not end (stuck)."""
+        return self._pipeline_abandoned
 
     @property
     def metrics_port(self) -> int | None:
@@ -452,7 +475,9 @@ class Service:
 
     def shutdown(self, exit_code: int | None = None) -> int:
         """Stop in order; safe to call after a partial start. Returns the exit code: that of
-        the failed start when ``exit_code`` is given (the log line must say what the process exits with)."""
+        the failed start when ``exit_code`` is given (the log line must say what the process
+        exits with); else 70 if the pipeline thread died or had to be left behind, stuck
+        (``pipeline_abandoned``), 130 after a second stop request, 0 otherwise."""
         deadline = time.monotonic() + self.config.shutdown.drain_timeout_s
         self.notifier.stopping("draining")
         self.metrics.ready.set(0)
@@ -462,19 +487,8 @@ class Service:
             link.stop_intake(timeout=max(0.1, min(2.0, deadline - time.monotonic())))
         self._draining.set()
         self._queue.wake()
-        if self._pipeline is not None and not self._pipeline_done.wait(max(0.0, deadline - time.monotonic())):
-            pending = self.pipeline.pending + self.pipeline.in_flight if self.pipeline is not None else 0
-            self._abort.set()  # the pipeline thread drops (and counts) its pending windows
-            self._queue.wake()
-            self._pipeline_done.wait(2.0)
-            queued = len(self._queue)
-            self.metrics.messages_dropped.labels(reason="shutdown").inc(queued)
-            log.warning(
-                "drain deadline (%.1f s) passed: dropped %d queued messages and about %d pending windows",
-                self.config.shutdown.drain_timeout_s,
-                queued,
-                pending,
-            )
+        if self._pipeline is not None and not self._await_pipeline(deadline):
+            self._abandon_pipeline()
         if self._pipeline_done.is_set() and not self._force.is_set():
             # The pipeline thread has ended: its state can be read from here.
             self._final_state()
@@ -483,14 +497,102 @@ class Service:
                 link.flush(timeout=max(0.5, deadline - time.monotonic()))
                 self._publisher.stopped(timeout=max(0.5, deadline - time.monotonic()))
             link.close(timeout=max(0.5, deadline - time.monotonic()))
+        self._account_for_dropped()
         if self.metrics_server is not None:
             self.metrics_server.close()
         self.notifier.close()
         if self._pipeline_failed:
             return EXIT_INTERNAL
-        code = exit_code if exit_code is not None else EXIT_FORCED if self._force.is_set() else EXIT_OK
+        if exit_code is not None:
+            code = exit_code
+        elif self._force.is_set():
+            code = EXIT_FORCED
+        elif self._pipeline_abandoned:
+            code = EXIT_INTERNAL
+        else:
+            code = EXIT_OK
         log.info("stopped (exit %d)", code)
         return code
+
+    def _await_pipeline(self, deadline: float) -> bool:
+        """Wait for the pipeline thread to drain and end, until the drain deadline or a
+        second stop request; then tell it to drop what is left and wait ``_ABORT_GRACE_S``
+        more. True once it has ended."""
+        done = self._pipeline_done
+        # In short waits, not one long one: a second signal must cut the drain short.
+        while not done.is_set() and not self._force.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            done.wait(min(left, _STOP_POLL_S))
+        if done.is_set():
+            return True
+        forced = self._force.is_set()
+        pending = self._pending_windows()
+        self._abort.set()  # the pipeline thread drops (and counts) its pending windows
+        self._queue.wake()
+        ended = done.wait(_ABORT_GRACE_S)
+        if not forced:  # a forced stop says what it dropped at its end (_account_for_dropped)
+            queued = self._drop_queued()
+            log.warning(
+                "drain deadline (%.1f s) passed: dropped %d queued messages and about %d pending windows",
+                self.config.shutdown.drain_timeout_s,
+                queued,
+                pending,
+            )
+        return ended
+
+    def _pending_windows(self) -> int:
+        pipeline = self.pipeline
+        return pipeline.pending + pipeline.in_flight_windows if pipeline is not None else 0
+
+    def _abandon_pipeline(self) -> None:
+        """The pipeline thread did not end when told to: it is stuck, most likely in ONNX
+        Runtime, which cannot be interrupted. The stop goes on without it."""
+        self._pipeline_abandoned = True
+        now = time.monotonic()
+        pipeline = self.pipeline
+        stuck_s = max(now - self.heartbeat, pipeline.inference_age(now) if pipeline is not None else 0.0)
+        # It may be stuck before it dropped (and counted) its pending windows, waiting for a
+        # batch's scores, or after, shutting its inference threads down. The windows it
+        # still holds are not counted in the metrics (it may still touch them); the log
+        # says how many there are.
+        self._windows_dropped_at_stop += self._pending_windows()
+        log.error(
+            "the pipeline thread did not end: stuck for %.0f s (a batch in ONNX Runtime cannot be "
+            "interrupted); stopping without it: about %d windows lost, no last snapshot, the alert "
+            "states are left as they are",
+            stuck_s,
+            self._windows_dropped_at_stop,
+        )
+
+    def _drop_queued(self) -> int:
+        """Take every message left in the intake queue and count it as dropped at shutdown.
+
+        Only once the pipeline thread was told to drop what is left (or has ended): it then
+        takes nothing more from the queue (it looks at that order before every take), so
+        this thread may take its place as the queue's one consumer."""
+        n = 0
+        while len(self._queue):
+            n += len(self._queue.drain(_DRAIN_MAX))
+        if n:
+            self.metrics.messages_dropped.labels(reason="shutdown").inc(n)
+        return n
+
+    def _account_for_dropped(self) -> None:
+        """After the disconnect, when nothing more can arrive: count and log what the stop
+        did not score (a forced stop's queue and pending windows; messages that arrived
+        after the drain or the pipeline thread's end)."""
+        queued = self._drop_queued()
+        if self._force.is_set():
+            log.warning(
+                "forced stop: dropped %d queued messages and %s%d pending windows",
+                queued,
+                "about " if self._pipeline_abandoned else "",
+                self._windows_dropped_at_stop,
+            )
+        elif queued:
+            log.warning("dropped %d queued messages that the stop did not score", queued)
 
     # ------------------------------------------------------------------ reload
 
@@ -652,7 +754,7 @@ class Service:
             self._wake.set()
         finally:
             if self._abort.is_set():
-                pipeline.drop_pending()
+                self._windows_dropped_at_stop = pipeline.drop_pending()
             pipeline.close()
             self._pipeline_done.set()
 
@@ -677,7 +779,9 @@ def run_service(
     config_path: str | os.PathLike[str] | None = None,
     overrides: dict[str, object] | None = None,
 ) -> int:
-    """Start and run until stopped (the ``anomalyd run`` command). Returns the exit code.
+    """Start and run until stopped (the ``anomalyd run`` command). Returns the exit code,
+    except after a stop that had to leave a stuck pipeline thread behind: then it ends the
+    process with that code itself (``_exit_now``).
 
     ``config_path`` and ``overrides`` are what ``config`` was loaded from: SIGHUP reads them again.
     """
@@ -688,6 +792,27 @@ def run_service(
     except AnomalydError as exc:
         service.shutdown(exc.exit_code)
         raise
-    if not started:
-        return service.shutdown()
-    return service.run_forever()
+    code = service.run_forever() if started else service.shutdown()
+    if service.pipeline_abandoned:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` now, once the log is written out.
+
+    For a stop that left the pipeline thread behind, stuck (in ONNX Runtime, or waiting for
+    an inference thread that is). Returning would not end the process: at the interpreter's
+    exit ``concurrent.futures`` joins every inference thread, the stuck one too, so the
+    process would hang until systemd's ``TimeoutStopSec`` kills it, and a second signal
+    could not help. Daemon inference threads are no better way out: they would take an
+    executor of our own (``concurrent.futures`` joins its workers, daemon or not), and the
+    interpreter and the C++ runtime would still be torn down under a thread inside ONNX
+    Runtime. Nothing is left that needs a clean exit: the stop has told the broker, closed
+    the link and logged ``stopped (exit N)``."""
+    logging.shutdown()  # flushes every handler
+    for stream in (sys.stdout, sys.stderr):
+        # A closed or broken stream: nothing more can be saved from it.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)

@@ -47,6 +47,7 @@ from anomalyd.mqtt import MqttLink, subscription_filter
 from anomalyd.synthetic import FEATURES, AnomalyEvent, DeviceSeries, FleetSpec, generate_fleet, interleave
 
 if TYPE_CHECKING:
+    from anomalyd.csvdata import CsvRecording
     from anomalyd.service import Service
 
 log = logging.getLogger(__name__)
@@ -99,12 +100,19 @@ class SimulationSettings:
 
     def start_ts(self, now: float) -> float:
         """First timestamp such that the stream, sent at ``speed``, never runs ahead of ``now``."""
-        lag = 1.0 if math.isinf(self.speed) else 1.0 - 1.0 / max(self.speed, 1.0)
-        return now - self.duration_s * lag
+        return stream_start(now, self.duration_s, self.speed)
 
     def fleet_spec(self, start_ts: float) -> FleetSpec:
         """``fleet``, its first reading at ``start_ts``."""
         return replace(self.fleet, start_ts=start_ts)
+
+
+def stream_start(now: float, duration_s: float, speed: float) -> float:
+    """First timestamp of ``duration_s`` of data sent at ``speed`` from ``now`` such that no
+    reading is stamped after the moment it is sent: at speed <= 1, ``now``; faster, far
+    enough back that the last reading is stamped about when it is sent."""
+    lag = 1.0 if math.isinf(speed) else 1.0 - 1.0 / max(speed, 1.0)
+    return now - duration_s * lag
 
 
 @dataclass
@@ -116,6 +124,11 @@ class Stream:
     ts: npt.NDArray[np.float64]
     values: npt.NDArray[np.float32]
     labels: npt.NDArray[np.bool_]
+    #: The JSON field of each column of ``values`` (a recording's own feature names).
+    features: tuple[str, ...] = FEATURES
+    #: Decimals kept in published values; None: all of float32's (a recording's values are
+    #: data, where the synthetic fleet's last decimals are noise).
+    decimals: int | None = _DECIMALS
 
     @property
     def events(self) -> list[tuple[str, AnomalyEvent]]:
@@ -141,11 +154,23 @@ class SimulationResult:
     events: list[tuple[str, AnomalyEvent]] = field(default_factory=list)
 
 
-def reading_payload(ts: float, values: list[float]) -> bytes:
-    """``{"ts": ..., "temperature": ..., "pressure": ..., "vibration": ...}`` as bytes."""
-    doc: dict[str, float] = {"ts": round(ts, 6)}
-    for name, v in zip(FEATURES, values, strict=True):
-        doc[name] = round(v, _DECIMALS)
+def reading_payload(
+    ts: float,
+    values: list[float] | npt.NDArray[np.float32],
+    features: tuple[str, ...] = FEATURES,
+    decimals: int | None = _DECIMALS,
+) -> bytes:
+    """``{"ts": ..., "temperature": ..., "pressure": ..., "vibration": ...}`` as bytes.
+
+    ``decimals`` None: each value as the shortest text that reads back as the same float32.
+    """
+    doc: dict[str, object] = {"ts": round(ts, 6)}
+    if decimals is None:
+        # orjson writes a numpy float32 in its own shortest form (0.0270797, not 0.02707969956).
+        doc.update(zip(features, np.asarray(values, np.float32), strict=True))
+        return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    for name, v in zip(features, values, strict=True):
+        doc[name] = round(v, decimals)
     return orjson.dumps(doc)
 
 
@@ -167,7 +192,7 @@ def publish_stream(
     pre, post = settings.topic_template.split("{device}")
     topics = [pre + n + post for n in names]
     ts_list = stream.ts.tolist()
-    values_list = stream.values.tolist()
+    values_list = stream.values.tolist() if stream.decimals is not None else list(stream.values)
     dev_list = stream.device_index.tolist()
     t0_wall = time.monotonic()
     t0_data = ts_list[0] if ts_list else 0.0
@@ -180,7 +205,7 @@ def publish_stream(
                 break
         elif i % 1000 == 0 and stop.is_set():
             break
-        payload = reading_payload(ts, values_list[i])
+        payload = reading_payload(ts, values_list[i], stream.features, stream.decimals)
         if link.publish(topics[dev_list[i]], payload, qos=settings.qos):
             result.published += 1
         else:
@@ -209,16 +234,10 @@ def simulate(
     stop: threading.Event | None = None,
 ) -> int:
     """The ``anomalyd simulate`` command: connect, publish the whole stream, disconnect."""
-    stop = stop or threading.Event()
     first = settings.start_ts(time.time()) if start_ts is None else start_ts
     stream = build_stream(settings, first)
-    link = MqttLink(_mqtt_config(host, port), client_id=f"anomalyd-simulator-{os.getpid()}", name="sim-mqtt")
-    link.start()
-    try:
-        while not link.wait_connected(5.0):
-            if stop.is_set():
-                return 130
-            log.warning("simulator: waiting for the MQTT broker at %s:%d", host, port)
+
+    def announce() -> None:
         log.info(
             "simulating %d devices at %g Hz, %d readings, %d anomalies injected, speed %g",
             settings.devices,
@@ -227,6 +246,74 @@ def simulate(
             len(stream.events),
             settings.speed,
         )
+
+    return _publish_over_mqtt(stream, settings, host=host, port=port, announce=announce, stop=stop)
+
+
+def recording_stream(recording: CsvRecording, device: str, start_ts: float) -> Stream:
+    """``recording`` as the stream of one device named ``device``, in file order: its first
+    row stamped ``start_ts``, each later one as far after it as in the file."""
+    ts = start_ts + (recording.ts - recording.ts[0])
+    labels = recording.labels if recording.labels is not None else np.zeros(len(ts), np.bool_)
+    series = DeviceSeries(device=device, ts=ts, values=recording.values, labels=labels)
+    index = np.zeros(len(ts), np.int32)
+    return Stream([series], index, ts, recording.values, labels, tuple(recording.names), decimals=None)
+
+
+def simulate_recording(
+    recording: CsvRecording,
+    device: str,
+    settings: SimulationSettings,
+    *,
+    host: str,
+    port: int,
+    start_ts: float | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """The ``anomalyd simulate --from-csv`` command: publish ``recording`` as the live device
+    ``device``, paced by the file's timestamps over ``settings.speed``.
+
+    Stamped as the synthetic fleet is (``stream_start``): the steps between readings are the
+    file's, and the first timestamp is chosen so that no reading is stamped after the moment
+    it is sent (``start_ts`` overrides it). ``settings.fleet`` is not used.
+    """
+    span = float(recording.ts.max() - recording.ts[0])
+    first = stream_start(time.time(), span, settings.speed) if start_ts is None else start_ts
+    stream = recording_stream(recording, device, first)
+
+    def announce() -> None:
+        log.info(
+            "publishing %s as device %s: %d readings (%s) over %g s of data time, speed %g",
+            recording.path,
+            device,
+            len(stream),
+            ", ".join(stream.features),
+            span,
+            settings.speed,
+        )
+
+    return _publish_over_mqtt(stream, settings, host=host, port=port, announce=announce, stop=stop)
+
+
+def _publish_over_mqtt(
+    stream: Stream,
+    settings: SimulationSettings,
+    *,
+    host: str,
+    port: int,
+    announce: Callable[[], None],
+    stop: threading.Event | None,
+) -> int:
+    """Connect, ``announce()``, publish ``stream``, disconnect; the command's exit code."""
+    stop = stop or threading.Event()
+    link = MqttLink(_mqtt_config(host, port), client_id=f"anomalyd-simulator-{os.getpid()}", name="sim-mqtt")
+    link.start()
+    try:
+        while not link.wait_connected(5.0):
+            if stop.is_set():
+                return 130
+            log.warning("simulator: waiting for the MQTT broker at %s:%d", host, port)
+        announce()
 
         def progress(sent: int, total: int) -> None:
             log.info("published %d of %d readings", sent, total)

@@ -16,7 +16,16 @@ says why, with one warning and ``anomalyd_snapshot_restores_total{result}``:
 ``stale``           older than ``state.max_age_s`` (windows that old describe another day);
 ``model_mismatch``  taken with another model version, features or window length (its
                     adaptive statistics describe another model's scores);
-``corrupt``         unreadable, or not what this version of anomalyd writes.
+``corrupt``         not a snapshot this version of anomalyd can read (damaged, or of
+                    another format);
+``unreadable``      the state directory cannot be searched, or the snapshot file cannot
+                    be opened (permissions, an I/O error): the warning names
+                    ``state.directory`` (or ``$STATE_DIRECTORY``) and the OS error.
+
+An unreadable state directory does not stop the start, as an unwritable one does not stop
+a running daemon (each failed write is logged at ERROR and counted): per-device state is
+worth having, not worth refusing to score for. ``anomalyd check-config`` reports a state
+directory the daemon cannot write.
 
 ``SnapshotKeeper`` decides when: restore before the pipeline thread starts, a periodic
 snapshot every ``state.snapshot_interval_s`` (the pipeline thread copies the state, a
@@ -26,6 +35,7 @@ the drain of a clean stop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -51,7 +61,7 @@ log = logging.getLogger(__name__)
 
 FILE_NAME: Final = "snapshot.npz"
 FORMAT: Final = 1
-RESTORE_RESULTS: Final = ("restored", "missing", "stale", "model_mismatch", "corrupt")
+RESTORE_RESULTS: Final = ("restored", "missing", "stale", "model_mismatch", "corrupt", "unreadable")
 
 _META = "meta"
 _DETECTOR = "detector"
@@ -111,7 +121,9 @@ def save_snapshot(directory: Path, snap: Snapshot) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        # The write's own error is the one to report, not a failure to clean up after it.
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
         raise
     # The rename itself is durable once the directory entry is on disk.
     dir_fd = os.open(directory, os.O_RDONLY)
@@ -131,13 +143,20 @@ def load_snapshot(
     max_age_s: float,
     now: float | None = None,
 ) -> Snapshot:
-    """Read the snapshot in ``directory`` and check it fits; ``SnapshotError`` says why not."""
+    """Read the snapshot in ``directory`` and check it fits; ``SnapshotError`` says why not
+    (no OSError escapes: a directory or file that cannot be read is ``unreadable``)."""
     path = directory / FILE_NAME
-    if not path.is_file():
-        raise SnapshotError("missing", f"no snapshot at {path}")
     try:
+        # Python 3.11's is_file() raises, rather than answers False, when the directory
+        # cannot be searched (EACCES).
+        if not path.is_file():
+            raise SnapshotError("missing", f"no snapshot at {path}")
         # Our own file object: np.load leaves its file open when the zip is broken.
-        with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:
+        f = path.open("rb")
+    except OSError as exc:
+        raise SnapshotError("unreadable", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        with f, np.load(f, allow_pickle=False) as npz:
             files = set(npz.files)
             if _META not in files or _DETECTOR not in files:
                 raise SnapshotError("corrupt", f"{path} lacks its metadata")
@@ -174,13 +193,20 @@ class SnapshotKeeper:
     def __init__(self, directory: Path | None, config: StateConfig, metrics: Metrics) -> None:
         self.directory = directory
         self.config = config
+        #: What the log names when the directory is at fault (as ``check-config`` does).
+        self.key = "state.directory" if config.directory is not None else "$STATE_DIRECTORY"
         self.metrics = metrics
         self._last = time.monotonic()
         self._writer: threading.Thread | None = None
 
     def restore(self, pipeline: Pipeline) -> int:
         """Before the pipeline thread starts: resume from the snapshot if it is usable.
-        Returns the devices restored (0: none, and the log says why)."""
+        Returns the devices restored (0: none, and the log says why).
+
+        Raises nothing for a snapshot it cannot use: a state directory or snapshot file that
+        cannot be read is one warning naming ``state.directory`` and the OS error, counted
+        as ``unreadable``, and the start goes on without per-device state (see the module
+        docstring for why it does not stop the start)."""
         directory = self.directory
         if directory is None:
             log.info("no state directory (state.directory, $STATE_DIRECTORY): no snapshots")
@@ -197,7 +223,10 @@ class SnapshotKeeper:
             n = pipeline.restore_snapshot(snap)
         except SnapshotError as exc:
             self.metrics.snapshot_restores.labels(result=exc.result).inc()
-            log.warning("snapshot not used (%s): %s; starting without per-device state", exc.result, exc)
+            at_fault = f"{self.key}: " if exc.result == "unreadable" else ""
+            log.warning(
+                "snapshot not used (%s): %s%s; starting without per-device state", exc.result, at_fault, exc
+            )
             return 0
         except ValueError as exc:
             self.metrics.snapshot_restores.labels(result="corrupt").inc()
@@ -219,7 +248,13 @@ class SnapshotKeeper:
             path = save_snapshot(self.directory, snap)
         except OSError as exc:
             self.metrics.snapshot_saves.labels(result="failed").inc()
-            log.error("cannot write the snapshot in %s: %s", self.directory, exc)
+            log.error("%s: cannot write the snapshot in %s: %s", self.key, self.directory, exc)
+            return False
+        except Exception:
+            # Not the disk: a bug in what the snapshot holds. It must not end the writer
+            # thread unseen, nor the stop that writes the last snapshot.
+            self.metrics.snapshot_saves.labels(result="failed").inc()
+            log.exception("cannot take the snapshot (a bug: not the disk)")
             return False
         self.metrics.snapshot_saves.labels(result="ok").inc()
         self.metrics.snapshot_last_success.set(snap.created)

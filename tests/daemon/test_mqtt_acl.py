@@ -45,17 +45,33 @@ FEATURES = ["temperature", "pressure", "vibration"]
 _DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
 
 
+#: Where Mosquitto 2's packages put the plugin: Debian and Ubuntu (multiarch), Fedora
+#: (lib64), Homebrew, builds from source.
+_DYNSEC_PATTERNS = (
+    f"/usr/lib/*/{_DYNSEC_PLUGIN}",
+    f"/usr/lib/{_DYNSEC_PLUGIN}",
+    f"/usr/lib64/{_DYNSEC_PLUGIN}",
+    f"/opt/homebrew/lib/{_DYNSEC_PLUGIN}",
+    f"/usr/local/lib/{_DYNSEC_PLUGIN}",
+)
+
+
 def dynsec_plugin() -> str:
-    """Path of Mosquitto's dynamic security plugin; skips the test where it is missing."""
-    for pattern in (
-        f"/usr/lib/*/{_DYNSEC_PLUGIN}",
-        f"/usr/lib/{_DYNSEC_PLUGIN}",
-        f"/usr/local/lib/{_DYNSEC_PLUGIN}",
-    ):
+    """Path of Mosquitto's dynamic security plugin. It ships with Mosquitto 2 (Debian's
+    ``mosquitto`` package, which scripts/bootstrap.sh installs, has it), so a missing one
+    fails the test: a skipped test would pass for one that never ran."""
+    for pattern in _DYNSEC_PATTERNS:
         found = sorted(glob.glob(pattern))
         if found:
             return found[0]
-    pytest.skip("Mosquitto's dynamic security plugin is not installed (it ships with mosquitto 2)")
+    pytest.fail(
+        f"Mosquitto's dynamic security plugin ({_DYNSEC_PLUGIN}) is not installed; looked for "
+        f"{', '.join(_DYNSEC_PATTERNS)}. It ships with Mosquitto 2: install the distribution's "
+        "package (Debian/Ubuntu: `sudo apt-get install mosquitto`, as scripts/bootstrap.sh does; "
+        "Fedora: `sudo dnf install mosquitto`; macOS: `brew install mosquitto`); a Mosquitto "
+        "1.x or one built without plugins lacks it.",
+        pytrace=False,
+    )
 
 
 def dynsec_broker(workdir: Path, acls: list[tuple[str, str]]) -> PrivateBroker:

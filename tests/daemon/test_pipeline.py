@@ -3,10 +3,12 @@ data time, the overloaded verdict, losses counted under a reason, and model swap
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +16,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
+from anomalyd import logsetup
 from anomalyd.alerts import AlertRecord
 from anomalyd.commands import Command
 from anomalyd.config import load_config
@@ -157,6 +160,48 @@ def test_a_failing_model_loses_windows_under_a_reason(
     assert sink.decisions == []
     assert registry.get_sample_value("anomalyd_windows_dropped_total", {"reason": "model_error"}) == 3.0
     assert registry.get_sample_value("anomalyd_pipeline_errors_total", {"stage": "model"}) >= 1.0
+
+
+def test_a_model_that_always_fails_is_logged_once_per_interval_and_counted_every_time(
+    model: LoadedModel,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    interval = 60.0
+    pipeline, sink = make(model, registry, **{"logging.rejection_log_interval_s": interval})
+
+    def broken(_windows: np.ndarray) -> None:
+        raise RuntimeError("injected ONNX Runtime failure")
+
+    # A fault ONNX Runtime cannot be made to produce on demand: injected. The limiter's
+    # clock is the test's, so that the interval passes when the test says so.
+    monkeypatch.setattr(model, "run", broken)
+    clock = [1000.0]
+    monkeypatch.setattr(logsetup, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    batches = 50
+    t0 = time.time() - 2 * (L + batches)
+    pipeline.ingest(messages("d", t0, L - 1))
+    for i in range(batches):  # one window each, each scored as a batch of its own
+        pipeline.ingest(messages("d", t0 + L - 1 + i, 1))
+        pipeline.flush(force=True)
+    clock[0] += interval
+    pipeline.ingest(messages("d", t0 + L - 1 + batches, 1))
+    pipeline.flush(force=True)
+
+    assert sink.decisions == []
+    assert registry.get_sample_value("anomalyd_pipeline_errors_total", {"stage": "model"}) == batches + 1
+    assert (
+        registry.get_sample_value("anomalyd_windows_dropped_total", {"reason": "model_error"}) == batches + 1
+    )
+    lines = [r for r in caplog.records if "model failed on a batch" in r.getMessage()]
+    assert len(lines) == 2
+    first, summary = lines
+    assert first.levelno == summary.levelno == logging.ERROR
+    assert first.exc_info is not None
+    assert "RuntimeError: injected ONNX Runtime failure" in caplog.text  # the traceback's last line
+    assert summary.exc_info is None  # the traceback once, not with every line
+    assert summary.getMessage().endswith(f"({batches - 1} similar suppressed)")
 
 
 def test_drop_pending_counts_the_windows(model: LoadedModel, registry: CollectorRegistry) -> None:

@@ -375,6 +375,41 @@ def test_a_free_metrics_port_is_required(
         svc.shutdown()
 
 
+def test_a_state_directory_that_cannot_be_searched_is_a_warning_and_the_start_goes_on(
+    *,
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    tiny_model: Callable[..., Path],
+    notify: NotifyListener,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    snapshot = state / "snapshot.npz"
+    real_is_file = Path.is_file
+
+    # Root (who runs these tests) searches any directory whatever its mode: injected. Python
+    # 3.11's is_file() raises this for a directory the daemon's user cannot search.
+    def unsearchable(self: Path) -> bool:
+        if self == snapshot:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", unsearchable)
+    svc = _service(broker, tiny_model(window_length=L), notify, **{"state.directory": str(state)})
+    try:
+        assert svc.start()
+        restores = svc.registry.get_sample_value("anomalyd_snapshot_restores_total", {"result": "unreadable"})
+        assert restores == 1.0
+        assert (
+            f"snapshot not used (unreadable): state.directory: cannot read {snapshot}: Permission denied"
+            in (caplog.text)
+        )
+    finally:
+        assert svc.shutdown() == 0
+
+
 def test_credentials_from_systemd_credentials_directory_and_refusal_exit_76(
     tmp_path: Path,
     broker_factory: Callable[..., MosquittoBroker],

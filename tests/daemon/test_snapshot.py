@@ -1,15 +1,23 @@
-"""Snapshot files: atomic write, and every reason a snapshot is not used."""
+"""Snapshot files: atomic write, and every reason a snapshot is not used; what the keeper
+logs and counts when the state directory cannot be read or written."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
-from anomalyd.snapshot import FILE_NAME, Snapshot, SnapshotError, load_snapshot, save_snapshot
+from anomalyd.config import load_config
+from anomalyd.metrics import Metrics
+from anomalyd.model import load_model
+from anomalyd.pipeline import Pipeline
+from anomalyd.snapshot import FILE_NAME, Snapshot, SnapshotError, SnapshotKeeper, load_snapshot, save_snapshot
 
 
 def snap(created: float | None = None) -> Snapshot:
@@ -89,3 +97,147 @@ def test_a_failed_write_keeps_the_previous_snapshot(tmp_path: Path, monkeypatch:
     monkeypatch.undo()
     assert load(tmp_path).detector[0]["device"] == "a"
     assert [p.name for p in tmp_path.iterdir()] == [FILE_NAME]
+
+
+def _refuse(monkeypatch: pytest.MonkeyPatch, method: str, target: Path) -> None:
+    """Make ``Path.<method>`` raise EACCES for ``target`` only. Root (who runs these tests)
+    searches and reads any directory whatever its mode, so the fault is injected."""
+    real = getattr(Path, method)
+
+    def refused(self: Path, *args: object, **kwargs: object) -> object:
+        if self == target:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, refused)
+
+
+def test_a_directory_that_cannot_be_searched_is_unreadable_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_snapshot(tmp_path, snap())
+    # Python 3.11's Path.is_file raises PermissionError for a directory without search permission.
+    _refuse(monkeypatch, "is_file", tmp_path / FILE_NAME)
+    with pytest.raises(SnapshotError) as info:
+        load(tmp_path)
+    assert info.value.result == "unreadable"
+    assert "Permission denied" in str(info.value)
+    assert str(tmp_path / FILE_NAME) in str(info.value)
+
+
+def test_a_snapshot_file_that_cannot_be_opened_is_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_snapshot(tmp_path, snap())
+    _refuse(monkeypatch, "open", tmp_path / FILE_NAME)
+    with pytest.raises(SnapshotError) as info:
+        load(tmp_path)
+    assert info.value.result == "unreadable"
+    assert "Permission denied" in str(info.value)
+
+
+def test_a_failed_cleanup_does_not_hide_why_the_write_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(*_a: object, **_k: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # the faults a test cannot cause for real
+    _refuse_all_unlinks(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        save_snapshot(tmp_path, snap())
+
+
+def _refuse_all_unlinks(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refused)
+
+
+# --------------------------------------------------------------------------- the keeper
+
+
+@pytest.fixture
+def keeper(
+    tmp_path: Path, tiny_model: Callable[..., Path], registry: CollectorRegistry
+) -> Iterator[Callable[..., tuple[SnapshotKeeper, Pipeline]]]:
+    """A keeper and the pipeline whose state it keeps; ``state.directory`` as given, or
+    (None) ``$STATE_DIRECTORY``, as the service builds it."""
+    made: list[Pipeline] = []
+    model = load_model(tiny_model(window_length=4))
+
+    def make(
+        directory: Path | None, into: CollectorRegistry | None = None
+    ) -> tuple[SnapshotKeeper, Pipeline]:
+        overrides = {} if directory is None else {"state.directory": str(directory)}
+        cfg = load_config(None, overrides)
+        metrics = Metrics(registry if into is None else into)
+        pipeline = Pipeline(cfg, model, metrics)
+        made.append(pipeline)
+        return SnapshotKeeper(cfg.state.resolved_directory(), cfg.state, metrics), pipeline
+
+    yield make
+    for pipeline in made:
+        pipeline.close()
+
+
+def test_the_keeper_warns_naming_the_key_and_counts_an_unreadable_state_directory(
+    tmp_path: Path,
+    keeper: Callable[..., tuple[SnapshotKeeper, Pipeline]],
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    _refuse(monkeypatch, "is_file", state / FILE_NAME)
+    k, pipeline = keeper(state)
+    assert k.restore(pipeline) == 0
+    assert registry.get_sample_value("anomalyd_snapshot_restores_total", {"result": "unreadable"}) == 1.0
+    [record] = [r for r in caplog.records if r.name == "anomalyd.snapshot"]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith(
+        f"snapshot not used (unreadable): state.directory: cannot read {state / FILE_NAME}: Permission denied"
+    )
+    # From systemd's StateDirectory=: the log names where the directory came from.
+    monkeypatch.setenv("STATE_DIRECTORY", str(state))
+    caplog.clear()
+    k, pipeline = keeper(None, CollectorRegistry())
+    assert k.restore(pipeline) == 0
+    assert "snapshot not used (unreadable): $STATE_DIRECTORY: cannot read" in caplog.text
+
+
+def test_the_keeper_logs_and_counts_a_state_directory_it_cannot_write(
+    tmp_path: Path,
+    keeper: Callable[..., tuple[SnapshotKeeper, Pipeline]],
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    state = tmp_path / "state"
+    _refuse(monkeypatch, "mkdir", state)
+    k, pipeline = keeper(state)
+    assert k.save_final(pipeline) is False
+    assert registry.get_sample_value("anomalyd_snapshot_saves_total", {"result": "failed"}) == 1.0
+    assert (
+        f"state.directory: cannot write the snapshot in {state}: [Errno 13] Permission denied" in caplog.text
+    )
+
+
+def test_a_snapshot_that_cannot_be_encoded_is_a_counted_failure_not_a_crash(
+    tmp_path: Path,
+    keeper: Callable[..., tuple[SnapshotKeeper, Pipeline]],
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def unencodable(*_a: object, **_k: object) -> None:
+        raise TypeError("injected: an array numpy cannot write")
+
+    k, pipeline = keeper(tmp_path / "state")
+    monkeypatch.setattr(np, "savez", unencodable)  # a bug that cannot be caused on demand
+    assert k.save_final(pipeline) is False
+    assert registry.get_sample_value("anomalyd_snapshot_saves_total", {"result": "failed"}) == 1.0
+    assert "cannot take the snapshot (a bug: not the disk)" in caplog.text
+    assert list((tmp_path / "state").iterdir()) == []  # no temporary file left behind

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ from anomalyd.model import load_model, read_contract
 from anomalyd_train.calibration import calibrate_threshold
 from anomalyd_train.config import TrainConfig
 from anomalyd_train.pipeline import TrainResult, prepare
+from anomalyd_train.report import device_file_names
 from anomalyd_train.windows import held_out_origins, make_windows, split_by_time
 
 ROWS = 1500
@@ -187,19 +191,98 @@ def test_score_feature_missing_from_synthetic_data_is_a_config_error() -> None:
     assert "['temperature', 'pressure', 'vibration']" in str(info.value)
 
 
+def _first_line_with(lines: list[str], fragment: str) -> int:
+    found = [i for i, line in enumerate(lines) if fragment in line]
+    assert found, f"no line with {fragment!r} in:\n" + "\n".join(lines)
+    return found[0]
+
+
+#: What ``prepare`` says, step by step, in this order (loading is said before it starts).
+DATA_STEPS = [
+    "data: reading ",
+    "data: csv: ",
+    "split: by time within each of 1 origin(s)",
+    "scaler: ",
+    "windows: ",
+]
+
+
+def test_data_steps_are_said_in_order(tmp_path: Path) -> None:
+    lines: list[str] = []
+    path = write_csv(tmp_path / "a.csv", 2, labels=False)
+    prepare(csv_config(path, 2, labels=False), lines.append)
+    assert lines[0] == f"data: reading {path} ..."
+    at = [_first_line_with(lines, step) for step in DATA_STEPS]
+    assert at == sorted(at)
+    split = lines[at[2]]
+    # 1500 rows: 70 % train, 15 % validation, 15 % calibration
+    assert split.endswith("rows: train 1050, validation 225, calibration 225")
+    assert lines[at[3]] == "scaler: mean and std of 2 features from the 1050 training rows"
+
+
 # --------------------------------------------------------------------- trained, F = 1 and 8
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, TrainResult]:
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, TrainResult], dict[int, str]]:
+    """Both runs, and what each printed (progress on)."""
     from anomalyd_train.pipeline import train
 
     out: dict[int, TrainResult] = {}
+    printed: dict[int, str] = {}
     for n_features, labels in ((1, False), (8, True)):
         d = tmp_path_factory.mktemp(f"f{n_features}")
         cfg = csv_config(write_csv(d / "data.csv", n_features, labels=labels), n_features, labels=labels)
-        out[n_features] = train(cfg, d / "model", progress=False)
-    return out
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            out[n_features] = train(cfg, d / "model", progress=True)
+        printed[n_features] = buffer.getvalue()
+    return out, printed
+
+
+@pytest.fixture(scope="module")
+def runs(trained: tuple[dict[int, TrainResult], dict[int, str]]) -> dict[int, TrainResult]:
+    return trained[0]
+
+
+#: Every step of a run, in order: the data steps, then the fit, then what follows it.
+RUN_STEPS = [
+    *DATA_STEPS,
+    "training forecast model: ",
+    "loading TensorFlow",
+    "epoch   1/2",
+    "epoch   2/2",
+    "training: 2 of 2 epochs in 0:",
+    "residual scales ",
+    "calibration: scoring ",
+    "threshold ",
+    "export: converting to ONNX",
+    "check onnx_checker",
+    "check daemon_loader",
+    "export: wrote ",
+    "report: drawing figures",
+    "report: scored 1 device(s)",
+    "report: wrote 5 files",  # loss, scores, overview, the file's own, report.md
+]
+
+
+@pytest.mark.slow
+def test_progress_says_every_step_in_order_with_elapsed_time(
+    trained: tuple[dict[int, TrainResult], dict[int, str]],
+) -> None:
+    lines = trained[1][8].splitlines()
+    assert lines
+    for line in lines:
+        assert re.match(r"\[\d+:\d\d:\d\d\] ", line), line
+    # The first line comes before any data is read, and says what is being loaded.
+    assert re.fullmatch(r"\[0:00:0\d\] data: reading .*data\.csv \.\.\.", lines[0])
+    at = [_first_line_with(lines, step) for step in RUN_STEPS]
+    assert at == sorted(at), [RUN_STEPS[i] for i in np.argsort(at)]
+    assert len(set(at)) == len(at)
+    assert (
+        "early stopping not triggered (patience 3)"
+        in lines[at[RUN_STEPS.index("training: 2 of 2 epochs in 0:")]]
+    )
 
 
 @pytest.mark.slow
@@ -249,7 +332,9 @@ def test_threshold_is_calibrated_on_the_held_out_calibration_windows(
 def test_report_is_written_beside_the_model(runs: dict[int, TrainResult]) -> None:
     labelled = runs[8]
     names = sorted(p.name for p in labelled.report_files)
-    assert names == ["loss.png", "report.md", "scores.png", "series.png"]
+    # one figure for the file (its only device) beside the overview
+    (device_png,) = device_file_names([labelled.dataset.segments[0].origin])
+    assert names == sorted(["loss.png", "report.md", "scores.png", "series.png", device_png])
     for p in labelled.report_files:
         assert p.parent == labelled.model_path.parent
         assert p.stat().st_size > 0
@@ -259,4 +344,6 @@ def test_report_is_written_beside_the_model(runs: dict[int, TrainResult]) -> Non
     assert labelled.report_numbers["labelled anomaly events"] == 3
     # Unlabelled data: the stretch is the held-out part and no recall is claimed.
     unlabelled = runs[1]
-    assert "event recall" not in (unlabelled.out_dir / "report.md").read_text(encoding="utf-8")
+    plain = (unlabelled.out_dir / "report.md").read_text(encoding="utf-8")
+    assert "event recall" not in plain
+    assert "| device | series | windows | alert runs |" in plain

@@ -458,6 +458,32 @@ class ReportConfig(_Section):
     """The figures written next to the exported model."""
 
     enabled: bool = Field(default=True, description="write the PNG report and its index page")
+    devices: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "devices (or files) of the evaluation series to show, by name, e.g. ['machine-007']; "
+            "unset: every one, up to max_devices. Checked against the data before training"
+        ),
+    )
+    max_devices: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description=(
+            "without devices: show at most this many, in data order; for synthetic data also "
+            "the size of the unseen evaluation fleet (at most data.synthetic.n_devices)"
+        ),
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_once(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            repeated = sorted({n for n in v if v.count(n) > 1})
+            if repeated:
+                raise ValueError(f"each device may be named once; repeated: {repeated}")
+        return v
 
 
 class TrainConfig(_Section):

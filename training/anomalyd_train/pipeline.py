@@ -94,10 +94,31 @@ class TrainResult:
         return float(self.export.contract.threshold.value)
 
 
-def _echo(progress: bool) -> Callable[[str], None]:
+def format_duration(seconds: float) -> str:
+    """A duration for people: ``h:mm:ss`` under an hour (``0:03:12``), ``h:mm h`` from an
+    hour on (``2:05 h``, to the nearest minute)."""
+    whole = round(max(seconds, 0.0)) if np.isfinite(seconds) else 0
+    if whole < 3600:
+        minutes, secs = divmod(whole, 60)
+        return f"0:{minutes:02d}:{secs:02d}"
+    hours, minutes = divmod(round(whole / 60), 60)
+    return f"{hours}:{minutes:02d} h"
+
+
+def _elapsed(seconds: float) -> str:
+    """Elapsed run time for progress lines: always ``h:mm:ss``, so the lines align."""
+    hours, rest = divmod(round(max(seconds, 0.0)), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _echo(progress: bool, started: float | None = None) -> Callable[[str], None]:
+    """Print each line after the time since ``started`` (``perf_counter``; default: now), as
+    ``[0:01:23] line``, so a log says how long every step took."""
+    start = time.perf_counter() if started is None else started
+
     def echo(line: str) -> None:
         if progress:
-            print(line, flush=True)
+            print(f"[{_elapsed(time.perf_counter() - start)}] {line}", flush=True)
 
     return echo
 
@@ -146,6 +167,8 @@ def fit_model(
     Early stopping watches the validation loss (the training loss when there is no
     validation part) and the best epoch's weights are restored at the end.
     """
+    # Importing TensorFlow takes seconds: say so rather than sit silent.
+    echo("loading TensorFlow and building the network ...")
     import keras
 
     from anomalyd_train.models import build_networks, member_mse
@@ -239,12 +262,25 @@ class Prepared:
         )
 
 
+def _rows(segments: list[Segment]) -> int:
+    return sum(len(s.ts) for s in segments)
+
+
+def _loading_what(cfg: TrainConfig) -> str:
+    """What is about to be loaded, for the first progress line (before any data is read)."""
+    if cfg.data.source == "csv" and cfg.data.csv is not None:
+        return f"reading {cfg.data.csv.path}"
+    syn = cfg.data.synthetic
+    return f"generating the synthetic fleet ({syn.n_devices} devices × {syn.duration_s / 3600:g} h)"
+
+
 def prepare(cfg: TrainConfig, echo: Callable[[str], None] = lambda _: None) -> Prepared:
     """Load, split by time, fit the scaler on training rows only, and cut windows.
 
     Raises ``DataError`` when a part that the config asks for gives no window, and
     ``ConfigError`` naming ``model.score_features`` when it names a feature the data lacks.
     """
+    echo(f"data: {_loading_what(cfg)} ...")
     dataset = load_dataset(cfg)
     echo(
         f"data: {dataset.source}: {dataset.rows} rows in {len(dataset.segments)} segments, "
@@ -262,14 +298,17 @@ def prepare(cfg: TrainConfig, echo: Callable[[str], None] = lambda _: None) -> P
             dataset.segments, cfg.split.validation_fraction, cfg.split.calibration_fraction
         )
         held = sorted({s.origin for s in cal_s})
-        echo(f"split: {len(held)} held-out origin(s) calibrate the threshold: {', '.join(held)}")
+        how = f"{len(held)} held-out origin(s) calibrate the threshold: {', '.join(held)}"
     else:
         train_s, val_s, cal_s = split_by_time(
             dataset.segments, cfg.split.validation_fraction, cfg.split.calibration_fraction
         )
+        how = f"by time within each of {len({s.origin for s in dataset.segments})} origin(s)"
+    echo(f"split: {how}; rows: train {_rows(train_s)}, validation {_rows(val_s)}, calibration {_rows(cal_s)}")
     # Scaling statistics come from the training part only, so nothing about the held-out
     # parts (validation, calibration) leaks into the model.
     scaler = Scaler.fit(train_s, dataset.features)
+    echo(f"scaler: mean and std of {len(dataset.features)} features from the {_rows(train_s)} training rows")
     train_ws, val_ws, cal_ws = _windows(cfg, train_s), _windows(cfg, val_s), _windows(cfg, cal_s)
     hint = f"(window.length = {cfg.window.length}; lower it, set window.padding = 'pre', or give more data)"
     if len(train_ws) == 0:
@@ -316,16 +355,22 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
 
     Writes ``out_dir/model.onnx`` and, when ``cfg.report.enabled``, the report beside
     it. Raises ``DataError`` when the data cannot make windows for every part,
-    ``ConfigError`` when ``model.score_features`` names a feature the data lacks,
+    ``ConfigError`` when ``model.score_features`` names a feature the data lacks or
+    ``report.devices`` a device it lacks (both before training),
     ``anomalyd_train.export.ExportCheckError`` when an export check fails.
     """
     from anomalyd_train import export
 
-    echo = _echo(progress)
     started = time.perf_counter()
+    echo = _echo(progress, started)
     out_dir = Path(out_dir)
 
     prep = prepare(cfg, echo)
+    if cfg.report.enabled:
+        from anomalyd_train.report import check_report_devices
+
+        # Before training: a misspelt device name should cost seconds, not a run.
+        check_report_devices(cfg, [s.origin for s in prep.dataset.segments])
     dataset, scaler = prep.dataset, prep.scaler
     train_used, val_ws, cal_ws = prep.train_used, prep.validation_windows, prep.calibration_windows
     calibration_source = prep.calibration_source
@@ -338,6 +383,11 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         f"up to {cfg.training.epochs} epochs, batch {cfg.training.batch_size}"
     )
     model, history = fit_model(cfg, train_z, val_z, echo)
+    echo(
+        f"training: {len(history.loss)} of {cfg.training.epochs} epochs in "
+        f"{format_duration(history.seconds)}; early stopping "
+        + describe_early_stopping(history, cfg.training.epochs, cfg.training.patience)
+    )
 
     from anomalyd_train.models import lstm_layers
 
@@ -356,6 +406,12 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
     flat_floor = (
         export.flatline_floors(train_z, prep.scored, cfg.model.flatline_ratio) if cfg.model.flatline else None
     )
+    echo(
+        f"residual scales (normalised units) from the {len(train_z)} training windows: "
+        + _per_feature(dataset.features, scale)
+        + ("; bias branches measured" if bias is not None else "")
+        + ("; flatline floors measured" if flat_floor is not None else "")
+    )
     scoring = export.build_scoring_function(
         model,
         cfg.model.kind,
@@ -368,6 +424,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         bias=bias,
         flat_floor=flat_floor,
     )
+    echo(f"calibration: scoring {len(val_ws)} validation and {len(cal_ws)} calibration windows ...")
     val_scores = scoring(val_ws.windows)[0] if len(val_ws) else np.zeros(0, np.float32)
     cal_scores = scoring(cal_ws.windows)[0] if len(cal_ws) else val_scores
     if cfg.calibration.method == "training_quantile":
@@ -418,6 +475,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         },
         "training_config": config_to_dict(cfg),
     }
+    echo(f"export: converting to ONNX (opset {cfg.export.opset}) and checking it ...")
     exported = export.export_model(
         scoring,
         name=cfg.name,
@@ -430,6 +488,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
     )
     for check in exported.checks:
         echo(f"  check {check.name}: {check.detail}")
+    echo(f"export: wrote {exported.path} ({exported.size_bytes / 1024:.1f} KiB)")
 
     result = TrainResult(
         config=cfg,
@@ -451,10 +510,19 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
     if cfg.report.enabled:
         from anomalyd_train.report import write_report
 
-        echo("writing report ...")
-        write_report(result)
+        echo("report: drawing figures and scoring the evaluation series ...")
+        files = write_report(result, echo)
+        echo(f"report: wrote {len(files)} files, {out_dir / 'report.md'} links them")
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _per_feature(features: list[str], values: FloatArray) -> str:
+    """``name value`` per feature, or the range when there are too many for one line."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(features) <= 8:
+        return ", ".join(f"{f} {x:.3g}" for f, x in zip(features, v.tolist(), strict=True))
+    return f"{len(features)} features, {v.min():.3g} to {v.max():.3g}"
 
 
 def _score_text(
@@ -499,6 +567,25 @@ def describe_score_features(scored: list[str], features: list[str]) -> str:
     )
 
 
+def describe_early_stopping(history: History, epochs: int, patience: int) -> str:
+    """Whether early stopping ended the fit, and which epoch's weights were kept.
+
+    ``epochs`` and ``patience`` are the config's (``training.epochs``, ``training.patience``);
+    the rest comes from ``history``, which says what the fit did.
+    """
+    ran = len(history.loss)
+    watched = "validation loss" if history.val_loss else "training loss"
+    kept = f"weights of epoch {history.best_epoch} kept (lowest {watched})"
+    if patience == 0:
+        return f"off (training.patience = 0): ran all {ran} epochs; {kept}"
+    if history.stopped_early:
+        return (
+            f"triggered after epoch {ran} of {epochs}: no better {watched} for "
+            f"{ran - history.best_epoch} epochs (patience {patience}); {kept}"
+        )
+    return f"not triggered (patience {patience}): ran all {ran} epochs; {kept}"
+
+
 def format_summary(result: TrainResult) -> str:
     """The one-screen summary printed at the end of a run."""
     cfg = result.config
@@ -522,9 +609,9 @@ def format_summary(result: TrainResult) -> str:
         ),
         f"windows    L={cfg.window.length}: train {w['train']} (used {w['train_used']}), "
         f"validation {w['validation']}, calibration {w['calibration']}",
-        f"training   {len(h.loss)} epochs in {h.seconds:.0f} s"
-        + (" (stopped early)" if h.stopped_early else "")
+        f"training   {len(h.loss)} of {cfg.training.epochs} epochs in {format_duration(h.seconds)}"
         + f"; best epoch {h.best_epoch}: loss {h.loss[h.best_epoch - 1]:.5f}{best_val}",
+        "           early stopping " + describe_early_stopping(h, cfg.training.epochs, cfg.training.patience),
         f"threshold  {c.threshold:.6g} by {c.method} on {c.n_scores} {result.calibration_source} windows"
         + (
             f", target false-alarm rate {c.target_false_alarm_rate:g}/window"
@@ -550,6 +637,6 @@ def format_summary(result: TrainResult) -> str:
         lines.append(f"report     {result.out_dir / 'report.md'} ({len(result.report_files)} files)")
     for key, value in result.report_numbers.items():
         lines.append(f"           {key}: {value}")
-    lines.append(f"total      {result.seconds:.0f} s")
+    lines.append(f"total      {format_duration(result.seconds)}")
     lines.append("─" * 78)
     return "\n".join(lines)
