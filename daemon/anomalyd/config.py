@@ -37,6 +37,7 @@ from anomalyd.config_sections import (
     BatchingConfig,
     CommandsConfig,
     DetectorConfig,
+    HomeAssistantConfig,
     LoggingConfig,
     MetricsConfig,
     ModelSection,
@@ -52,6 +53,7 @@ __all__ = [
     "CommandsConfig",
     "Config",
     "DetectorConfig",
+    "HomeAssistantConfig",
     "LoggingConfig",
     "MetricsConfig",
     "ModelSection",
@@ -92,6 +94,9 @@ class Config(Section):
     detector: DetectorConfig = Field(default_factory=DetectorConfig, description="thresholds and alerts")
     output: OutputConfig = Field(default_factory=OutputConfig, description="published topics")
     commands: CommandsConfig = Field(default_factory=CommandsConfig, description="operator commands")
+    homeassistant: HomeAssistantConfig = Field(
+        default_factory=HomeAssistantConfig, description="Home Assistant MQTT discovery"
+    )
     state: StateConfig = Field(default_factory=StateConfig, description="snapshots across restarts")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="logging")

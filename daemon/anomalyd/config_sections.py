@@ -1,7 +1,7 @@
 """The smaller sections of the configuration, one pydantic model per TOML table:
-``[model]``, ``[batching]``, ``[detector]``, ``[output]``, ``[commands]``, ``[state]``,
-``[metrics]``, ``[logging]`` and ``[shutdown]``, each with its keys, defaults, ranges and
-descriptions, declared once.
+``[model]``, ``[batching]``, ``[detector]``, ``[output]``, ``[commands]``,
+``[homeassistant]``, ``[state]``, ``[metrics]``, ``[logging]`` and ``[shutdown]``, each
+with its keys, defaults, ranges and descriptions, declared once.
 
 The larger sections have modules of their own: ``[mqtt]`` (broker address, TLS, secrets)
 in ``anomalyd.config_mqtt`` and ``[stream]`` in ``anomalyd.config_stream``; all of them
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +29,7 @@ __all__ = [
     "BatchingConfig",
     "CommandsConfig",
     "DetectorConfig",
+    "HomeAssistantConfig",
     "LoggingConfig",
     "MetricsConfig",
     "ModelSection",
@@ -230,6 +232,51 @@ class CommandsConfig(Section):
         if default is not None and v < default:
             raise ValueError(f"expected max_shelve_s >= default_shelve_s ({default}), got {v}")
         return v
+
+
+class HomeAssistantConfig(Section):
+    """Home Assistant MQTT discovery: an alert binary sensor and a score sensor per device."""
+
+    enabled: bool = Field(
+        default=False,
+        description="publish retained discovery configs (<discovery_prefix>/<component>/<node_id>/...) "
+        "for every device with a state; removed when the device is forgotten (idle, evicted)",
+    )
+    discovery_prefix: str = Field(
+        default="homeassistant",
+        description="Home Assistant's discovery prefix (a setting of its MQTT integration)",
+    )
+    node_id: str = Field(
+        default="anomalyd",
+        description="discovery topic level naming this daemon, and the prefix of its unique ids and device "
+        "identifiers (<node_id>_<device>): give each daemon on one broker its own",
+    )
+    status_topic: str = Field(
+        default="homeassistant/status",
+        description="where Home Assistant announces itself ('online' after a start): the configs are "
+        "published again then; empty: do not listen",
+    )
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        check_topic_template(v, 0)
+        if "" in v.split("/"):
+            raise ValueError(f"expected no empty topic level (a leading, trailing or double '/'), got {v!r}")
+        return v
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, v: str) -> str:
+        # Home Assistant's rule for the node_id and object_id levels of a discovery topic.
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v):
+            raise ValueError(f"expected 1 to 64 letters, digits, '_' or '-', got {v!r}")
+        return v
+
+    @field_validator("status_topic")
+    @classmethod
+    def _status_topic(cls, v: str) -> str:
+        return check_topic_template(v, 0) if v else v
 
 
 class StateConfig(Section):

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 RELOAD_RESULTS = ("success", "failure")
 ALERT_DIRECTIONS = ("raised", "cleared")
 EVICTION_CAUSES = ("idle", "capacity")
-PUBLISH_KINDS = ("score", "batch", "alert", "status")
+PUBLISH_KINDS = ("score", "batch", "alert", "status", "discovery")
 #: Why a message was not published: never handed to the client (not connected, its
 #: out-queue full), or refused by the broker in its acknowledgement (not_authorized: an
 #: ACL, reason code 0x87; refused: any other failure code).

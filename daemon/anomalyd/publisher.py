@@ -44,7 +44,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -56,6 +56,9 @@ from anomalyd.detector import Decision
 from anomalyd.logsetup import RateLimitedLog
 from anomalyd.metrics import Metrics
 from anomalyd.mqtt import MqttLink, Will
+
+if TYPE_CHECKING:
+    from anomalyd.homeassistant import HomeAssistantDiscovery
 
 __all__ = ["DEGRADED", "OFFLINE", "ONLINE", "OVERLOADED", "STOPPED", "Publisher", "last_will"]
 
@@ -117,11 +120,16 @@ class Publisher:
         self._alert_parts = output.alert_topic.split("{device}")
         self._since: dict[str, _Since] = {}
         self._touched: set[str] = set()  # devices with windows since the last flush_scores
+        #: Home Assistant discovery (``anomalyd.homeassistant.attach_discovery``): it sees
+        #: every published state, the model and the output settings.
+        self.discovery: HomeAssistantDiscovery | None = None
 
     def set_model(self, feature_names: list[str], model_version: str) -> None:
         """Name contributions and stamp payloads for a newly loaded model."""
         self._features = list(feature_names)
         self._model_version = model_version
+        if self.discovery is not None:
+            self.discovery.set_model(model_version)
 
     def set_output(self, output: OutputConfig) -> None:
         """Take reloaded ``[output]`` settings (pipeline thread). Its status topic and QoS and
@@ -130,6 +138,8 @@ class Publisher:
         self._out = output
         self._score_parts = output.score_topic.split("{device}")
         self._alert_parts = output.alert_topic.split("{device}")
+        if self.discovery is not None:
+            self.discovery.set_output(output)
 
     def forget(self, devices: list[str]) -> None:
         """Drop the rate-limiting state of devices the pipeline no longer tracks."""
@@ -224,13 +234,16 @@ class Publisher:
             self._metrics.end_to_end_seconds.observe_many(np.maximum(latency, 0.0))
 
     def publish_states(self, records: list[AlertRecord]) -> None:
-        """Publish devices' alert states, retained (``anomalyd.alerts``)."""
+        """Publish devices' alert states, retained (``anomalyd.alerts``); discovery, if
+        attached, announces or removes the devices they concern."""
         pre, post = self._alert_parts
         qos = self._out.alert_qos
         features, version = self._features, self._model_version
         for record in records:
             doc = alert_payload(record, features, version)
             self._send("alert", pre + record.device + post, _dumps(doc), qos, retain=True)
+        if self.discovery is not None:
+            self.discovery.observe(records)
 
     def _publish_scores(self, decisions: list[Decision]) -> None:
         if self._out.score_interval_s <= 0:

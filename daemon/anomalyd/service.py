@@ -60,6 +60,7 @@ from anomalyd.commands import CommandInbox
 from anomalyd.config import Config, ModelSection, load_config
 from anomalyd.decode import Reason
 from anomalyd.errors import AnomalydError, ConfigError
+from anomalyd.homeassistant import HomeAssistantDiscovery, attach_discovery
 from anomalyd.intake import IntakeQueue
 from anomalyd.logsetup import reconfigure as reconfigure_logging
 from anomalyd.metrics import Metrics, MetricsServer
@@ -166,6 +167,7 @@ class Service:
         )
         self._link: MqttLink | None = None
         self._publisher: Publisher | None = None
+        self._discovery: HomeAssistantDiscovery | None = None  # [homeassistant] enabled
         self._pipeline: threading.Thread | None = None
         self._reloader: threading.Thread | None = None
         # A reload's hand-over to the pipeline thread; the lock lets a reload that gave up
@@ -328,6 +330,15 @@ class Service:
 
         link.add_subscription_listener(follow_subscription)
         link.add_connect_listener(self._on_connected)
+        self._discovery = attach_discovery(
+            cfg.homeassistant,
+            cfg.output,
+            model.contract.model_version,
+            link,
+            self._publisher,
+            wake=self._queue.wake,
+            log_interval_s=cfg.logging.rejection_log_interval_s,
+        )
         # The broker's retained alert states (reconciled with ours on every connect), and
         # operator commands.
         link.add_subscription(subscription_filter(cfg.output.alert_topic), self.retained_states.put, qos=1)
@@ -380,10 +391,13 @@ class Service:
         self._queue.wake()
 
     def _handle_side_inputs(self, pipeline: Pipeline) -> None:
-        """Pipeline thread: re-assert after a connect, reconcile retained states, commands."""
+        """Pipeline thread: re-assert after a connect (or when Home Assistant discovery
+        wants every device announced again), reconcile retained states, commands."""
         if self._reconnected.is_set():
             self._reconnected.clear()
             pipeline.request_reassert()
+        if self._discovery is not None and self._discovery.take_reannounce():
+            pipeline.request_reassert()  # the configs go out with the re-asserted states
         retained = self.retained_states.take()
         if retained:
             pipeline.reconcile(retained)
