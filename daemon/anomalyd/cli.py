@@ -7,7 +7,8 @@ Subcommands:
 - ``check-config FILE [--as-service [--unit UNIT]]``: check a configuration and everything
   ``run`` needs with it (secrets, TLS files, the model against the configuration, the
   state directory; ``anomalyd.preflight``), print every problem with its key path;
-- ``inspect-model PATH``: print a model's contract, the graph check and the providers;
+- ``inspect-model PATH`` (or ``--config FILE``: every model it serves): print a model's
+  contract, the graph check and the providers;
 - ``simulate``: publish the synthetic fleet, with anomalies, over MQTT; with
   ``--from-csv FILE --device NAME``, a recorded CSV file as one live device instead;
 - ``score FILE``: score a recorded CSV file offline through the daemon's pipeline
@@ -217,14 +218,39 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect_model(args: argparse.Namespace) -> int:
+    if (args.path is None) == (args.config is None):
+        raise UsageError("inspect-model takes a model file PATH or --config FILE (one of them)")
+    if args.path is not None:
+        return _inspect_model(args.path)
+    from anomalyd.config import load_config, model_entries
+
+    config = load_config(args.config)  # ConfigError → 78
+    entries = model_entries(config)
+    if entries is None:
+        return _inspect_model(config.model.path)
+    # Every model of the configuration, each under a heading; the exit code is the worst.
+    code = 0
+    for i, entry in enumerate(entries):
+        if i:
+            print()
+        print(f"model {entry.name!r}: {entry.path} (devices {', '.join(entry.devices)})")
+        try:
+            code = max(code, _inspect_model(entry.path))
+        except ModelContractError as exc:
+            print(f"contract        FAILED: {exc}")
+            code = ModelContractError.exit_code
+    return code
+
+
+def _inspect_model(path: Path) -> int:
     import onnxruntime
 
     from anomalyd.model import SessionOptions, load_model, read_contract
 
-    contract = read_contract(args.path)  # ModelContractError → 65
+    contract = read_contract(path)  # ModelContractError → 65
     print(contract.describe())
     try:
-        model = load_model(args.path, SessionOptions(providers="auto"))
+        model = load_model(path, SessionOptions(providers="auto"))
     except ModelContractError as exc:
         print(f"graph check     FAILED: {exc}")
         return ModelContractError.exit_code
@@ -526,8 +552,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit", type=Path, metavar="UNIT", help="the unit file for --as-service (implies it)")
     p.set_defaults(run=_cmd_check_config)
 
-    p = sub.add_parser("inspect-model", help="print a model's contract", description="Describe a model file.")
-    p.add_argument("path", type=Path, metavar="PATH")
+    p = sub.add_parser(
+        "inspect-model",
+        help="print a model's contract",
+        description="Describe a model file, or every model of a configuration file ([model] or [[models]]).",
+    )
+    p.add_argument("path", type=Path, metavar="PATH", nargs="?")
+    p.add_argument(
+        "--config", type=Path, metavar="FILE", help="describe the models this configuration serves"
+    )
     p.set_defaults(run=_cmd_inspect_model)
 
     p = sub.add_parser(

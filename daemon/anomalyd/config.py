@@ -26,9 +26,9 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from anomalyd.config_base import Section
 from anomalyd.config_errors import validation_errors
@@ -40,6 +40,7 @@ from anomalyd.config_sections import (
     HomeAssistantConfig,
     LoggingConfig,
     MetricsConfig,
+    ModelEntry,
     ModelSection,
     OutputConfig,
     ShutdownConfig,
@@ -56,8 +57,10 @@ __all__ = [
     "HomeAssistantConfig",
     "LoggingConfig",
     "MetricsConfig",
+    "ModelEntry",
     "ModelSection",
     "MqttConfig",
+    "MultiModelConfig",
     "OutputConfig",
     "ShutdownConfig",
     "StateConfig",
@@ -65,6 +68,7 @@ __all__ = [
     "TlsConfig",
     "config_errors",
     "load_config",
+    "model_entries",
     "read_secret",
     "section_model",
 ]
@@ -102,6 +106,65 @@ class Config(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="logging")
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig, description="shutdown")
 
+    def detector_for(self, entry: ModelEntry) -> DetectorConfig:
+        """The ``[detector]`` a ``[[models]]`` entry runs with: the top-level one, with the
+        keys the entry sets itself in its place."""
+        own = entry.detector
+        if own is None:
+            return self.detector
+        merged = self.detector.model_dump() | own.model_dump(include=own.model_fields_set)
+        return DetectorConfig.model_validate(merged)
+
+    def for_model(self, entry: ModelEntry) -> Config:
+        """This configuration as one ``[[models]]`` entry's pipeline sees it: a plain
+        ``Config`` with the entry as ``[model]`` and its ``[detector]``."""
+        section = ModelSection.model_validate(
+            entry.model_dump(include=set(ModelSection.model_fields)), strict=False
+        )
+        parts = {name: getattr(self, name) for name in Config.model_fields}
+        return Config(**parts | {"model": section, "detector": self.detector_for(entry)})
+
+
+class MultiModelConfig(Config):
+    """A configuration with several models (``[[models]]``, instead of ``[model]``): each
+    entry scores the devices its globs match (``anomalyd.routing``).
+
+    A subclass rather than a field of ``Config``: a lone ``[model]`` stays exactly what it
+    was (the same schema, example file and reload keys); ``load_config`` validates a file
+    with a ``[[models]]`` table against this one."""
+
+    models: list[ModelEntry] = Field(
+        min_length=1,
+        description="several models, each scoring the devices its globs match ([[models]]; "
+        "instead of [model])",
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_name_models(self) -> MultiModelConfig:
+        if "model" in self.model_fields_set:
+            raise ValueError("[model] and [[models]] do not go together: make every model a [[models]] entry")
+        seen_names: set[str] = set()
+        seen_patterns: dict[str, str] = {}
+        for entry in self.models:
+            if entry.name in seen_names:
+                raise ValueError(f"two [[models]] entries are named {entry.name!r}")
+            seen_names.add(entry.name)
+            for pattern in entry.devices:
+                other = seen_patterns.get(pattern)
+                if other is not None and other != entry.name:
+                    # The same glob in two models matches the same devices: never meant.
+                    raise ValueError(
+                        f"device pattern {pattern!r} is in models {other!r} and {entry.name!r}: "
+                        "a device must match exactly one model"
+                    )
+                seen_patterns[pattern] = entry.name
+        return self
+
+
+def model_entries(config: Config) -> list[ModelEntry] | None:
+    """The ``[[models]]`` entries of a configuration with several models; None for a lone ``[model]``."""
+    return config.models if isinstance(config, MultiModelConfig) else None
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -112,6 +175,15 @@ def section_model(model: type[BaseModel], name: str) -> type[BaseModel] | None:
     for cand in (ann, *get_args(ann)):
         if isinstance(cand, type) and issubclass(cand, BaseModel):
             return cand
+    return None
+
+
+def _table_array_model(model: type[BaseModel], name: str) -> type[BaseModel] | None:
+    """The model of an array-of-tables field (``list[X] | None``), or None for any other."""
+    for cand in (model.model_fields[name].annotation, *get_args(model.model_fields[name].annotation)):
+        for item in get_args(cand) if get_origin(cand) is list else ():
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                return item
     return None
 
 
@@ -126,9 +198,13 @@ def _resolve_paths(raw: dict[str, Any], model: type[BaseModel], base: Path) -> N
     for key, value in raw.items():
         if key not in model.model_fields:
             continue  # reported as unknown by validation
-        sub = section_model(model, key)
+        sub = section_model(model, key) or _table_array_model(model, key)
         if sub is not None and isinstance(value, dict):
             _resolve_paths(value, sub, base)
+        elif sub is not None and isinstance(value, list):  # an array of tables: [[models]]
+            for item in value:
+                if isinstance(item, dict):
+                    _resolve_paths(item, sub, base)
         elif _is_path_field(model, key) and isinstance(value, str) and not Path(value or "/").is_absolute():
             raw[key] = str(base / value)
 
@@ -145,7 +221,7 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{str(p)!r} is not valid TOML: {exc}") from None
-    _resolve_paths(raw, Config, p.resolve().parent)
+    _resolve_paths(raw, _schema(raw), p.resolve().parent)
     return raw
 
 
@@ -173,12 +249,18 @@ def _pop_secrets(raw: dict[str, Any]) -> list[ConfigError]:
     return errors
 
 
+def _schema(raw: dict[str, Any]) -> type[Config]:
+    """The model a file's tables are validated against: ``[[models]]`` picks the several-model one."""
+    return MultiModelConfig if "models" in raw else Config
+
+
 def _validate(raw: dict[str, Any]) -> tuple[Config | None, list[ConfigError]]:
     errors = _pop_secrets(raw)
+    schema = _schema(raw)
     try:
-        cfg = Config.model_validate(raw)
+        cfg = schema.model_validate(raw)
     except ValidationError as exc:
-        return None, errors + validation_errors(exc, Config)
+        return None, errors + validation_errors(exc, schema)
     return (cfg, errors) if not errors else (None, errors)
 
 

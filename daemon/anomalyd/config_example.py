@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from anomalyd.config import Config, section_model
+from anomalyd.config import Config, ModelEntry, section_model
 from anomalyd.paths import DEFAULT_MODEL_PATH
 
 __all__ = ["render_example_config"]
@@ -62,6 +62,23 @@ def _render_section(
         _render_section(sub, f"{name}.{field_name}", True, out, intro=f"{field_name}: {info.description}")
 
 
+def _render_models_example(out: list[str]) -> None:
+    """Several models (``[[models]]``): an example, as prose comments (``# key = ...``), since
+    it replaces ``[model]`` rather than adding keys to the defaults above."""
+    out += [
+        "",
+        "# Several models instead of [model]: one [[models]] table per model, each scoring the",
+        "# devices whose id its glob patterns match (a device must match exactly one model).",
+        "# Every key of [model] may be set per model; [models.detector] overrides keys of",
+        "# [detector] for that model only. [model] and [[models]] together are an error.",
+        "# [[models]]",
+    ]
+    examples = {"name": '"pumps"', "path": '"/var/lib/anomalyd/pumps.onnx"', "devices": '["pump-*"]'}
+    for field_name, example in examples.items():
+        out.append(f"# {field_name} = {example}  # {ModelEntry.model_fields[field_name].description}")
+    out += ["# [models.detector]", "# k_enter = 5"]
+
+
 def render_example_config() -> str:
     """The commented example configuration (``systemd/anomalyd.toml``), generated from the models."""
     out = [
@@ -76,6 +93,7 @@ def render_example_config() -> str:
         sub = section_model(Config, name)
         assert sub is not None
         _render_section(sub, name, False, out)
+    _render_models_example(out)
     return "\n".join(out) + "\n"
 
 

@@ -1,7 +1,7 @@
 """The smaller sections of the configuration, one pydantic model per TOML table:
-``[model]``, ``[batching]``, ``[detector]``, ``[output]``, ``[commands]``,
-``[homeassistant]``, ``[state]``, ``[metrics]``, ``[logging]`` and ``[shutdown]``, each
-with its keys, defaults, ranges and descriptions, declared once.
+``[model]`` (and each ``[[models]]`` entry, ``ModelEntry``), ``[batching]``, ``[detector]``,
+``[output]``, ``[commands]``, ``[homeassistant]``, ``[state]``, ``[metrics]``, ``[logging]``
+and ``[shutdown]``, each with its keys, defaults, ranges and descriptions, declared once.
 
 The larger sections have modules of their own: ``[mqtt]`` (broker address, TLS, secrets)
 in ``anomalyd.config_mqtt`` and ``[stream]`` in ``anomalyd.config_stream``; all of them
@@ -32,6 +32,7 @@ __all__ = [
     "HomeAssistantConfig",
     "LoggingConfig",
     "MetricsConfig",
+    "ModelEntry",
     "ModelSection",
     "OutputConfig",
     "ShutdownConfig",
@@ -153,6 +154,48 @@ class DetectorConfig(Section):
         # Scores are >= 0: a threshold at or below 0 would hold every device in alert.
         if v is not None and v <= 0:
             raise ValueError(f"expected a threshold > 0 (scores are never negative), got {v}")
+        return v
+
+
+#: A model's name: the ``model`` label of the per-model metrics, so it stays short and plain.
+MODEL_NAME_PATTERN = r"[a-z0-9_-]{1,32}"
+
+
+class ModelEntry(ModelSection):
+    """One of several models (``[[models]]``): its file, how ONNX Runtime runs it (the keys
+    of ``[model]``), the devices it scores, and its own ``[detector]`` keys, if any."""
+
+    name: str = Field(
+        description="the model's name: the model label of its metrics, [a-z0-9_-], at most 32",
+        examples=["pumps"],
+    )
+    path: PathField = Field(description="exported model file", examples=["/var/lib/anomalyd/pumps.onnx"])
+    devices: list[str] = Field(
+        min_length=1,
+        description="glob patterns (fnmatch: *, ?, [seq]) on the device id; a device must match "
+        "exactly one model",
+        examples=[["pump-*"]],
+    )
+    detector: DetectorConfig | None = Field(
+        default=None,
+        description="[detector] keys for this model only; the keys left out are the top-level [detector]'s",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not re.fullmatch(MODEL_NAME_PATTERN, v):
+            raise ValueError(f"expected 1 to 32 of a-z, 0-9, '_' and '-', got {v!r}")
+        return v
+
+    @field_validator("devices")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if not pattern or "/" in pattern:
+                raise ValueError(
+                    f"expected a non-empty glob without '/' (a device id is one level), got {pattern!r}"
+                )
         return v
 
 

@@ -158,6 +158,34 @@ class Metrics:
         self.anomalous_windows = Counter(
             "anomalyd_anomalous_windows", "Scored windows above the threshold", registry=r
         )
+        # Per model (the ``model`` label: ``default`` for a lone [model], else the [[models]]
+        # entry's name). New families beside the unlabelled totals above, so that a lone
+        # model's series and the queries on them stay as they were.
+        self.model_windows_scored = Counter(
+            "anomalyd_model_windows_scored", "Windows scored, by model", ["model"], registry=r
+        )
+        self.model_anomalous_windows = Counter(
+            "anomalyd_model_anomalous_windows",
+            "Scored windows above the threshold, by model",
+            ["model"],
+            registry=r,
+        )
+        self.model_inference_seconds = Histogram(
+            "anomalyd_model_inference_seconds",
+            "Time in ONNX Runtime per batch, by model",
+            ["model"],
+            buckets=_INFERENCE_BUCKETS,
+            registry=r,
+        )
+        self.model_devices_tracked = Gauge(
+            "anomalyd_model_devices_tracked", "Devices with a rolling window, by model", ["model"], registry=r
+        )
+        self.served_model_info = Info(
+            "anomalyd_served_model",
+            "Every model being served, by name, and the ONNX Runtime provider running it",
+            ["model"],
+            registry=r,
+        )
         self.alert_transitions = Counter(
             "anomalyd_alert_transitions",
             "Alert state changes (raised: normal to anomalous, cleared: back to normal)",
@@ -399,19 +427,31 @@ class Metrics:
             self.rejected.labels(reason=reason)
 
     def set_model(
-        self, version: str, *, kind: str, window: int, features: list[str], provider: str, threshold: float
+        self,
+        version: str,
+        *,
+        kind: str,
+        window: int,
+        features: list[str],
+        provider: str,
+        threshold: float,
+        name: str = "default",
+        primary: bool = True,
     ) -> None:
-        """Publish which model runs where (``anomalyd_model_info``) and its threshold."""
-        self.model_info.info(
-            {
-                "version": version,
-                "kind": kind,
-                "window": str(window),
-                "features": ",".join(features),
-                "provider": provider,
-            }
-        )
-        self.model_threshold.set(threshold)
+        """Publish which model runs where (``anomalyd_served_model_info{model=name}``);
+        the ``primary`` one (a lone model, or the first of several) also in
+        ``anomalyd_model_info`` and ``anomalyd_model_threshold``."""
+        labels = {
+            "version": version,
+            "kind": kind,
+            "window": str(window),
+            "features": ",".join(features),
+            "provider": provider,
+        }
+        self.served_model_info.labels(model=name).info(labels)
+        if primary:
+            self.model_info.info(labels)
+            self.model_threshold.set(threshold)
 
     def set_alert_states(self, counts: dict[str, int], oldest_since: float | None, now: float) -> None:
         """Refresh the alert-state gauges (housekeeping, about once a second)."""

@@ -48,7 +48,7 @@ from anomalyd.cadence import period_band
 from anomalyd.commands import IN_SERVICE, OUT_OF_SERVICE, REBASELINE, SHELVE, UNSHELVE, Command
 from anomalyd.config import Config
 from anomalyd.decode import DecodedBatch, Decoder, RawMessage, Rejection
-from anomalyd.detector import Decision, Detector
+from anomalyd.detector import Decision, Detector, Sweep
 from anomalyd.logsetup import RateLimitedLog
 from anomalyd.metrics import Metrics
 from anomalyd.model import LoadedModel
@@ -107,11 +107,20 @@ class Pipeline:
         sink: DecisionSink | None = None,
         *,
         wake: Callable[[], None] | None = None,
+        name: str = "default",
     ) -> None:
         """``wake`` is called (from an inference thread) when a batch's scores are in, so a
-        thread that waits for input can come back and take them."""
+        thread that waits for input can come back and take them. ``name`` is the model's
+        ``model`` label in the per-model metrics (``anomalyd.routing`` runs several)."""
         self.config = config
         self.metrics = metrics
+        self.name = name
+        self._scored_counter = metrics.model_windows_scored.labels(model=name)
+        self._anomalous_counter = metrics.model_anomalous_windows.labels(model=name)
+        self._inference_histogram = metrics.model_inference_seconds.labels(model=name)
+        self._devices_gauge = metrics.model_devices_tracked.labels(model=name)
+        #: The last housekeeping's alert-state sweep (a router sums its pipelines' sweeps).
+        self.last_sweep: Sweep | None = None
         self.sink = sink
         self.model = model
         self.windows_scored = 0
@@ -381,13 +390,16 @@ class Pipeline:
             return 0
         scores, contributions, seconds = result
         m.inference_seconds.observe(seconds)
+        self._inference_histogram.observe(seconds)
         m.batch_size.observe(n)
         decisions = self.detector.update(batch.devices, batch.end_ts, scores, contributions, batch.padded)
         m.windows_scored.inc(n)
+        self._scored_counter.inc(n)
         self.windows_scored += n
         anomalies = sum(1 for d in decisions if d.anomaly)
         if anomalies:
             m.anomalous_windows.inc(anomalies)
+            self._anomalous_counter.inc(anomalies)
         # Every change of a device's alert state, in order, each as it was at its window: an
         # alert raised and cleared within one batch (a backlog caught up) is still told.
         changed: list[AlertRecord] = []
@@ -580,6 +592,7 @@ class Pipeline:
             self._build_stages(self.model)  # nothing half-restored
             raise
         self.metrics.devices_tracked.set(self.buffers.n_devices)
+        self._devices_gauge.set(self.buffers.n_devices)
         return n
 
     # ------------------------------------------------------------------ model swap
@@ -626,11 +639,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------ housekeeping
 
-    def housekeeping(self, now_mono: float, queue_fill: float = 0.0, queue_dropped: int = 0) -> None:
+    def housekeeping(
+        self, now_mono: float, queue_fill: float = 0.0, queue_dropped: int = 0, *, gauges: bool = True
+    ) -> None:
         """Evict idle devices, refresh gauges and decide whether the daemon is overloaded.
 
         ``queue_fill`` is the intake queue's fill fraction, ``queue_dropped`` the number of
         messages it refused since start (both from the caller, who owns the queue).
+        ``gauges=False`` leaves the daemon-wide gauges (devices, pending windows, alert
+        states) to the caller, who sums several pipelines (``anomalyd.routing``).
         """
         evicted = self.buffers.evict_idle(now_mono, self.config.stream.idle_evict_s)
         if evicted:
@@ -641,11 +658,14 @@ class Pipeline:
         sweep = self.detector.sweep(now)
         self._publish_states(sweep.expired)
         self._reassert_some()
+        self.last_sweep = sweep
         m = self.metrics
-        m.devices_tracked.set(self.buffers.n_devices)
-        m.pending_windows.set(self.batcher.pending)
-        m.set_alert_states(sweep.counts, sweep.oldest_alert_since, now)
-        m.devices_cadence_mismatch.set(self.buffers.n_cadence_mismatched)
+        self._devices_gauge.set(self.buffers.n_devices)
+        if gauges:
+            m.devices_tracked.set(self.buffers.n_devices)
+            m.pending_windows.set(self.batcher.pending)
+            m.set_alert_states(sweep.counts, sweep.oldest_alert_since, now)
+            m.devices_cadence_mismatch.set(self.buffers.n_cadence_mismatched)
         self._check_overload(queue_fill, queue_dropped)
 
     def _check_overload(self, queue_fill: float, queue_dropped: int) -> None:

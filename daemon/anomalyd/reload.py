@@ -28,6 +28,9 @@ What changes live, and why the rest cannot:
 - ``[shutdown]`` ``drain_timeout_s``: read when a stop begins.
 - Everything else (``[mqtt]``, ``[batching]``, ``[commands]``, ``[state]``, ``[metrics]``
   and the keys above that are not listed) needs a restart.
+- ``[[models]]`` (several models), every key of every entry: the pipelines, one per entry,
+  are built at the start. A model's *file* that changed is still loaded again on a reload,
+  that model alone (``anomalyd.service``).
 """
 
 from __future__ import annotations

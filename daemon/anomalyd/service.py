@@ -10,6 +10,11 @@ On every (re)connect the pipeline re-asserts every device's retained alert state
 reconciles the alert states the broker retains with its own (``Pipeline.reconcile``); it
 also takes operator commands (``anomalyd.commands``) from the command topic.
 
+Several models (``[[models]]``): the pipeline thread runs an ``anomalyd.routing.ModelRouter``
+in place of the one ``Pipeline``: one pipeline per model, each message routed by its
+device id. Each model is loaded and warmed at the start; a reload loads again only the
+models whose file changed, and the others keep serving; snapshots are off.
+
 Threads: the paho network thread (``anomalyd.mqtt``) only enqueues into the intake queue;
 ``_run_pipeline_loop`` owns the ``Pipeline`` (decoder, buffers, batcher, model, detector,
 publisher: no locks) and feeds it from the queue, in passes; the pipeline's inference
@@ -48,16 +53,16 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from prometheus_client import CollectorRegistry
 
 from anomalyd.alerts import RetainedStates
 from anomalyd.commands import CommandInbox
-from anomalyd.config import Config, ModelSection, load_config
+from anomalyd.config import Config, ModelSection, load_config, model_entries
 from anomalyd.decode import Reason
 from anomalyd.errors import AnomalydError, ConfigError
 from anomalyd.homeassistant import HomeAssistantDiscovery, attach_discovery
@@ -69,6 +74,7 @@ from anomalyd.mqtt import MqttLink, subscription_filter
 from anomalyd.pipeline import Pipeline
 from anomalyd.publisher import Publisher, last_will
 from anomalyd.reload import ReloadPlan, file_digest, plan_reload
+from anomalyd.routing import ModelRouter
 from anomalyd.sdnotify import Notifier, watchdog_interval
 from anomalyd.snapshot import SnapshotKeeper
 
@@ -120,6 +126,12 @@ class _Handover:
     config: Config | None
     model: LoadedModel | None
     error: str | None = None
+    #: With several models: the reloaded ones, by name (the others keep serving).
+    models: dict[str, LoadedModel] = field(default_factory=dict)
+
+
+#: What the pipeline thread runs: one model's pipeline, or a router over several.
+Stages = Pipeline | ModelRouter
 
 
 class Service:
@@ -190,9 +202,18 @@ class Service:
         )
         self.retained_states = RetainedStates(config.output.alert_topic, self._queue.wake)
         self._reconnected = threading.Event()
-        self.snapshots = SnapshotKeeper(config.state.resolved_directory(), config.state, self.metrics)
-        #: The stages of the served model; built in start(), run by the pipeline thread.
-        self.pipeline: Pipeline | None = None
+        # Several models: no snapshots (see anomalyd.routing), so no state directory here.
+        several = model_entries(config) is not None
+        state_dir = None if several else config.state.resolved_directory()
+        if several and config.state.resolved_directory() is not None:
+            log.warning("state directory ignored: snapshots are off with several models ([[models]])")
+        self.snapshots = SnapshotKeeper(state_dir, config.state, self.metrics)
+        #: The stages of the served model(s); built in start(), run by the pipeline thread.
+        self.pipeline: Stages | None = None
+        #: With several models: each one served, its file's digest and its publisher, by name.
+        self.models: dict[str, LoadedModel] = {}
+        self._model_digests: dict[str, str | None] = {}
+        self._model_publishers: dict[str, Publisher] = {}
 
     # ------------------------------------------------------------------ control
 
@@ -266,7 +287,9 @@ class Service:
         )
         return model
 
-    def _announce_model(self, model: LoadedModel, threshold: float) -> None:
+    def _announce_model(
+        self, model: LoadedModel, threshold: float, name: str = "default", primary: bool = True
+    ) -> None:
         c = model.contract
         self.metrics.set_model(
             c.model_version,
@@ -275,7 +298,19 @@ class Service:
             features=c.feature_names,
             provider=model.active_provider,
             threshold=threshold,
+            name=name,
+            primary=primary,
         )
+
+    def _announce_models(self) -> None:
+        """Every model served, as ``_announce_model`` (the first as the primary one)."""
+        pipeline = self.pipeline
+        if isinstance(pipeline, ModelRouter):
+            thresholds = pipeline.thresholds
+            for i, (name, model) in enumerate(self.models.items()):
+                self._announce_model(model, thresholds[name], name, primary=i == 0)
+        elif pipeline is not None and self.model is not None:
+            self._announce_model(self.model, pipeline.threshold)
 
     def start(self) -> bool:
         """Run the ordered start. True once ready; False if a stop was requested first.
@@ -286,9 +321,16 @@ class Service:
         password = cfg.mqtt.password()
         passphrase = cfg.mqtt.key_passphrase()
         self.notifier.status("loading model")
-        # Read before loading: a file replaced meanwhile then differs at the next reload.
-        self._model_digest = file_digest(cfg.model.path)
-        model = self._load_warm(cfg)
+        entries = model_entries(cfg)
+        if entries is not None:
+            for entry in entries:
+                self._model_digests[entry.name] = file_digest(entry.path)
+                self.models[entry.name] = self._load_warm(cfg.for_model(entry))
+            model = next(iter(self.models.values()))
+        else:
+            # Read before loading: a file replaced meanwhile then differs at the next reload.
+            self._model_digest = file_digest(cfg.model.path)
+            model = self._load_warm(cfg)
         self.model = model
         if self._stop.is_set():
             return False
@@ -349,9 +391,13 @@ class Service:
                 self.commands.topic.subscription, self.commands.put, qos=1, retain_as_published=True
             )
         self._link = link
-        self.pipeline = Pipeline(cfg, model, self.metrics, self._publisher, wake=self._queue.wake)
-        self._announce_model(model, self.pipeline.threshold)
-        self.snapshots.restore(self.pipeline)
+        if entries is not None:
+            self.pipeline = self._build_router(cfg, link, self._publisher)
+            self._announce_models()
+        else:
+            self.pipeline = Pipeline(cfg, model, self.metrics, self._publisher, wake=self._queue.wake)
+            self._announce_models()
+            self.snapshots.restore(self.pipeline)
         self._pipeline = threading.Thread(
             target=self._run_pipeline_loop, name="anomalyd-pipeline", daemon=True
         )
@@ -383,6 +429,32 @@ class Service:
         log.info("ready: scoring %s", self._status_line())
         return True
 
+    def _build_router(self, cfg: Config, link: MqttLink, primary: Publisher) -> ModelRouter:
+        """Several models: a publisher per model (the first model's is the daemon's own,
+        which also says the status), all on the one link, and the router over them."""
+        for i, (name, model) in enumerate(self.models.items()):
+            if i == 0:
+                publisher = primary
+            else:
+                publisher = Publisher(
+                    link,
+                    cfg.output,
+                    self.metrics,
+                    feature_names=model.contract.feature_names,
+                    model_version=model.contract.model_version,
+                    log_interval_s=cfg.logging.rejection_log_interval_s,
+                )
+                publisher.discovery = primary.discovery  # every model's devices are announced
+            self._model_publishers[name] = publisher
+        return ModelRouter(
+            cfg,
+            self.models,
+            self.metrics,
+            dict(self._model_publishers),
+            status_sink=primary,
+            wake=self._queue.wake,
+        )
+
     # ------------------------------------------------------------------ alert states, commands
 
     def _on_connected(self) -> None:
@@ -390,7 +462,7 @@ class Service:
         self._reconnected.set()
         self._queue.wake()
 
-    def _handle_side_inputs(self, pipeline: Pipeline) -> None:
+    def _handle_side_inputs(self, pipeline: Stages) -> None:
         """Pipeline thread: re-assert after a connect (or when Home Assistant discovery
         wants every device announced again), reconcile retained states, commands."""
         if self._reconnected.is_set():
@@ -401,22 +473,24 @@ class Service:
         retained = self.retained_states.take()
         if retained:
             pipeline.reconcile(retained)
-        self.commands.apply_all(pipeline)
+        # A router takes commands as a pipeline does (apply_all only calls apply_command).
+        self.commands.apply_all(cast(Pipeline, pipeline))
 
     def _final_state(self) -> None:
         """After the drain: snapshot, or say every alert state is unknown from now on."""
         pipeline = self.pipeline
         if pipeline is None or self._pipeline_failed:
             return
-        if not self.snapshots.save_final(pipeline):
+        if isinstance(pipeline, ModelRouter) or not self.snapshots.save_final(pipeline):
             pipeline.forget_all("stopped")  # nothing will resume these states
 
     def _status_line(self) -> str:
         m = self.model
         if m is None:
             return "starting"
+        more = f" and {len(self.models) - 1} more model(s)" if len(self.models) > 1 else ""
         return (
-            f"model {m.contract.model_version} on {m.active_provider}, "
+            f"model {m.contract.model_version} on {m.active_provider}{more}, "
             f"subscribed to {self.config.mqtt.topic_in} at {self.config.mqtt.host}:{self.config.mqtt.port}"
         )
 
@@ -439,10 +513,17 @@ class Service:
     def readiness(self) -> dict[str, bool]:
         """``/readyz`` checks (True: passing): the start is complete (model warm, broker
         connected, telemetry subscription granted) and no stop has begun; the broker is
-        connected and grants the telemetry subscription now; the daemon is not overloaded."""
+        connected and grants the telemetry subscription now; the daemon is not overloaded. With
+        several models, ``model_loaded:<name>`` for each in place of ``model_loaded``."""
         link, pipeline, running = self._link, self.pipeline, self.ready.is_set()
+        configured = model_entries(self.config)
+        loaded: dict[str, bool] = (
+            {f"model_loaded:{e.name}": e.name in self.models for e in configured}
+            if configured is not None
+            else {"model_loaded": self.model is not None}
+        )
         return {
-            "model_loaded": self.model is not None,
+            **loaded,
             "running": running,
             "broker_connected": link is not None and link.connected,
             "subscription_granted": running and link is not None and not link.subscription_denied,
@@ -622,6 +703,15 @@ class Service:
             self._reload_failed("configuration reload", why)
             return
         plan = plan_reload(self.config, new)
+        if (model_entries(new) is None) != (model_entries(self.config) is None):
+            # The pipelines are built for one or for several models at the start.
+            self._reload_failed(
+                "reload", f"{source}: switching between [model] and [[models]] needs a restart"
+            )
+            return
+        if model_entries(plan.config) is not None:
+            self._run_reload_models(plan, source)
+            return
         # The model file is read again only when it (or how it is run) changed; an
         # unreadable one is loaded anyway, so that the error says what is wrong with it.
         digest = file_digest(plan.config.model.path)
@@ -651,6 +741,41 @@ class Service:
             return
         self._reload_done(plan, model, digest)
 
+    def _run_reload_models(self, plan: ReloadPlan, source: str) -> None:
+        """The reload thread, with several models: load again each model whose file changed
+        (or cannot be read: the error then says why), and hand them over with the live
+        configuration changes. ``[[models]]`` itself needs a restart to change (the plan
+        keeps the running entries), so the same models keep their names."""
+        entries = model_entries(plan.config)
+        assert entries is not None
+        loaded: dict[str, LoadedModel] = {}
+        digests: dict[str, str | None] = {}
+        for entry in entries:
+            digest = file_digest(entry.path)
+            if digest is not None and digest == self._model_digests.get(entry.name):
+                continue
+            try:
+                loaded[entry.name] = self._load_warm(plan.config.for_model(entry))
+            except Exception as exc:  # AnomalydError, or anything ORT throws
+                if not isinstance(exc, AnomalydError):
+                    log.exception("model %s reload failed", entry.name)
+                self._reload_failed(f"model {entry.name} reload", str(exc), model=True)
+                return
+            digests[entry.name] = digest
+        if plan.unchanged and not loaded:
+            log.info("reload: nothing changed (configuration: %s; no model file changed)", source)
+            self.metrics.config_reloads.labels(result="success").inc()
+            self.notifier.ready(self._status_line())
+            return
+        error = self._hand_over(_Handover(plan.config if plan.live else None, None, models=loaded))
+        if error is not None:
+            self._reload_failed("model reload" if loaded else "reload", error, model=bool(loaded))
+            return
+        self._model_digests.update(digests)
+        for name, model in loaded.items():
+            log.info("model %s reloaded: now serving %s", name, model.contract.model_version)
+        self._reload_done(plan, None, None, models_reloaded=bool(loaded))
+
     def _hand_over(self, handover: _Handover) -> str | None:
         """Give the pipeline thread what a reload changes and wait until it has taken it.
         Returns None once it is applied, else why not (then none of it was applied)."""
@@ -666,7 +791,7 @@ class Service:
             self._handed_over.wait()  # taken meanwhile: the pipeline thread is applying it
         return handover.error
 
-    def _take_handover(self, pipeline: Pipeline) -> None:
+    def _take_handover(self, pipeline: Stages) -> None:
         """On the pipeline thread, between two passes: apply what a reload handed over."""
         with self._handover_lock:
             handover, self._handover = self._handover, None
@@ -674,6 +799,10 @@ class Service:
             return
         applied = False
         try:
+            if isinstance(pipeline, ModelRouter):
+                self._take_models_handover(pipeline, handover)
+                applied = True
+                return
             if handover.config is not None:
                 try:
                     pipeline.apply_config(handover.config)
@@ -688,15 +817,38 @@ class Service:
                 self.model = new
                 if self._publisher is not None:
                     self._publisher.set_model(new.contract.feature_names, new.contract.model_version)
-            assert self.model is not None
-            self._announce_model(self.model, pipeline.threshold)
+            self._announce_models()
             applied = True
         finally:
             if not applied and handover.error is None:
                 handover.error = "the pipeline thread failed while applying it (see above)"
             self._handed_over.set()
 
-    def _reload_done(self, plan: ReloadPlan, model: LoadedModel | None, digest: str | None) -> None:
+    def _take_models_handover(self, router: ModelRouter, handover: _Handover) -> None:
+        """``_take_handover`` with several models: the configuration, then each new model."""
+        if handover.config is not None:
+            try:
+                router.apply_config(handover.config)
+            except ValueError as exc:  # checked for every model before any changed
+                handover.error = f"the detector refused the new [detector]: {exc}"
+                return
+            for publisher in self._model_publishers.values():
+                publisher.set_output(handover.config.output)
+        for name, new in handover.models.items():
+            router.swap_model(name, new)  # its pending windows are scored by its old model first
+            self.models[name] = new
+            self._model_publishers[name].set_model(new.contract.feature_names, new.contract.model_version)
+        self.model = next(iter(self.models.values()))
+        self._announce_models()
+
+    def _reload_done(
+        self,
+        plan: ReloadPlan,
+        model: LoadedModel | None,
+        digest: str | None,
+        *,
+        models_reloaded: bool = False,
+    ) -> None:
         """The reload thread, once the pipeline thread took its part: the rest, and the log."""
         cfg = plan.config
         if plan.live_in("logging"):
@@ -716,7 +868,7 @@ class Service:
             f"; {len(plan.restart)} change(s) wait for a restart" if plan.restart else "",
         )
         # Counted last: whoever watches the counters finds everything above done.
-        if model is not None:
+        if model is not None or models_reloaded:
             self.metrics.model_reloads.labels(result="success").inc()
         self.metrics.config_reloads.labels(result="success").inc()
         self.notifier.ready(self._status_line())
@@ -761,7 +913,8 @@ class Service:
                         queue_fill=self._queue.fill,
                         queue_dropped=link.dropped if link is not None else 0,
                     )
-                    self.snapshots.maybe_save(pipeline, now)
+                    if isinstance(pipeline, Pipeline):  # several models: no snapshots
+                        self.snapshots.maybe_save(pipeline, now)
         except Exception:
             log.exception("pipeline thread failed")
             self._pipeline_failed = True
@@ -772,7 +925,7 @@ class Service:
             pipeline.close()
             self._pipeline_done.set()
 
-    def _drain_all(self, pipeline: Pipeline) -> None:
+    def _drain_all(self, pipeline: Stages) -> None:
         """Shutdown: ingest what is queued, score everything pending, publish."""
         scored_before = pipeline.windows_scored
         while not self._abort.is_set():
