@@ -6,11 +6,13 @@ reported with its key path instead of stopping at the first.
   read them (``MqttConfig.password``, ``MqttConfig.key_passphrase``).
 - TLS: the CA, certificate and key files are loaded into the TLS context the MQTT link
   would use (``anomalyd.mqtt_transport.tls_context``).
-- The model: loaded with the configured session options (``anomalyd.model.load_model``:
-  its contract against its graph, the execution provider), warmed up on every batch shape
-  as the start does, and the pipeline's stages built from it and the configuration
-  (``anomalyd.pipeline.Pipeline``: decoder, device windows, batcher, detector), which is
-  where the model's contract meets the configuration.
+- The model, or every ``[[models]]`` entry's: loaded with the configured session options
+  (``anomalyd.model.load_model``: its contract against its graph, the execution provider),
+  warmed up on every batch shape as the start does, and the pipeline's stages built from it
+  and the configuration as that model sees it (``Config.for_model``;
+  ``anomalyd.pipeline.Pipeline``: decoder, device windows, batcher, detector), which is
+  where the model's contract meets the configuration. Problems are at ``model.path`` or
+  ``models[<i>].path`` (``.providers``), as configuration errors name array entries.
 - The state directory: writable, if snapshots are on.
 
 With a systemd unit (``--as-service``), the checks see what the service will see:
@@ -32,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anomalyd.config import Config
+from anomalyd.config import Config, model_entries
 from anomalyd.errors import ConfigError, ModelContractError, ProviderError
 from anomalyd.systemd_unit import ServiceCredentials, ServiceUnit
 
@@ -131,7 +133,11 @@ def _check_service_credentials(
 
 
 def _files_the_service_reads(cfg: Config) -> list[tuple[str, Path]]:
-    files = [("model.path", cfg.model.path)]
+    entries = model_entries(cfg)
+    if entries is None:
+        files = [("model.path", cfg.model.path)]
+    else:
+        files = [(f"models[{i}].path", entry.path) for i, entry in enumerate(entries)]
     if cfg.mqtt.password_file is not None:
         files.append(("mqtt.password_file", cfg.mqtt.password_file))
     tls = cfg.mqtt.tls
@@ -223,7 +229,26 @@ def _check_tls(cfg: Config, passphrase: str | None, check: StartCheck) -> None:
 # --------------------------------------------------------------------------- the model
 
 
-def _check_model(cfg: Config, check: StartCheck) -> None:
+@dataclass(frozen=True)
+class _ServedModel:
+    """One model the daemon would serve: ``key`` is its table's key path (``model``,
+    ``models[1]``), ``name`` its ``model`` metrics label, ``config`` the configuration as
+    its pipeline sees it."""
+
+    key: str
+    name: str
+    config: Config
+
+
+def _served_models(cfg: Config) -> list[_ServedModel]:
+    """The lone ``[model]``, or every ``[[models]]`` entry, in the file's order."""
+    entries = model_entries(cfg)
+    if entries is None:
+        return [_ServedModel("model", "default", cfg)]
+    return [_ServedModel(f"models[{i}]", e.name, cfg.for_model(e)) for i, e in enumerate(entries)]
+
+
+def _check_model(served: _ServedModel, several: bool, check: StartCheck) -> None:
     from prometheus_client import CollectorRegistry
 
     from anomalyd.metrics import Metrics
@@ -231,33 +256,45 @@ def _check_model(cfg: Config, check: StartCheck) -> None:
     from anomalyd.pipeline import Pipeline
     from anomalyd.service import _session_options
 
+    cfg, key = served.config, served.key
     try:
         model = load_model(cfg.model.path, _session_options(cfg.model))
     except ModelContractError as exc:
-        check.problem("model.path", str(exc))
+        check.problem(f"{key}.path", str(exc))
         return
     except ProviderError as exc:
-        check.problem("model.providers", str(exc))
+        check.problem(f"{key}.providers", str(exc))
         return
     sizes = cfg.batching.warmup_sizes()
     try:
         model.warm_up(sizes)
     except Exception as exc:  # whatever ONNX Runtime raises: the start would fail on it too
         check.problem(
-            "model.path", f"the model fails on the warm-up batches ({sizes[0]}..{sizes[-1]}): {exc}"
+            f"{key}.path", f"the model fails on the warm-up batches ({sizes[0]}..{sizes[-1]}): {exc}"
         )
         return
     try:
-        pipeline = Pipeline(cfg, model, Metrics(CollectorRegistry(), cfg.batching.max_batch))
+        metrics = Metrics(CollectorRegistry(), cfg.batching.max_batch)
+        pipeline = Pipeline(cfg, model, metrics, name=served.name)
     except ValueError as exc:
-        check.problem("model.path", f"the model does not fit this configuration: {exc}")
+        check.problem(f"{key}.path", f"the model does not fit this configuration: {exc}")
         return
     pipeline.close()
     c = model.contract
+    label = f"model {served.name!r}: " if several else "model "
     check.summary.append(
-        f"model {c.model_version} ({c.kind}, window {c.window_length} x {c.n_features}: "
+        f"{label}{c.model_version} ({c.kind}, window {c.window_length} x {c.n_features}: "
         f"{', '.join(c.feature_names)}) on {model.active_provider}, threshold {pipeline.threshold:g}"
     )
+
+
+def _check_models(cfg: Config, check: StartCheck) -> None:
+    """Every model the daemon would serve, each as ``_check_model``; one problem per model
+    at most, so a broken file is named once and the others are still checked."""
+    served = _served_models(cfg)
+    several = model_entries(cfg) is not None
+    for one in served:
+        _check_model(one, several, check)
 
 
 # --------------------------------------------------------------------------- state directory
@@ -368,7 +405,7 @@ def check_start(cfg: Config, unit: ServiceUnit | None = None) -> StartCheck:
     else:
         passphrase = _check_secrets(cfg, check)
     _check_tls(cfg, passphrase, check)
-    _check_model(cfg, check)
+    _check_models(cfg, check)
     _check_state_directory(cfg, unit, check)
     if check.problems:
         check.summary = []

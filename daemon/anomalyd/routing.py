@@ -31,8 +31,9 @@ topics (a device belongs to one model, so topics never collide); the status mess
 are daemon-wide. The unlabelled gauges (devices tracked, pending windows, alert states)
 are summed over the models here; the per-model families carry a ``model`` label.
 
-Snapshots are off with several models: the service starts every device from an empty
-window (see docs/operations.md, "Several models").
+Snapshots are per model: the service saves and restores each model's pipeline in a file
+of its own (``anomalyd.snapshot.snapshot_file_name``; see docs/operations.md, "Several
+models").
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ also takes operator commands (``anomalyd.commands``) from the command topic.
 Several models (``[[models]]``): the pipeline thread runs an ``anomalyd.routing.ModelRouter``
 in place of the one ``Pipeline``: one pipeline per model, each message routed by its
 device id. Each model is loaded and warmed at the start; a reload loads again only the
-models whose file changed, and the others keep serving; snapshots are off.
+models whose file changed, and the others keep serving; each model's per-device state has
+a snapshot file of its own (``anomalyd.snapshot``).
 
 Threads: the paho network thread (``anomalyd.mqtt``) only enqueues into the intake queue;
 ``_run_pipeline_loop`` owns the ``Pipeline`` (decoder, buffers, batcher, model, detector,
@@ -202,12 +203,7 @@ class Service:
         )
         self.retained_states = RetainedStates(config.output.alert_topic, self._queue.wake)
         self._reconnected = threading.Event()
-        # Several models: no snapshots (see anomalyd.routing), so no state directory here.
-        several = model_entries(config) is not None
-        state_dir = None if several else config.state.resolved_directory()
-        if several and config.state.resolved_directory() is not None:
-            log.warning("state directory ignored: snapshots are off with several models ([[models]])")
-        self.snapshots = SnapshotKeeper(state_dir, config.state, self.metrics)
+        self.snapshots = SnapshotKeeper(config.state.resolved_directory(), config.state, self.metrics)
         #: The stages of the served model(s); built in start(), run by the pipeline thread.
         self.pipeline: Stages | None = None
         #: With several models: each one served, its file's digest and its publisher, by name.
@@ -392,8 +388,11 @@ class Service:
             )
         self._link = link
         if entries is not None:
-            self.pipeline = self._build_router(cfg, link, self._publisher)
+            router = self._build_router(cfg, link, self._publisher)
+            self.pipeline = router
             self._announce_models()
+            for name, member in router.pipelines.items():
+                self.snapshots.restore(member, name)  # each model from its own file
         else:
             self.pipeline = Pipeline(cfg, model, self.metrics, self._publisher, wake=self._queue.wake)
             self._announce_models()
@@ -481,7 +480,12 @@ class Service:
         pipeline = self.pipeline
         if pipeline is None or self._pipeline_failed:
             return
-        if isinstance(pipeline, ModelRouter) or not self.snapshots.save_final(pipeline):
+        if isinstance(pipeline, ModelRouter):
+            # Each model's own snapshot: a model whose write failed forgets its states alone.
+            for name, member in pipeline.pipelines.items():
+                if not self.snapshots.save_final(member, name):
+                    member.forget_all("stopped")  # nothing will resume these states
+        elif not self.snapshots.save_final(pipeline):
             pipeline.forget_all("stopped")  # nothing will resume these states
 
     def _status_line(self) -> str:
@@ -913,8 +917,9 @@ class Service:
                         queue_fill=self._queue.fill,
                         queue_dropped=link.dropped if link is not None else 0,
                     )
-                    if isinstance(pipeline, Pipeline):  # several models: no snapshots
-                        self.snapshots.maybe_save(pipeline, now)
+                    self.snapshots.maybe_save(
+                        pipeline.pipelines if isinstance(pipeline, ModelRouter) else pipeline, now
+                    )
         except Exception:
             log.exception("pipeline thread failed")
             self._pipeline_failed = True

@@ -4,13 +4,19 @@ which devices are in alert.
 A snapshot holds, for every tracked device, its rolling window (``DeviceBuffers``) and its
 detector state (smoothing, adaptive statistics, hysteresis counters, alert state and
 since, operator overlays), plus what it was taken with: the model version, its features
-and window length, and when. It is one file, ``snapshot.npz`` in the state directory
-(numpy's zip of arrays, read without pickle), written atomically: to a temporary file in
-the same directory, flushed to disk, then renamed over the previous one, so a crash
-mid-write leaves the previous snapshot intact.
+and window length, and when. It is one file in the state directory (numpy's zip of
+arrays, read without pickle), written atomically: to a temporary file in the same
+directory, flushed to disk, then renamed over the previous one, so a crash mid-write
+leaves the previous snapshot intact.
 
-On start the daemon restores the snapshot if it is usable; otherwise it starts empty and
-says why, with one warning and ``anomalyd_snapshot_restores_total{result}``:
+One model (``[model]``): ``snapshot.npz``. Several models (``[[models]]``): one file per
+model, ``snapshot-<name>.npz`` (``snapshot_file_name``), each written and restored on its
+own with the same rules, so one model's unusable snapshot costs the others nothing. A
+model name is ``[a-z0-9_-]`` (``ModelEntry``), so it is always a plain file name.
+
+On start the daemon restores each snapshot if it is usable; otherwise that model starts
+empty and the daemon says why, with one warning and ``anomalyd_snapshot_restores_total{result}``
+(counted once per snapshot file; the saves likewise, in ``anomalyd_snapshot_saves_total``):
 
 ``missing``         no snapshot (first start, or snapshots just enabled);
 ``stale``           older than ``state.max_age_s`` (windows that old describe another day);
@@ -28,9 +34,9 @@ worth having, not worth refusing to score for. ``anomalyd check-config`` reports
 directory the daemon cannot write.
 
 ``SnapshotKeeper`` decides when: restore before the pipeline thread starts, a periodic
-snapshot every ``state.snapshot_interval_s`` (the pipeline thread copies the state, a
-thread of its own writes it, so a slow disk never stalls scoring), and a last one after
-the drain of a clean stop.
+snapshot every ``state.snapshot_interval_s`` (the pipeline thread copies the state of every
+model, a thread of its own writes the files one after the other, so a slow disk never
+stalls scoring), and a last one after the drain of a clean stop.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -55,7 +62,15 @@ if TYPE_CHECKING:
     from anomalyd.metrics import Metrics
     from anomalyd.pipeline import Pipeline
 
-__all__ = ["RESTORE_RESULTS", "Snapshot", "SnapshotError", "SnapshotKeeper", "load_snapshot", "save_snapshot"]
+__all__ = [
+    "RESTORE_RESULTS",
+    "Snapshot",
+    "SnapshotError",
+    "SnapshotKeeper",
+    "load_snapshot",
+    "save_snapshot",
+    "snapshot_file_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +81,12 @@ RESTORE_RESULTS: Final = ("restored", "missing", "stale", "model_mismatch", "cor
 _META = "meta"
 _DETECTOR = "detector"
 _BUFFER_PREFIX = "buffers."
+
+
+def snapshot_file_name(model: str | None = None) -> str:
+    """The snapshot's file name: ``snapshot.npz`` for the one model of ``[model]`` (None),
+    ``snapshot-<model>.npz`` for the ``[[models]]`` entry named ``model``."""
+    return FILE_NAME if model is None else f"snapshot-{model}.npz"
 
 
 class SnapshotError(Exception):
@@ -96,10 +117,10 @@ def _as_bytes_array(doc: Any) -> npt.NDArray[np.uint8]:
     return np.frombuffer(orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), dtype=np.uint8)
 
 
-def save_snapshot(directory: Path, snap: Snapshot) -> Path:
-    """Write ``snap`` to ``directory/snapshot.npz`` atomically; returns the path. OSError on failure."""
+def save_snapshot(directory: Path, snap: Snapshot, file_name: str = FILE_NAME) -> Path:
+    """Write ``snap`` to ``directory/file_name`` atomically; returns the path. OSError on failure."""
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / FILE_NAME
+    target = directory / file_name
     meta = {
         "format": FORMAT,
         "created": snap.created,
@@ -142,10 +163,11 @@ def load_snapshot(
     window_length: int,
     max_age_s: float,
     now: float | None = None,
+    file_name: str = FILE_NAME,
 ) -> Snapshot:
-    """Read the snapshot in ``directory`` and check it fits; ``SnapshotError`` says why not
-    (no OSError escapes: a directory or file that cannot be read is ``unreadable``)."""
-    path = directory / FILE_NAME
+    """Read the snapshot ``directory/file_name`` and check it fits; ``SnapshotError`` says
+    why not (no OSError escapes: a directory or file that cannot be read is ``unreadable``)."""
+    path = directory / file_name
     try:
         # Python 3.11's is_file() raises, rather than answers False, when the directory
         # cannot be searched (EACCES).
@@ -186,9 +208,18 @@ def load_snapshot(
     return Snapshot(model_version, feature_names, window_length, buffers, detector, float(created))
 
 
+def _what(model: str | None) -> str:
+    """How the log names a snapshot: the one model's, or that of the model named."""
+    return "snapshot" if model is None else f"snapshot of model {model}"
+
+
 class SnapshotKeeper:
     """When the daemon's per-device state is snapshotted and restored (see the module
-    docstring). ``directory`` None: snapshots are off."""
+    docstring). ``directory`` None: snapshots are off.
+
+    Each method takes one pipeline, or (several models) every model's pipeline by model
+    name: each model's state goes to, and comes from, its own file
+    (``snapshot_file_name``)."""
 
     def __init__(self, directory: Path | None, config: StateConfig, metrics: Metrics) -> None:
         self.directory = directory
@@ -199,8 +230,9 @@ class SnapshotKeeper:
         self._last = time.monotonic()
         self._writer: threading.Thread | None = None
 
-    def restore(self, pipeline: Pipeline) -> int:
-        """Before the pipeline thread starts: resume from the snapshot if it is usable.
+    def restore(self, pipeline: Pipeline, model: str | None = None) -> int:
+        """Before the pipeline thread starts: resume ``pipeline`` from its snapshot (that of
+        the ``[[models]]`` entry ``model``; None: the one model's) if it is usable.
         Returns the devices restored (0: none, and the log says why).
 
         Raises nothing for a snapshot it cannot use: a state directory or snapshot file that
@@ -211,6 +243,7 @@ class SnapshotKeeper:
         if directory is None:
             log.info("no state directory (state.directory, $STATE_DIRECTORY): no snapshots")
             return 0
+        what = _what(model)
         c = pipeline.model.contract
         try:
             snap = load_snapshot(
@@ -219,65 +252,79 @@ class SnapshotKeeper:
                 feature_names=c.feature_names,
                 window_length=c.window_length,
                 max_age_s=self.config.max_age_s,
+                file_name=snapshot_file_name(model),
             )
             n = pipeline.restore_snapshot(snap)
         except SnapshotError as exc:
             self.metrics.snapshot_restores.labels(result=exc.result).inc()
             at_fault = f"{self.key}: " if exc.result == "unreadable" else ""
             log.warning(
-                "snapshot not used (%s): %s%s; starting without per-device state", exc.result, at_fault, exc
+                "%s not used (%s): %s%s; starting without per-device state", what, exc.result, at_fault, exc
             )
             return 0
         except ValueError as exc:
             self.metrics.snapshot_restores.labels(result="corrupt").inc()
-            log.warning("snapshot not used (corrupt): %s; starting without per-device state", exc)
+            log.warning("%s not used (corrupt): %s; starting without per-device state", what, exc)
             return 0
         self.metrics.snapshot_restores.labels(result="restored").inc()
         log.info(
-            "restored %d devices from the snapshot of %.0f s ago (%s)",
+            "restored %d devices from the %s of %.0f s ago (%s)",
             n,
+            what,
             time.time() - snap.created,
             directory,
         )
         return n
 
-    def _write(self, snap: Snapshot) -> bool:
+    def _write(self, snap: Snapshot, model: str | None = None) -> bool:
         assert self.directory is not None
+        what = _what(model)
         t0 = time.perf_counter()
         try:
-            path = save_snapshot(self.directory, snap)
+            path = save_snapshot(self.directory, snap, snapshot_file_name(model))
         except OSError as exc:
             self.metrics.snapshot_saves.labels(result="failed").inc()
-            log.error("%s: cannot write the snapshot in %s: %s", self.key, self.directory, exc)
+            log.error("%s: cannot write the %s in %s: %s", self.key, what, self.directory, exc)
             return False
         except Exception:
             # Not the disk: a bug in what the snapshot holds. It must not end the writer
             # thread unseen, nor the stop that writes the last snapshot.
             self.metrics.snapshot_saves.labels(result="failed").inc()
-            log.exception("cannot take the snapshot (a bug: not the disk)")
+            log.exception("cannot take the %s (a bug: not the disk)", what)
             return False
         self.metrics.snapshot_saves.labels(result="ok").inc()
         self.metrics.snapshot_last_success.set(snap.created)
-        log.debug("snapshot of %d devices in %s (%.3f s)", snap.n_devices, path, time.perf_counter() - t0)
+        log.debug("%s of %d devices in %s (%.3f s)", what, snap.n_devices, path, time.perf_counter() - t0)
         return True
 
-    def maybe_save(self, pipeline: Pipeline, now_mono: float) -> None:
-        """Pipeline thread, about once a second: the periodic snapshot when it is due."""
+    def _write_each(self, snaps: list[tuple[str | None, Snapshot]]) -> None:
+        """The writer thread: each model's snapshot in turn (a failed one does not stop the others)."""
+        for model, snap in snaps:
+            self._write(snap, model)
+
+    def maybe_save(self, pipelines: Pipeline | Mapping[str, Pipeline], now_mono: float) -> None:
+        """Pipeline thread, about once a second: the periodic snapshot when it is due, of
+        one pipeline or of every model's (``pipelines`` by model name)."""
         interval = self.config.snapshot_interval_s
         if self.directory is None or interval <= 0 or now_mono - self._last < interval:
             return
         if self._writer is not None and self._writer.is_alive():
             return  # the previous one is still being written (a slow disk): skip this round
         self._last = now_mono
-        snap = pipeline.export_snapshot()  # a copy: the writer never touches live state
+        by_model: list[tuple[str | None, Pipeline]] = (
+            list(pipelines.items()) if isinstance(pipelines, Mapping) else [(None, pipelines)]
+        )
+        # Copies: the writer never touches live state.
+        snaps = [(model, p.export_snapshot()) for model, p in by_model]
         self._writer = threading.Thread(
-            target=self._write, args=(snap,), name="anomalyd-snapshot", daemon=True
+            target=self._write_each, args=(snaps,), name="anomalyd-snapshot", daemon=True
         )
         self._writer.start()
 
-    def save_final(self, pipeline: Pipeline) -> bool:
+    def save_final(self, pipeline: Pipeline, model: str | None = None) -> bool:
         """After the drain of a clean stop (the pipeline thread has ended): the last
-        snapshot, written now. False without a state directory or if the write failed."""
+        snapshot of ``pipeline`` (that of the ``[[models]]`` entry ``model``; None: the one
+        model's), written now. False without a state directory or if the write failed."""
         if self._writer is not None:
             self._writer.join(10.0)
-        return self.directory is not None and self._write(pipeline.export_snapshot())
+        return self.directory is not None and self._write(pipeline.export_snapshot(), model)

@@ -324,3 +324,60 @@ def test_the_unit_is_read_with_its_drop_ins_as_systemd_reads_it(tmp_path: Path) 
     assert read.state_directory() == Path("/var/lib/anomalyd")
     assert (read.dynamic_user, read.protect_system) == (False, "strict")
     assert Path("/srv/state") in read.writable_roots()
+
+
+# --------------------------------------------------------------------------- several models
+
+
+def two_models(tmp_path: Path, pumps: Path, fans: Path) -> str:
+    return (
+        f'[[models]]\nname = "pumps"\npath = "{pumps}"\ndevices = ["pump-*"]\n'
+        f'[[models]]\nname = "fans"\npath = "{fans}"\ndevices = ["fan-*"]\n'
+        f"[models.detector]\nthreshold = 5.0\n"
+        f'[state]\ndirectory = "{tmp_path / "state"}"\n'
+    )
+
+
+def test_every_model_of_several_is_checked_with_its_own_configuration(
+    tmp_path: Path, tiny_model: Callable[..., Path]
+) -> None:
+    pumps = tiny_model("pumps.onnx", window_length=8, threshold=2.0)
+    fans = tiny_model("fans.onnx", window_length=12, threshold=2.0)
+    cfg = write(tmp_path / "two.toml", two_models(tmp_path, pumps, fans))
+    out = check_config(str(cfg), unset=("CREDENTIALS_DIRECTORY", "STATE_DIRECTORY"))
+    assert out.returncode == 0, out.stderr
+    # Each model's own contract, and the fans' own [detector] threshold.
+    assert "model 'pumps': " in out.stdout
+    assert "window 8 x 3: temperature, pressure, vibration) on cpu, threshold 2\n" in out.stdout
+    assert "model 'fans': " in out.stdout
+    assert "window 12 x 3: temperature, pressure, vibration) on cpu, threshold 5\n" in out.stdout
+
+
+def test_a_broken_model_of_several_is_one_problem_at_its_entry(
+    tmp_path: Path, tiny_model: Callable[..., Path]
+) -> None:
+    pumps = tiny_model("pumps.onnx", window_length=8)
+    junk = write(tmp_path / "fans.onnx", "not a model")
+    cfg = write(tmp_path / "two.toml", two_models(tmp_path, pumps, junk))
+    out = check_config(str(cfg))
+    assert out.returncode == 78
+    [line] = problems(out)
+    assert line.startswith(f"{cfg}: models[1].path: ONNX Runtime cannot load the file"), line
+    assert out.stdout == ""  # no summary while there are problems
+    # The first entry is checked as well: both broken, both named.
+    cfg = write(tmp_path / "both.toml", two_models(tmp_path, tmp_path / "nope.onnx", junk))
+    out = check_config(str(cfg))
+    assert out.returncode == 78
+    assert [line.split(": ")[1] for line in problems(out)] == ["models[0].path", "models[1].path"]
+    assert "2 error(s)" in out.stderr
+
+
+def test_as_service_every_model_file_must_be_visible_to_the_service(
+    tmp_path: Path, tiny_model: Callable[..., Path]
+) -> None:
+    pumps = tiny_model("pumps.onnx", window_length=8)
+    cfg = write(tmp_path / "two.toml", two_models(tmp_path, pumps, Path("/home/someone/fans.onnx")))
+    out = check_config(str(cfg), "--unit", str(unit_file(tmp_path, "ProtectHome=yes")))
+    assert out.returncode == 78
+    assert ": models[1].path: '/home/someone/fans.onnx' is under /home, which ProtectHome=yes" in out.stderr
+    assert ": models[0].path: " not in out.stderr

@@ -1,5 +1,6 @@
 """Snapshot files: atomic write, and every reason a snapshot is not used; what the keeper
-logs and counts when the state directory cannot be read or written."""
+logs and counts when the state directory cannot be read or written; one file per model
+with several models."""
 
 from __future__ import annotations
 
@@ -10,14 +11,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
 from anomalyd.config import load_config
+from anomalyd.decode import RawMessage
 from anomalyd.metrics import Metrics
 from anomalyd.model import load_model
 from anomalyd.pipeline import Pipeline
-from anomalyd.snapshot import FILE_NAME, Snapshot, SnapshotError, SnapshotKeeper, load_snapshot, save_snapshot
+from anomalyd.snapshot import (
+    FILE_NAME,
+    Snapshot,
+    SnapshotError,
+    SnapshotKeeper,
+    load_snapshot,
+    save_snapshot,
+    snapshot_file_name,
+)
 
 
 def snap(created: float | None = None) -> Snapshot:
@@ -241,3 +252,95 @@ def test_a_snapshot_that_cannot_be_encoded_is_a_counted_failure_not_a_crash(
     assert registry.get_sample_value("anomalyd_snapshot_saves_total", {"result": "failed"}) == 1.0
     assert "cannot take the snapshot (a bug: not the disk)" in caplog.text
     assert list((tmp_path / "state").iterdir()) == []  # no temporary file left behind
+
+
+# --------------------------------------------------------------------------- several models
+
+
+def _readings(device: str, t0: float, n: int) -> list[RawMessage]:
+    now = time.time()
+    return [
+        RawMessage(
+            f"sensors/{device}/telemetry",
+            orjson.dumps({"ts": t0 + i, "temperature": 0.1, "pressure": 0.2, "vibration": 0.3}),
+            now,
+            time.monotonic(),
+        )
+        for i in range(n)
+    ]
+
+
+def test_each_model_has_its_own_snapshot_file_and_an_unusable_one_costs_only_its_model(
+    tmp_path: Path,
+    tiny_model: Callable[..., Path],
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    state = tmp_path / "state"
+    cfg = load_config(None, {"state.directory": str(state), "state.snapshot_interval_s": 60.0})
+    models = {
+        "pumps": load_model(
+            tiny_model("pumps.onnx", window_length=4, contract_overrides={"model_version": "p1"})
+        ),
+        "fans": load_model(
+            tiny_model("fans.onnx", window_length=4, contract_overrides={"model_version": "f1"})
+        ),
+    }
+    made: list[Pipeline] = []
+
+    def pipelines(metrics: Metrics) -> dict[str, Pipeline]:
+        out = {name: Pipeline(cfg, model, metrics, name=name) for name, model in models.items()}
+        made.extend(out.values())
+        return out
+
+    try:
+        metrics = Metrics(CollectorRegistry())
+        keeper = SnapshotKeeper(cfg.state.resolved_directory(), cfg.state, metrics)
+        first = pipelines(metrics)
+        t0 = time.time() - 100
+        first["pumps"].ingest(_readings("pump-1", t0, 6))
+        first["fans"].ingest(_readings("fan-1", t0, 6) + _readings("fan-2", t0, 6))
+        for p in first.values():
+            p.flush(force=True)
+        # The periodic snapshot writes every model's file (on its writer thread).
+        keeper.maybe_save(first, time.monotonic() + 3600)
+        assert keeper._writer is not None
+        keeper._writer.join(30)
+        assert sorted(f.name for f in state.iterdir()) == [
+            snapshot_file_name("fans"),
+            snapshot_file_name("pumps"),
+        ]
+        assert snapshot_file_name(None) == FILE_NAME == "snapshot.npz"
+        assert snapshot_file_name("pumps") == "snapshot-pumps.npz"
+        # The last one, per model.
+        assert keeper.save_final(first["pumps"], "pumps")
+        assert keeper.save_final(first["fans"], "fans")
+
+        # The fans' file is damaged: the fans start empty, the pumps resume.
+        (state / snapshot_file_name("fans")).write_bytes(b"not a zip")
+        keeper = SnapshotKeeper(cfg.state.resolved_directory(), cfg.state, Metrics(registry))
+        second = pipelines(keeper.metrics)
+        assert keeper.restore(second["pumps"], "pumps") == 1
+        assert keeper.restore(second["fans"], "fans") == 0
+        assert second["pumps"].buffers.devices() == ["pump-1"]
+        assert list(second["fans"].buffers.devices()) == []
+        assert registry.get_sample_value("anomalyd_snapshot_restores_total", {"result": "restored"}) == 1.0
+        assert registry.get_sample_value("anomalyd_snapshot_restores_total", {"result": "corrupt"}) == 1.0
+        [warning] = [
+            r for r in caplog.records if r.name == "anomalyd.snapshot" and r.levelno == logging.WARNING
+        ]
+        assert warning.getMessage().startswith(
+            f"snapshot of model fans not used (corrupt): cannot read {state / snapshot_file_name('fans')}"
+        )
+        # A model's snapshot is not another's: each file is checked against its own model.
+        (state / snapshot_file_name("pumps")).rename(state / snapshot_file_name("fans"))
+        third = pipelines(keeper.metrics)
+        assert keeper.restore(third["fans"], "fans") == 0
+        assert (
+            registry.get_sample_value("anomalyd_snapshot_restores_total", {"result": "model_mismatch"}) == 1.0
+        )
+        assert keeper.restore(third["pumps"], "pumps") == 0
+        assert registry.get_sample_value("anomalyd_snapshot_restores_total", {"result": "missing"}) == 1.0
+    finally:
+        for p in made:
+            p.close()

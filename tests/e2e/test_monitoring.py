@@ -163,6 +163,9 @@ def test_dashboard_is_a_grafana_dashboard_on_the_ds_prometheus_input() -> None:
         "Alert states",
         "MQTT connected",
         "Model and execution provider",
+        "Windows scored per model",
+        "Devices per model",
+        "Inference time per batch, by model",
         "Publish failures",
         "HTTP connections",
     ):
@@ -434,6 +437,18 @@ def test_every_dashboard_panel_has_data_in_a_real_prometheus_and_the_rules_load(
                 if not any(math.isfinite(v) for v in values):
                     no_data[f"{title}: {expr}"] = values
         assert no_data == {}
+        # ---- the per-model panels draw the labelled families: a lone [model] is "default"
+        labelled = {
+            "anomalyd_model_windows_scored_total",
+            "anomalyd_model_anomalous_windows_total",
+            "anomalyd_model_inference_seconds_bucket",
+            "anomalyd_model_devices_tracked",
+            "anomalyd_served_model_info",
+        }
+        per_model = [e for e in itertools.chain.from_iterable(exprs.values()) if metric_names(e) & labelled]
+        assert set().union(*(metric_names(e) for e in per_model)) >= labelled
+        for expr in per_model:
+            assert {r["metric"].get("model") for r in prometheus.query(expr)} == {"default"}, expr
         # ---- the documentation's picture is drawn from the same queries
         png = tmp_path / "dashboard.png"
         options = ["--out", str(png), "--minutes", "1", "--step", "1"]
