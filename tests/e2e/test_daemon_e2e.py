@@ -123,7 +123,14 @@ def test_injected_anomalies_are_flagged_and_clean_data_mostly_is_not(
         reference, _ = offline.run(np.ascontiguousarray(windows))
         got = sorted((s["ts"], s["score"]) for s in scores if s["device"] == dev.device)
         assert len(got) == len(reference)
-        np.testing.assert_allclose([g for _, g in got], reference, rtol=1e-4, atol=1e-6)
+        got_scores = np.array([g for _, g in got])
+        # A stuck channel's flatline term (up to 1000) is 1000 x (1 - spread / floor), with
+        # spread a float32 standard deviation of near-equal values: ONNX Runtime's rounding
+        # of it depends on the batch a window was scored in (measured: 999.69 vs 1000.01).
+        # Those windows are far above any threshold, so they are compared at rtol 1e-2.
+        flat = reference >= 100.0
+        np.testing.assert_allclose(got_scores[~flat], reference[~flat], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got_scores[flat], reference[flat], rtol=1e-2)
         np.testing.assert_allclose([t for t, _ in got], np.round(dev.ts[window - 1 :], 6), atol=1e-6)
 
     # Scores sorted by ts line up with the windows ending at samples L-1 .. n-1 (checked above).
