@@ -789,5 +789,8 @@ def test_cadence_matches_reference_model(
             per_device.setdefault(dev, []).append(w[:, 0].tolist())
         assert per_device == want
         assert got.skipped_cadence == skipped
-        assert [(c.device, c.mismatched, c.period_s, c.ts) for c in got.cadence_changes] == changes
+        # Each device's changes in order; across devices within one batch no order is promised
+        # (the buffers settle devices one after another, the reference row by row).
+        got_changes = [(c.device, c.mismatched, c.period_s, c.ts) for c in got.cadence_changes]
+        assert sorted(got_changes, key=lambda c: c[0]) == sorted(changes, key=lambda c: c[0])
         assert real.n_cadence_mismatched == sum(ref.mis.values())
