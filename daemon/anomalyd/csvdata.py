@@ -5,8 +5,7 @@ timestamp column and format, feature columns and their names, label column, firs
 encoding) and mean the same, so a file a model was trained from is read here as training
 read it: a feature column's name in telemetry is its ``feature_names`` entry, else the
 column name sanitised the same way (``"Volume Flow RateRMS"`` → ``volume_flow_rate_rms``).
-The runtime package does not import the training package, so the rule is repeated here
-(``sanitise_feature_name``); a test keeps the two equal.
+Both use ``anomalyd.feature_names.sanitise_feature_name``.
 
 A row that cannot be used is skipped and counted under a reason, never fatal:
 ``short_row`` (fewer fields than the columns asked for), ``bad_timestamp``, ``nan`` (empty
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +36,7 @@ from pydantic import ValidationError
 
 from anomalyd.contract import Feature
 from anomalyd.errors import ConfigError, DataError
+from anomalyd.feature_names import sanitise_feature_name
 
 __all__ = ["SKIP_REASONS", "CsvOptions", "CsvRecording", "read_csv", "sanitise_feature_name", "separator_of"]
 
@@ -45,29 +44,8 @@ __all__ = ["SKIP_REASONS", "CsvOptions", "CsvRecording", "read_csv", "sanitise_f
 SKIP_REASONS = ("short_row", "bad_timestamp", "nan", "non_numeric", "non_finite", "bad_label")
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-_SANITISE_CAMEL_LOWER = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-_SANITISE_CAMEL_ACRONYM = re.compile(r"(?<=[A-Z])(?=[A-Z][a-z])")
-_SANITISE_BAD = re.compile(r"[^A-Za-z0-9_.\-]+")
 #: Separators given by name, for shells where a literal tab is awkward to type.
 _SEPARATOR_NAMES = {"\\t": "\t", "tab": "\t", "comma": ",", "semicolon": ";", "space": " "}
-
-
-def sanitise_feature_name(column: str) -> str:
-    """A CSV column name as a contract feature name, by training's rule.
-
-    ``"Volume Flow RateRMS"`` → ``"volume_flow_rate_rms"``, ``"Accelerometer1RMS"`` →
-    ``"accelerometer1_rms"``; the result is usable as a JSON key in telemetry (letters,
-    digits, ``_ . -``; starts with a letter or ``_``; at most 64 characters; not ``ts``).
-    """
-    name = _SANITISE_CAMEL_ACRONYM.sub("_", _SANITISE_CAMEL_LOWER.sub("_", column.strip()))
-    name = _SANITISE_BAD.sub("_", name).lower()
-    name = re.sub(r"_+", "_", name).strip("_")
-    if not name:
-        name = "feature"
-    if not (name[0].isalpha() or name[0] == "_"):
-        name = "_" + name
-    name = name[:64]
-    return "ts_" if name == "ts" else name
 
 
 def separator_of(text: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,6 +31,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from anomalyd.config_errors import validation_errors
 from anomalyd.contract import Feature
 from anomalyd.errors import ConfigError
+from anomalyd.feature_names import sanitise_feature_name
 from anomalyd.synthetic_spec import FleetSpec
 
 __all__ = [
@@ -117,30 +117,6 @@ class SyntheticDataConfig(_Section):
     def fleet_spec(self) -> FleetSpec:
         """The generator's settings: ``TRAINING_FLEET`` with this table's values."""
         return dataclasses.replace(TRAINING_FLEET, **self.model_dump())
-
-
-_SANITISE_CAMEL_LOWER = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-_SANITISE_CAMEL_ACRONYM = re.compile(r"(?<=[A-Z])(?=[A-Z][a-z])")
-_SANITISE_BAD = re.compile(r"[^A-Za-z0-9_.\-]+")
-
-
-def sanitise_feature_name(column: str) -> str:
-    """Turn a CSV column name into a contract feature name.
-
-    ``"Volume Flow RateRMS"`` → ``"volume_flow_rate_rms"``, ``"Accelerometer1RMS"`` →
-    ``"accelerometer1_rms"``. The result satisfies ``anomalyd.contract.Feature``'s name rule
-    (letters, digits, ``_ . -``; starts with a letter or ``_``; at most 64 characters; not
-    ``ts``), because telemetry payloads must use it as a JSON key.
-    """
-    name = _SANITISE_CAMEL_ACRONYM.sub("_", _SANITISE_CAMEL_LOWER.sub("_", column.strip()))
-    name = _SANITISE_BAD.sub("_", name).lower()
-    name = re.sub(r"_+", "_", name).strip("_")
-    if not name:
-        name = "feature"
-    if not (name[0].isalpha() or name[0] == "_"):
-        name = "_" + name
-    name = name[:64]
-    return "ts_" if name == "ts" else name
 
 
 class CsvDataConfig(_Section):
