@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything anomalyd needs on a fresh machine, idempotently:
 #   - the Mosquitto broker binary (tests start their own broker on a free port),
+#   - the NATS server binary (the scale-out tests start their own),
 #   - Prometheus and promtool (the monitoring tests start their own server on a free port),
 #   - a virtual environment in .venv with the project (editable) and its train + dev extras.
 # Called by `make run` and `make test`; safe to run again (it skips what is already there).
@@ -28,6 +29,22 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
         echo "bootstrap: the 'mosquitto' broker is required (tests and 'make run' start one)." >&2
         echo "  Debian/Ubuntu: sudo apt-get install mosquitto   Fedora: sudo dnf install mosquitto" >&2
         echo "  macOS: brew install mosquitto" >&2
+        exit 1
+    fi
+fi
+
+# NATS server: Debian/Ubuntu package `nats-server` (2.9 or newer: its MQTT gateway and subject
+# mapping with partition()), for the scale-out tests (tests start their own server on free
+# ports). The package's own service, if it has one, is left as it is.
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing nats-server with apt-get" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nats-server >/dev/null
+    else
+        echo "bootstrap: 'nats-server' is required (the scale-out tests start one)." >&2
+        echo "  Debian/Ubuntu: sudo apt-get install nats-server   macOS: brew install nats-server" >&2
+        echo "  elsewhere: the nats-server binary (2.9 or newer) from nats.io on PATH" >&2
         exit 1
     fi
 fi

@@ -5,6 +5,10 @@ Tests start mosquitto on a free 127.0.0.1 port with a generated config (the daem
 password file, optionally a TLS listener) and can stop, kill and restart it on the same
 port to exercise reconnects.
 
+For the scale-out tests, ``PrivateNatsServer`` (re-exported from ``anomalyd.nats_broker``)
+is a real nats-server with its MQTT gateway, JetStream and the partition mapping; the
+helpers below speak MQTT 3.1.1 to it (the only version it speaks) and MQTT 5 to Mosquitto.
+
 ``Subscriber`` is a plain paho client that records what it receives and lets a test
 wait for a condition with a timeout instead of sleeping.
 """
@@ -25,9 +29,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from anomalyd.broker import PrivateBroker, free_port, port_open
+from anomalyd.nats_broker import PrivateNatsServer
 
 __all__ = [
     "MosquittoBroker",
+    "PrivateNatsServer",
     "Received",
     "Subscriber",
     "TlsFiles",
@@ -41,6 +47,11 @@ __all__ = [
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 
 T = TypeVar("T")
+
+
+def _protocol_of(broker: Any) -> int:
+    """MQTT 5 for Mosquitto; 3.1.1 for a broker that speaks only that (NATS's MQTT gateway)."""
+    return mqtt.MQTTv311 if getattr(broker, "mqtt_protocol", "5") == "3.1.1" else mqtt.MQTTv5
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.02, what: str = "") -> T:
@@ -139,7 +150,7 @@ class Subscriber:
 
     def __init__(
         self,
-        broker: MosquittoBroker,
+        broker: MosquittoBroker | PrivateNatsServer,
         topics: list[str],
         *,
         username: str | None = None,
@@ -149,7 +160,7 @@ class Subscriber:
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
         self._topics = topics
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=_protocol_of(broker))
         if username is not None:
             self.client.username_pw_set(username, password)
         self.client.on_connect = self._on_connect
@@ -197,7 +208,7 @@ class Subscriber:
 
 
 def publish_many(
-    broker: MosquittoBroker,
+    broker: MosquittoBroker | PrivateNatsServer,
     messages: list[tuple[str, bytes]],
     qos: int = 1,
     retain: bool = False,
@@ -206,7 +217,7 @@ def publish_many(
     password: str | None = None,
 ) -> None:
     """Publish messages in order and wait until the broker has acknowledged all of them."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=_protocol_of(broker))
     if username is not None:
         client.username_pw_set(username, password)
     client.connect(broker.host, broker.port, keepalive=30)

@@ -31,6 +31,7 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from anomalyd.config_base import Section
+from anomalyd.config_cluster import ClusterConfig, JetStreamConfig
 from anomalyd.config_errors import validation_errors
 from anomalyd.config_mqtt import MqttConfig, TlsConfig, read_secret
 from anomalyd.config_sections import (
@@ -52,10 +53,12 @@ from anomalyd.globs import overlap_witness
 
 __all__ = [
     "BatchingConfig",
+    "ClusterConfig",
     "CommandsConfig",
     "Config",
     "DetectorConfig",
     "HomeAssistantConfig",
+    "JetStreamConfig",
     "LoggingConfig",
     "MetricsConfig",
     "ModelEntry",
@@ -106,6 +109,10 @@ class Config(Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="logging")
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig, description="shutdown")
+    cluster: ClusterConfig | None = Field(
+        default=None,
+        description="one instance of a partitioned fleet (NATS); absent: this daemon scores every device",
+    )
 
     def detector_for(self, entry: ModelEntry) -> DetectorConfig:
         """The ``[detector]`` a ``[[models]]`` entry runs with: the top-level one, with the

@@ -48,6 +48,9 @@ def _render_section(
             subsections.append((field_name, sub, info))
             continue
         out.append(f"# {info.description}")
+        if info.is_required():
+            out.append(f"#{field_name} = {_toml_value((info.examples or [None])[0])}  # example; required")
+            continue
         default = info.get_default(call_default_factory=True)
         if default is None or default == DEFAULT_MODEL_PATH:
             # No TOML spelling for "unset", and the shipped model's absolute path is
@@ -58,7 +61,8 @@ def _render_section(
         else:
             out.append(f"#{field_name} = {_toml_value(default)}")
     for field_name, sub, info in subsections:
-        # Only TLS is an optional sub-table; its presence switches TLS on, so it stays commented.
+        # Optional sub-tables ([mqtt.tls], [cluster.jetstream]) switch something on by being
+        # there, so they stay commented.
         _render_section(sub, f"{name}.{field_name}", True, out, intro=f"{field_name}: {info.description}")
 
 
@@ -89,10 +93,12 @@ def render_example_config() -> str:
         "# Secrets (MQTT password, TLS key passphrase) never go in this file: use the *_file",
         "# keys or systemd credentials (LoadCredential= in anomalyd.service, *_credential keys).",
     ]
-    for name in Config.model_fields:
+    for name, info in Config.model_fields.items():
         sub = section_model(Config, name)
         assert sub is not None
-        _render_section(sub, name, False, out)
+        # An optional section ([cluster]) changes what the daemon does by being there: commented.
+        optional = not info.is_required() and info.default is None
+        _render_section(sub, name, optional, out, intro=f"{name}: {info.description}" if optional else None)
     _render_models_example(out)
     return "\n".join(out) + "\n"
 

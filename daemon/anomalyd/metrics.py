@@ -53,6 +53,9 @@ PIPELINE_STAGES = ("decode", "model", "publish")
 #: has its own counter, ``anomalyd_rejected_total``).
 WINDOW_DROP_REASONS = ("model_error", "shutdown", "cadence_mismatch")
 MESSAGE_DROP_REASONS = ("decode_error", "shutdown")
+#: How a warm-up from JetStream ended, and what became of each replayed reading.
+WARMUP_RESULTS = ("complete", "timeout", "failed", "no_jetstream")
+WARMUP_READING_RESULTS = ("filled", "already_held", "rejected")
 
 # Inference of one batch: ~0.1 ms (batch 1, CPU) to tens of ms (batch 256) or more on a
 # busy machine; end to end adds batching delay (max_delay_ms) and queueing.
@@ -374,6 +377,47 @@ class Metrics:
         self.snapshot_last_success = Gauge(
             "anomalyd_snapshot_last_success_timestamp_seconds",
             "UNIX time of the newest snapshot written (0: none yet)",
+            registry=r,
+        )
+        # ---- scale-out ([cluster]; anomalyd.partitions, anomalyd.warmup). The instance a
+        # series comes from is the scrape target's; the name is in the info metric too.
+        self.cluster_instance = Info(
+            "anomalyd_cluster_instance", "This instance of a partitioned fleet: its name", registry=r
+        )
+        self.cluster_partitions = Gauge(
+            "anomalyd_cluster_partitions", "Partitions of the fleet (P of the broker's mapping)", registry=r
+        )
+        self.cluster_partitions_owned = Gauge(
+            "anomalyd_cluster_partitions_owned", "Partitions this instance subscribes to", registry=r
+        )
+        self.cluster_devices_owned = Gauge(
+            "anomalyd_cluster_devices_owned",
+            "Devices of this instance's partitions with a window here",
+            registry=r,
+        )
+        self.warmups = Counter(
+            "anomalyd_warmups",
+            "Warm-ups of the windows from JetStream, by result (complete, timeout, failed, no_jetstream)",
+            ["result"],
+            registry=r,
+        )
+        for result in WARMUP_RESULTS:
+            self.warmups.labels(result=result)
+        self.warmup_readings = Counter(
+            "anomalyd_warmup_readings",
+            "Readings replayed from JetStream, by result (filled: into a window; already_held: the "
+            "snapshot or live data had it; rejected: bad input)",
+            ["result"],
+            registry=r,
+        )
+        for result in WARMUP_READING_RESULTS:
+            self.warmup_readings.labels(result=result)
+        self.warmup_seconds = Gauge(
+            "anomalyd_warmup_seconds", "Duration of the latest warm-up from JetStream", registry=r
+        )
+        self.warmup_overlap = Counter(
+            "anomalyd_warmup_overlap_readings",
+            "Live readings not taken again because the warm-up replay already put them in a window",
             registry=r,
         )
         # ---- the HTTP endpoint (anomalyd.http_server; MetricsServer feeds these)
