@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.broker import MosquittoBroker, free_port
+from tests.broker import MosquittoBroker, PrivateNatsServer, free_port
 
 
 def _toml(value: object) -> str:
@@ -29,6 +29,8 @@ def _toml(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -96,7 +98,7 @@ class DaemonProcess:
     def __init__(
         self,
         workdir: Path,
-        broker: MosquittoBroker,
+        broker: MosquittoBroker | PrivateNatsServer,
         model: Path,
         *,
         sections: dict[str, dict[str, Any]] | None = None,

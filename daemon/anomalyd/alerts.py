@@ -27,7 +27,11 @@ A state message is published (retained, ``output.alert_qos``) on every change of
 state, for every device on every (re)connect, and for devices the broker remembers and
 the daemon does not (``unknown``/``no_state``); so what the broker retains is never a
 stale ``anomalous``. ``RetainedStates`` collects what the broker retains under the
-alert topic (the daemon subscribes to it) for ``Pipeline.reconcile``.
+alert topic (the daemon subscribes to it) for ``Pipeline.reconcile``, as ``RetainedState``
+records that keep enough of each message (since, peak, operator, shelving) for an
+instance of a partitioned fleet (``[cluster]``) to *adopt* the alert of a device it just
+took over instead of announcing ``unknown``: the retained message is the hand-over
+between the device's old and new owner.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ __all__ = [
     "UNKNOWN",
     "UNKNOWN_REASONS",
     "AlertRecord",
+    "RetainedState",
     "RetainedStates",
     "alert_payload",
 ]
@@ -138,6 +143,89 @@ def alert_payload(record: AlertRecord, feature_names: list[str], model_version: 
     return doc
 
 
+def _float(x: object) -> float:
+    """A finite JSON number as a float; NaN for anything else (absent, null, text, bool)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return math.nan
+    f = float(x)
+    return f if math.isfinite(f) else math.nan
+
+
+def _text(x: object) -> str | None:
+    return x if isinstance(x, str) else None
+
+
+def _contributions(x: object) -> dict[str, float] | None:
+    if not isinstance(x, dict):
+        return None
+    out = {str(k): _float(v) for k, v in x.items()}
+    return out if out and not any(math.isnan(v) for v in out.values()) else None
+
+
+def _operator(x: object) -> OperatorAction | None:
+    if not isinstance(x, dict):
+        return None
+    verb, by, why, at = x.get("verb"), x.get("by"), x.get("why"), _float(x.get("at"))
+    if not (isinstance(verb, str) and isinstance(by, str) and isinstance(why, str)):
+        return None
+    return OperatorAction(verb, by, why, at)
+
+
+@dataclass(slots=True, frozen=True)
+class RetainedState:
+    """One device's alert message as the broker retains it, as far as it could be read.
+
+    ``state`` is the message's state (an older anomalyd's message without one: ``anomalous``
+    if its ``alert`` is true, else ``normal``), or ``"?"`` when the payload is not a JSON
+    object: not ours to read, but a claim about the device all the same. Every other field
+    is NaN or None when the message lacks it or holds something unusable there, so a
+    garbled message can never be adopted with a made-up ``since``.
+    """
+
+    device: str
+    state: str
+    since: float = math.nan
+    ts: float = math.nan
+    condition: str | None = None
+    reason: str | None = None
+    score: float = math.nan
+    threshold: float = math.nan
+    peak_score: float = math.nan
+    peak_ts: float = math.nan
+    contributions: dict[str, float] | None = None  # at the peak, by feature name
+    shelved_until: float = math.nan
+    operator: OperatorAction | None = None
+    model_version: str | None = None
+
+    @classmethod
+    def parse(cls, device: str, payload: bytes) -> RetainedState:
+        """The record of ``payload`` (any bytes) retained for ``device``."""
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict):
+            return cls(device, "?")
+        # A message from an older anomalyd has "alert" but no "state": it is still a claim.
+        state = str(doc.get("state", ANOMALOUS if doc.get("alert") else NORMAL))
+        return cls(
+            device,
+            state,
+            since=_float(doc.get("since")),
+            ts=_float(doc.get("ts")),
+            condition=_text(doc.get("condition")),
+            reason=_text(doc.get("reason")),
+            score=_float(doc.get("score")),
+            threshold=_float(doc.get("threshold")),
+            peak_score=_float(doc.get("peak_score")),
+            peak_ts=_float(doc.get("peak_ts")),
+            contributions=_contributions(doc.get("contributions")),
+            shelved_until=_float(doc.get("shelved_until")),
+            operator=_operator(doc.get("operator")),
+            model_version=_text(doc.get("model_version")),
+        )
+
+
 class RetainedStates:
     """The alert states the broker retains, as it hands them over on subscribe (network
     thread, ``put``), for the pipeline thread to reconcile (``take``)."""
@@ -146,31 +234,22 @@ class RetainedStates:
         pre, _, post = alert_topic.partition("{device}")
         self._pre, self._post = pre, post
         self._wake = wake
-        self._queue: collections.deque[tuple[str, str]] = collections.deque()
+        self._queue: collections.deque[RetainedState] = collections.deque()
 
     def put(self, topic: str, payload: bytes, retain: bool) -> None:
         """A message on the alert topic filter. Only retained ones are the broker's memory;
-        live ones are publications (ours, in MQTT 3.1.1, which has no No Local option) and
-        say nothing new."""
+        live ones are publications (ours, in MQTT 3.1.1, which has no No Local option, or
+        another instance's of a partitioned fleet) and say nothing new."""
         pre, post = self._pre, self._post
         if not retain or not payload or len(self._queue) >= _RETAINED_MAX:
             return
         if not (topic.startswith(pre) and topic.endswith(post)) or len(topic) <= len(pre) + len(post):
             return
         device = topic[len(pre) : len(topic) - len(post)]
-        try:
-            doc = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            doc = None
-        # A message from an older anomalyd has "alert" but no "state": it is still a claim.
-        if isinstance(doc, dict):
-            state = str(doc.get("state", ANOMALOUS if doc.get("alert") else NORMAL))
-        else:
-            state = "?"  # not ours to read, but a claim about the device all the same
-        self._queue.append((device, state))
+        self._queue.append(RetainedState.parse(device, payload))
         self._wake()
 
-    def take(self) -> list[tuple[str, str]]:
-        """Every (device, state) received since the previous call."""
+    def take(self) -> list[RetainedState]:
+        """Every retained state received since the previous call, oldest first."""
         queue = self._queue
         return [queue.popleft() for _ in range(len(queue))]

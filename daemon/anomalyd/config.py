@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from anomalyd.config_base import Section
 from anomalyd.config_cluster import ClusterConfig, JetStreamConfig
@@ -114,6 +115,48 @@ class Config(Section):
         description="one instance of a partitioned fleet (NATS); absent: this daemon scores every device",
     )
 
+    @model_validator(mode="after")
+    def _cluster_fits_the_other_sections(self) -> Config:
+        """Checks across sections for ``[cluster]``, each reported at the key to change."""
+        cluster = self.cluster
+        if cluster is None:
+            return self
+        problems: list[InitErrorDetails] = []
+        if self.mqtt.protocol != "3.1.1":
+            problems.append(
+                InitErrorDetails(
+                    type=PydanticCustomError(
+                        "value_error",
+                        "a [cluster] instance talks to NATS's MQTT gateway, which speaks MQTT 3.1.1 "
+                        'only: set protocol = "3.1.1"',
+                    ),
+                    loc=("mqtt", "protocol"),
+                    input=self.mqtt.protocol,
+                )
+            )
+        # The instance's status topic (anomalyd.publisher.instance_status_topic) must not be a
+        # device topic of its own subscriptions or outputs: "anomaly/status/alert" would be
+        # read back as the alert state of a device called "status".
+        status = f"{self.output.status_topic}/{cluster.instance_name()}"
+        for key in ("alert_topic", "score_topic"):
+            template = getattr(self.output, key)
+            if _fits_template(status, template):
+                problems.append(
+                    InitErrorDetails(
+                        type=PydanticCustomError(
+                            "value_error",
+                            f"the status topic of this instance, {status!r}, is also a topic of "
+                            f"output.{key}: choose another cluster.name",
+                        ),
+                        loc=("cluster", "name"),
+                        input=cluster.name,
+                    )
+                )
+        if problems:
+            # A ValidationError (not a ValueError) keeps each problem's own key path.
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
+        return self
+
     def detector_for(self, entry: ModelEntry) -> DetectorConfig:
         """The ``[detector]`` a ``[[models]]`` entry runs with: the top-level one, with the
         keys the entry sets itself in its place."""
@@ -171,6 +214,18 @@ class MultiModelConfig(Config):
                                 "exactly one model"
                             )
         return self
+
+
+def _fits_template(topic: str, template: str) -> bool:
+    """Whether ``topic`` is ``template`` with some device id as its ``{device}`` level."""
+    prefix, _, suffix = template.partition("{device}")
+    device = topic[len(prefix) : len(topic) - len(suffix)]
+    return (
+        len(topic) > len(prefix) + len(suffix)
+        and topic.startswith(prefix)
+        and topic.endswith(suffix)
+        and "/" not in device
+    )
 
 
 def model_entries(config: Config) -> list[ModelEntry] | None:

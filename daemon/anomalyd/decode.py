@@ -27,6 +27,13 @@ A device id is the topic level at ``{device}``; the whole of it must match the c
 pattern, and whatever the pattern says it may not be ``.`` or ``..`` nor hold an MQTT
 wildcard, a separator, or a control or other non-printable character (it becomes a level
 of the output topics, and appears in logs).
+
+In a partitioned fleet (``[cluster]``), the broker appends the device's partition to the
+topic (``sensors/<device>/telemetry/<p>``): the template plus one last level, ``p`` written
+as the broker writes it (decimal, no leading zero) in ``0 .. partitions-1``, else
+``bad_topic``. A reading is this instance's only when ``p`` is the device's own partition
+(``anomalyd.partitions.nats_partition``) and this instance owns it: see ``_partition_verdict``
+for the two rejections, ``foreign_partition`` and ``partition_mismatch``.
 """
 
 from __future__ import annotations
@@ -38,11 +45,16 @@ import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import orjson
+
+from anomalyd.partitions import Partitioning, nats_partition
+
+if TYPE_CHECKING:
+    from anomalyd.config_cluster import ClusterConfig
 
 __all__ = ["MIN_TIMESTAMP", "DecodedBatch", "Decoder", "RawMessage", "Reason", "Rejection"]
 
@@ -84,6 +96,8 @@ class Reason(StrEnum):
     OVERSIZED = "oversized"
     BAD_DEVICE_ID = "bad_device_id"
     BAD_TOPIC = "bad_topic"
+    FOREIGN_PARTITION = "foreign_partition"
+    PARTITION_MISMATCH = "partition_mismatch"
     FUTURE = "future"
     OUT_OF_ORDER = "out_of_order"
     DUPLICATE = "duplicate"
@@ -168,9 +182,10 @@ class _Refusal:
 
     reason: Reason
     detail: str
+    device: str = ""  # the valid device id a refused topic names (partition refusals)
 
     def rejection(self, topic: str, device: str = "") -> Rejection:
-        return Rejection(self.reason, topic[:_TOPIC_MAX], self.detail[:_DETAIL_MAX], device)
+        return Rejection(self.reason, topic[:_TOPIC_MAX], self.detail[:_DETAIL_MAX], device or self.device)
 
 
 _NOT_THE_TEMPLATE = _Refusal(Reason.BAD_TOPIC, "topic does not match the template")
@@ -205,7 +220,11 @@ class Decoder:
         max_readings_per_message: int,
         device_id_pattern: str,
         max_future_skew_s: float,
+        *,
+        cluster: ClusterConfig | None = None,
     ) -> None:
+        """``cluster``: this daemon is one instance of a partitioned fleet, and topics carry
+        the partition as a last level (see the module docstring)."""
         if topic_template.count("{device}") != 1:
             raise ValueError(f"topic template needs exactly one '{{device}}': {topic_template!r}")
         self.feature_names = list(feature_names)
@@ -219,11 +238,20 @@ class Decoder:
         # topic -> device id, or the refusal for it: devices repeat, regexes are not free.
         self._topics: dict[str, str | _Refusal] = {}
         self._topic_bytes = 0  # rough size of ``_topics``' keys and values
+        self._partitioning = Partitioning(cluster, topic_template) if cluster is not None else None
+        # The partition levels the broker writes, and their numbers: a dict lookup checks
+        # "decimal, canonical, in range" at once, and never runs int() on a hostile level.
+        n = self._partitioning.partitions if self._partitioning is not None else 0
+        self._partition_levels = {str(p): p for p in range(n)}
+        self._no_partition = _Refusal(
+            Reason.BAD_TOPIC, f"topic has no partition level 0..{n - 1} after the template"
+        )
 
     # ------------------------------------------------------------------ topics
 
     def _device_of(self, topic: str) -> str | _Refusal:
-        """The device id in ``topic``, or why the topic is refused (BAD_TOPIC / BAD_DEVICE_ID)."""
+        """The device id in ``topic``, or why the topic is refused (BAD_TOPIC, BAD_DEVICE_ID;
+        in a partitioned fleet also FOREIGN_PARTITION, PARTITION_MISMATCH)."""
         hit = self._topics.get(topic)
         if hit is not None:
             return hit
@@ -244,6 +272,63 @@ class Decoder:
         return hit
 
     def _parse_topic(self, topic: str) -> str | _Refusal:
+        if self._partitioning is None:
+            return self._parse_device(topic)
+        base, slash, level = topic.rpartition("/")
+        partition = self._partition_levels.get(level) if slash else None
+        if partition is None:
+            return self._no_partition
+        device = self._parse_device(base)
+        if isinstance(device, _Refusal):
+            return device
+        return self._partition_verdict(device, partition, self._partitioning)
+
+    @staticmethod
+    def _partition_verdict(device: str, partition: int, partitioning: Partitioning) -> str | _Refusal:
+        """``device`` if a reading of it on ``partition`` is this instance's to score.
+
+        The device's own partition is the hash the broker's mapping computes
+        (``nats_partition``); a reading is taken only when the topic's partition is that one
+        and this instance owns it:
+
+        - ``foreign_partition``: the topic's partition, or the device's own, belongs to
+          another instance. Scoring it here as well would score the device in two places
+          (two windows, two alert states fighting over one retained topic), and the owner
+          by hash is the one whose warm-up and alert hand-over hold the device. In practice
+          it is a client publishing straight to a partition topic of the wrong instance:
+          the subscriptions only ever ask for owned partitions.
+        - ``partition_mismatch``: both are this instance's, but differ. Scoring it here
+          would work for now, but the topic cannot be trusted: the broker's mapping and
+          ``cluster.partitions`` disagree (another P hashes the device elsewhere), or a
+          client bypasses the mapping, and the device would end up with the wrong instance
+          at the next change of the fleet. A reason of its own, so that such a
+          misconfiguration stands out instead of hiding among foreign readings.
+        """
+        home = nats_partition(device, partitioning.partitions)
+        owned = partitioning.owned
+        if partition not in owned:
+            return _Refusal(
+                Reason.FOREIGN_PARTITION,
+                f"partition {partition} is not one of instance {partitioning.name}'s",
+                device,
+            )
+        if home not in owned:
+            return _Refusal(
+                Reason.FOREIGN_PARTITION,
+                f"device {_short(device)} is in partition {home}, not this instance's "
+                f"(the topic says {partition})",
+                device,
+            )
+        if home != partition:
+            return _Refusal(
+                Reason.PARTITION_MISMATCH,
+                f"device {_short(device)} is in partition {home} but came on {partition}: "
+                "the broker's mapping and cluster.partitions disagree?",
+                device,
+            )
+        return device
+
+    def _parse_device(self, topic: str) -> str | _Refusal:
         p, s = self._prefix, self._suffix
         if len(topic) <= len(p) + len(s) or not topic.startswith(p) or not topic.endswith(s):
             return _NOT_THE_TEMPLATE

@@ -62,6 +62,19 @@ restart, and with ``adaptive`` on no alert is raised until the statistics have w
 again on the new behaviour (``adaptive_min_windows`` windows). Without ``adaptive``,
 ``rebaseline`` clears the alert and the hysteresis only: the static threshold stays, so an
 alert comes back if the new behaviour stays above it.
+
+**Hand-over** (a partitioned fleet, ``[cluster]``; ``Pipeline.reconcile`` decides when).
+``adopt`` takes over the alert state another instance left retained for a device this
+detector holds no state for: an ``anomalous`` one starts in alert with the same ``since``
+and peak, its hysteresis as if ``k_enter`` anomalous windows had just been counted, so it
+is not raised again (no ``alert_changed`` window, no new ``since``) and clears after
+``k_exit`` normal windows as any alert does; an operator's ``shelved`` or
+``out_of_service`` is taken with who, why and until when. An adopted state has no window
+yet: it fills from the warm-up and live readings. ``claim_is_newer`` tells a state here
+that the broker's message has overtaken (a snapshot from before another instance owned
+the device), which the pipeline drops (``discard``); ``continue_alert`` keeps the identity of
+an alert that this process raised again only because the device's readings were scored
+before its retained state arrived.
 """
 
 from __future__ import annotations
@@ -81,6 +94,7 @@ from anomalyd.alerts import (
     UNKNOWN,
     AlertRecord,
     OperatorAction,
+    RetainedState,
 )
 from anomalyd.device_state import DeviceState, state_from_dict, state_to_dict
 
@@ -419,6 +433,92 @@ class Detector:
             state.decided = False
         return self._republish(device, state, ts)
 
+    # ------------------------------------------------------------------ hand-over
+
+    def adopt(self, claim: RetainedState, peak_contributions: npt.NDArray[np.float32] | None = None) -> bool:
+        """Take over ``claim``, the alert state the broker retains for a device this detector
+        holds no state for (see the module docstring). True if adopted; False (nothing
+        changes) for a claim there is nothing to adopt from: a state that is not
+        ``anomalous``, ``shelved`` or ``out_of_service``, a claim without a ``since`` (its
+        identity), a shelving without its end, or a device that has a state here already.
+
+        ``peak_contributions``: the claim's contributions at the peak, in the model's
+        feature order (the caller knows the features); None: unknown."""
+        device, published = claim.device, claim.state
+        if device in self._states or math.isnan(claim.since):
+            return False
+        if published not in (ANOMALOUS, SHELVED, OUT_OF_SERVICE):
+            return False
+        if published == SHELVED and math.isnan(claim.shelved_until):
+            return False
+        state = DeviceState(published=published, since=claim.since)
+        # What a re-assertion publishes before the first window here: the claim's newest report.
+        state.last_ts = claim.since if math.isnan(claim.ts) else claim.ts
+        state.last_score, state.last_threshold = claim.score, claim.threshold
+        if ANOMALOUS in (published, claim.condition):
+            # In alert underneath, as if k_enter anomalous windows were just counted: the next
+            # anomalous window keeps it (no raise), k_exit normal ones clear it.
+            state.alert = state.decided = True
+            state.above = self.k_enter
+            # NaN when the claim does not tell it: the next window's score is then the peak.
+            state.peak_score, state.peak_ts = claim.peak_score, claim.peak_ts
+            state.peak_contributions = peak_contributions
+        # Otherwise the condition underneath stays unknown until a window is decided here.
+        if published in (SHELVED, OUT_OF_SERVICE):
+            state.out_of_service = published == OUT_OF_SERVICE
+            state.shelved_until = claim.shelved_until
+            state.operator = claim.operator
+        state.refresh_overlay()
+        self._states[device] = state
+        return True
+
+    def claim_is_newer(self, claim: RetainedState) -> bool:
+        """Whether ``claim``, the broker's retained state of a device this detector holds a
+        state for, differs from that state and reports something newer than anything the
+        state here knows (its ``ts`` after the newest decided window, the state's ``since``
+        and the newest operator action): then another instance decided the device after
+        this one last did, and the state here is stale. A claim without a ``ts`` is never
+        newer. The times compared are data times and, for commands and expiries, clocks:
+        close calls go to the state here."""
+        state = self._states.get(claim.device)
+        if state is None:
+            return True
+        if claim.state == state.published and claim.since == state.since:
+            return False  # what this detector published (or would)
+        op_at = state.operator.at if state.operator is not None else math.nan
+        known = [x for x in (state.last_ts, state.since, op_at) if not math.isnan(x)]
+        return not math.isnan(claim.ts) and claim.ts > max(known, default=-math.inf)
+
+    def continue_alert(
+        self, claim: RetainedState, peak_contributions: npt.NDArray[np.float32] | None = None
+    ) -> AlertRecord | None:
+        """The broker shows the device's alert raised at ``claim.since``, before this process
+        first decided a window of the device, and this process has since raised an alert of
+        its own for it (the device's readings were scored before its retained state arrived:
+        they come on separate subscriptions, in no guaranteed order). No one cleared the
+        alert in between, so it is the same alert: it keeps the claim's ``since`` (its
+        identity) and the higher peak. Returns the corrected state message; None (nothing
+        changes) when that is not the case. ``peak_contributions``: as for ``adopt``."""
+        state = self._states.get(claim.device)
+        if (
+            state is None
+            or claim.state != ANOMALOUS
+            or state.published != ANOMALOUS
+            or not claim.since < state.since  # (False for a NaN since) nothing to correct
+            or not claim.since < state.born
+        ):
+            return None
+        state.since = claim.since
+        if claim.peak_score > state.peak_score:  # False for a NaN (unknown) peak
+            state.peak_score, state.peak_ts = claim.peak_score, claim.peak_ts
+            state.peak_contributions = peak_contributions
+        return self.record(claim.device)
+
+    def discard(self, device: str) -> bool:
+        """Drop the device's state without a state message (the broker's is newer: the caller
+        handles the device as one without a state here). False if there was none."""
+        return self._states.pop(device, None) is not None
+
     # ------------------------------------------------------------------ snapshot
 
     def export_state(self) -> list[dict[str, Any]]:
@@ -477,7 +577,7 @@ class Detector:
         ):
             state = states.get(device)
             if state is None:
-                state = states[device] = DeviceState()
+                state = states[device] = DeviceState(born=t)
             threshold = static if math.isnan(state.adaptive) else state.adaptive
             if not math.isfinite(score):
                 self.non_finite += 1
@@ -532,7 +632,8 @@ class Detector:
                 if state.alert and state.below >= k_exit:
                     state.alert = False
                     changed = True
-            if state.alert and score > state.peak_score:
+            # A NaN peak (an adopted alert whose peak was not told) gives way to any score.
+            if state.alert and (score > state.peak_score or math.isnan(state.peak_score)):
                 state.peak_score = score
                 state.peak_ts = t
                 state.peak_contributions = np.array(contributions[i])

@@ -2,9 +2,12 @@
 
 ``DeviceState`` is what the detector (``anomalyd.detector``) keeps per device: smoothing,
 hysteresis counters and alert, the adaptive threshold's statistics, and the published
-alert state (``anomalyd.alerts``) with its overlays. ``state_to_dict`` / ``state_from_dict``
-turn it into JSON-ready dicts and back for ``anomalyd.snapshot``; reading one back checks
-every field, so a damaged snapshot is refused instead of half-restored.
+alert state (``anomalyd.alerts``) with its overlays. A state may also be *adopted* from
+the alert message the broker retains (``Detector.adopt``: a device that moved here from
+another instance of a partitioned fleet); it then exists before the device has a window.
+``state_to_dict`` / ``state_from_dict`` turn it into JSON-ready dicts and back for
+``anomalyd.snapshot``; reading one back checks every field, so a damaged snapshot is
+refused instead of half-restored.
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ class DeviceState:
     cadence: tuple[float, float] | None = None  # (measured, expected) period while mismatched
     rebaselining: bool = False  # no alert until the adaptive statistics warmed up again
     channel: npt.NDArray[np.float32] | None = None  # per-feature EWMA (smoothing = "channel_ewma")
+    # Data time of the first window this process decided for a state it began itself; NaN
+    # for a state restored from a snapshot or adopted from the broker (not in a snapshot:
+    # after a restart the state is inherited memory). ``Detector.continue_alert`` uses it
+    # to tell another instance's earlier raise of the same alert from one of its own.
+    born: float = math.nan
 
     def condition(self) -> str:
         if not self.decided:

@@ -34,7 +34,9 @@ of every change (the publisher republishes its retained status).
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -62,6 +64,7 @@ __all__ = [
     "MqttLink",
     "Will",
     "backoff_delay",
+    "client_id_for",
     "failure_reason",
     "subscription_filter",
 ]
@@ -92,6 +95,18 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
 def subscription_filter(topic_template: str) -> str:
     """``sensors/{device}/telemetry`` → ``sensors/+/telemetry``."""
     return topic_template.replace("{device}", "+")
+
+
+def client_id_for(config: MqttConfig, instance: str | None = None) -> str:
+    """Our MQTT client id: ``mqtt.client_id`` when set, else ``anomalyd-<hostname>-<pid>``,
+    or for an instance of a partitioned fleet ``anomalyd-<instance>-<hostname>-<pid>``: its
+    name first, so that instances on one host are told apart at a glance in the broker's
+    logs (the pid alone would do for uniqueness). A broker takes a second connection with
+    the same id as a takeover and drops the first one, so instances sharing one
+    configuration file must leave ``mqtt.client_id`` empty."""
+    if config.client_id or instance is None:
+        return config.effective_client_id()
+    return f"anomalyd-{instance}-{socket.gethostname()}-{os.getpid()}"
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,27 @@ def _check_filter(topic_filter: str) -> None:
             )
 
 
+#: Granted telemetry filters are logged one a line up to this many; more (a partitioned
+#: fleet's instance has a filter per partition it owns) in one line, not one per partition
+#: on every reconnect.
+_GRANTED_ONE_A_LINE = 4
+
+
+def _log_granted(granted: list[tuple[str, int]]) -> None:
+    if len(granted) <= _GRANTED_ONE_A_LINE:
+        for topic_filter, qos in granted:
+            log.info("subscribed to %r (granted QoS %d)", topic_filter, qos)
+        return
+    qos_levels = sorted({qos for _, qos in granted})
+    log.info(
+        "subscribed to %d telemetry filters, %r ... %r (granted QoS %s)",
+        len(granted),
+        granted[0][0],
+        granted[-1][0],
+        "/".join(str(q) for q in qos_levels),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Sub:
     """One topic filter of a SUBSCRIBE: telemetry (to the intake queue) or an extra one."""
@@ -210,6 +231,7 @@ class Subscriptions:
         refused = set(self._telemetry_refused)
         changed_filter = ""
         telemetry_answered = False
+        granted_telemetry: list[tuple[str, int]] = []
         for sub, reason in zip(subs, reasons, strict=False):
             topic_filter = sub.topic_filter
             if not reason.is_failure:
@@ -222,6 +244,8 @@ class Subscriptions:
                     refused.discard(topic_filter)
                     self._extra_refused.discard(topic_filter)
                     changed_filter = changed_filter or topic_filter
+                elif sub.telemetry:
+                    granted_telemetry.append((topic_filter, reason.value))
                 else:
                     log.info("subscribed to %r (granted QoS %d)", topic_filter, reason.value)
                 telemetry_answered |= sub.telemetry
@@ -255,6 +279,7 @@ class Subscriptions:
                     SUBSCRIBE_RETRY_S,
                 )
             self.retry_at = min(self.retry_at, time.monotonic() + SUBSCRIBE_RETRY_S)
+        _log_granted(granted_telemetry)
         if refused != self._telemetry_refused:
             was_granted = not self._telemetry_refused
             self._telemetry_refused = frozenset(refused)

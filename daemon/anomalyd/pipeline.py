@@ -15,6 +15,8 @@ Besides the flow, the pipeline owns:
 
 * the model swap (a reload): windows pending for the old model are scored with it
   first; a new window length or feature list restarts every device's window;
+* the warm-up's replay (``warm``, ``anomalyd.warmup``): readings read back from JetStream
+  go into the windows unscored, and live readings the replay already wrote are dropped;
 * the devices' alert states (``anomalyd.alerts``): every change goes to the sink, and so
   does the ``unknown`` state of every device it stops tracking (evicted, idle, a model
   with another window shape); operator commands, shelving expiry, the cadence check's
@@ -31,6 +33,7 @@ Besides the flow, the pipeline owns:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import time
@@ -41,18 +44,20 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from anomalyd.alerts import UNKNOWN, AlertRecord, OperatorAction
+from anomalyd.alerts import UNKNOWN, AlertRecord, OperatorAction, RetainedState
 from anomalyd.batcher import Batch, Batcher
 from anomalyd.buffers import DeviceBuffers, IngestResult
 from anomalyd.cadence import period_band
 from anomalyd.commands import IN_SERVICE, OUT_OF_SERVICE, REBASELINE, SHELVE, UNSHELVE, Command
 from anomalyd.config import Config
-from anomalyd.decode import DecodedBatch, Decoder, RawMessage, Rejection
+from anomalyd.decode import DecodedBatch, Decoder, RawMessage, Reason, Rejection
 from anomalyd.detector import Decision, Detector, Sweep
 from anomalyd.logsetup import RateLimitedLog
 from anomalyd.metrics import Metrics
 from anomalyd.model import LoadedModel
+from anomalyd.partitions import Partitioning
 from anomalyd.snapshot import Snapshot
+from anomalyd.warmup import WarmCounts
 
 __all__ = ["DecisionSink", "Pipeline"]
 
@@ -134,6 +139,20 @@ class Pipeline:
         self._dropped_seen = 0
         self._wake = wake
         self._reassert: list[str] = []  # devices whose alert state is still to re-assert
+        # [cluster]: whether a device is this instance's (the broker's partition of its id);
+        # None: a single daemon, every device is its own. Fixed for the process ([cluster]
+        # changes only with a restart).
+        self._owns: Callable[[str], bool] | None = None
+        if config.cluster is not None:
+            self._owns = Partitioning(config.cluster, config.mqtt.topic_in).owns_device
+        # Devices whose alert state was adopted (``reconcile``) before they had a window here,
+        # by the monotonic time at which they count as idle if no reading came meanwhile.
+        self._adopted: dict[str, float] = {}
+        # The warm-up's horizon (``warm``): device -> newest replayed reading's timestamp, until
+        # ``_horizon_until`` (monotonic). Empty, as it is but shortly after a warm-up, it costs
+        # ``ingest`` one test.
+        self._horizon: dict[str, float] = {}
+        self._horizon_until = 0.0
         self._cadence_log = RateLimitedLog(log, config.logging.rejection_log_interval_s)
         # A model that fails on every batch must not flood the journal either: its first
         # failure is logged with the traceback, then at most one line per interval says how
@@ -164,6 +183,7 @@ class Pipeline:
             cfg.stream.max_readings_per_message,
             cfg.stream.device_id_pattern,
             cfg.stream.max_future_skew_s,
+            cluster=cfg.cluster,
         )
         data = c.training_data
         self.buffers = DeviceBuffers(
@@ -218,6 +238,8 @@ class Pipeline:
             log.exception("decoder failed on %d messages (dropped)", len(messages))
             return
         self._count_rejections(batch.rejections)
+        if self._horizon:
+            batch = self._skip_replayed(batch)
         if len(batch.devices):
             self.ingest_readings(batch)
 
@@ -317,6 +339,87 @@ class Pipeline:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+
+    # ------------------------------------------------------------------ warm-up
+
+    def warm(self, messages: list[RawMessage], horizon_s: float, now_mono: float | None = None) -> WarmCounts:
+        """Write readings replayed from JetStream (``anomalyd.warmup``) into the windows,
+        never scoring them: the instance that owned their devices when they arrived scored
+        them, and no reading is scored twice. Windows that become ready are dropped
+        (no batch, no score, no detector update).
+
+        Decoded as live messages are, with the same rejections (logged the same way, but
+        counted in the returned ``rejected``, not as live rejections: the previous owner
+        counted them when they arrived). A reading the window already holds (a snapshot,
+        or live readings, had it: the buffers call it a duplicate or out of order) is
+        ``already_held``. Afterwards, for ``horizon_s`` seconds at most, a live reading of a
+        replayed device stamped at or before its newest replayed one is dropped and counted
+        (``anomalyd_warmup_overlap_readings_total``): it was queued while the replay ran and
+        is already in the window. A device leaves that horizon at its first newer live
+        reading, so the check ends as soon as every replayed device has moved on.
+        """
+        now = time.monotonic() if now_mono is None else now_mono
+        try:
+            batch = self.decoder.decode(messages)
+        except Exception:
+            self.metrics.pipeline_errors.labels(stage="decode").inc()
+            log.exception("decoder failed on %d replayed messages (dropped)", len(messages))
+            return WarmCounts(rejected=len(messages))
+        rejected = list(batch.rejections)
+        counts = WarmCounts(devices=len(set(batch.devices)))
+        if len(batch.devices):
+            result = self.buffers.ingest(batch)
+            counts.filled = result.accepted
+            for r in result.rejections:
+                if r.reason in (Reason.DUPLICATE, Reason.OUT_OF_ORDER):
+                    counts.already_held += 1
+                else:
+                    rejected.append(r)
+            # The windows that became ready (result.ready) are dropped: never scored.
+            if result.evicted:
+                self._forget(result.evicted, "evicted")
+                self.metrics.devices_evicted.labels(cause="capacity").inc(len(result.evicted))
+            if result.cadence_changes:
+                self._cadence_changed(result)
+            if result.resets:
+                self.metrics.buffer_resets.inc(result.resets)
+            horizon = self._horizon
+            for device, ts in zip(batch.devices, batch.ts.tolist(), strict=True):
+                if ts > horizon.get(device, -math.inf):
+                    horizon[device] = ts
+            self._horizon_until = now + horizon_s
+        counts.rejected = len(rejected)
+        self._count_rejections(rejected, count=False)
+        return counts
+
+    def _skip_replayed(self, batch: DecodedBatch) -> DecodedBatch:
+        """``batch`` without the live readings the warm-up already put in a window."""
+        horizon = self._horizon
+        if time.monotonic() >= self._horizon_until:
+            horizon.clear()
+            return batch
+        keep = np.ones(len(batch.devices), np.bool_)
+        for i, (device, ts) in enumerate(zip(batch.devices, batch.ts.tolist(), strict=True)):
+            newest = horizon.get(device)
+            if newest is None:
+                continue
+            if ts <= newest:
+                keep[i] = False
+            else:
+                del horizon[device]  # past the replay: its later readings are all live
+        if keep.all():
+            return batch
+        self.metrics.warmup_overlap.inc(int(np.count_nonzero(~keep)))
+        index = np.flatnonzero(keep).tolist()
+        topics = batch.topics
+        return DecodedBatch(
+            [batch.devices[i] for i in index],
+            batch.ts[keep],
+            batch.values[keep],
+            batch.arrival_mono[keep],
+            batch.rejections,
+            [topics[i] for i in index] if len(topics) == len(batch.devices) else [],
+        )
 
     # ------------------------------------------------------------------ scoring
 
@@ -430,20 +533,25 @@ class Pipeline:
                 log.exception("publishing %d decisions failed", n)
         return n
 
-    def _count_rejections(self, rejections: list[Rejection]) -> None:
+    def _count_rejections(self, rejections: list[Rejection], *, count: bool = True) -> None:
+        """Count and log rejections; ``count=False`` for replayed readings (``warm``), which
+        are logged the same way but counted by the warm-up (the live count had them)."""
         if not rejections:
             return
-        counts = collections.Counter(r.reason for r in rejections)
-        for reason, n in counts.items():
-            self.metrics.rejected.labels(reason=str(reason)).inc(n)
+        if count:
+            counts = collections.Counter(r.reason for r in rejections)
+            for reason, n in counts.items():
+                self.metrics.rejected.labels(reason=str(reason)).inc(n)
         # One line per reason per interval (the first of each batch): hostile input
-        # cannot flood the journal, and every rejection is still counted above.
+        # cannot flood the journal, and every rejection is still counted.
         first = {r.reason: r for r in reversed(rejections)}
+        what = "rejected" if count else "rejected a replayed reading"
         for reason, r in first.items():
             self._reject_log.log(
                 logging.WARNING,
                 str(reason),
-                "rejected (%s) on %r: %s",
+                "%s (%s) on %r: %s",
+                what,
                 reason,
                 r.topic[:200],
                 r.detail,
@@ -522,29 +630,144 @@ class Pipeline:
         self._reassert = self.detector.devices()
         self._reassert.reverse()  # popped from the end: oldest-known devices first
 
-    def reconcile(self, retained: list[tuple[str, str]]) -> None:
-        """The broker retains these (device, state) alert messages: every device this daemon
-        holds no state for, and which the broker shows as other than ``unknown``, becomes
-        ``unknown`` (until its first full window decides)."""
+    def reconcile(self, retained: list[RetainedState]) -> None:
+        """The broker retains these alert messages (``anomalyd.alerts.RetainedStates``): make
+        what it shows agree with what this daemon knows.
+
+        A single daemon (no ``[cluster]``): every device it holds no state for, and which the
+        broker shows as other than ``unknown``, becomes ``unknown`` (``no_state``, or
+        ``warming_up`` if it has readings here) until its first full window decides; a device
+        it holds a state for keeps it (every state is re-asserted on connect).
+
+        An instance of a partitioned fleet answers only for the devices it owns: the others'
+        states are their owners' and are left alone. For its own:
+
+        * no state here, and the broker shows ``anomalous``, ``shelved`` or
+          ``out_of_service`` (the previous owner's alert or an operator's decision): the
+          state is adopted (``Detector.adopt``) and nothing is published, since the broker
+          already shows it with its identity (device and ``since``): the alert is neither
+          dropped nor raised again. Any other state (``normal``, ``cadence_mismatch``, a
+          message it cannot read) becomes ``unknown`` as for a single daemon: this instance
+          has no verdict yet, and a ``normal`` it did not decide would claim one;
+        * a state here that the broker's message has overtaken (``Detector.claim_is_newer``:
+          a snapshot from before another instance owned the device) is dropped, and the
+          device is handled as one without a state: a newer word from the device's owner
+          wins over older memory here, while a state here at least as new as the message
+          (or the message being what this daemon published) wins over it;
+        * an alert raised here only because the device's readings were scored before its
+          retained state arrived keeps the identity of the alert the broker shows
+          (``Detector.continue_alert``), and the corrected state is published.
+        """
+        det = self.detector
+        owns = self._owns
         now = time.time()
-        records = [
-            AlertRecord(
-                device,
-                UNKNOWN,
-                UNKNOWN,
-                now,
-                now,
-                reason="warming_up" if self.buffers.readings(device) > 0 else "no_state",
+        unknown: list[AlertRecord] = []
+        corrected: list[AlertRecord] = []
+        adopted = overtaken = 0
+        for told in retained:
+            device = told.device
+            if owns is None:  # a single daemon: the state here, if any, stands
+                claim = told
+                if det.knows(device):
+                    continue
+            else:
+                if not owns(device):
+                    continue  # another instance's device
+                claim = self._as_for_this_model(told)
+                if det.knows(device):
+                    record = det.continue_alert(claim, self._peak_contributions(claim))
+                    if record is not None:
+                        corrected.append(record)
+                        continue
+                    if not det.claim_is_newer(claim):
+                        continue
+                    det.discard(device)
+                    overtaken += 1
+                if det.adopt(claim, self._peak_contributions(claim)):
+                    adopted += 1
+                    if self.buffers.readings(device) == 0:
+                        self._adopted[device] = time.monotonic()
+                    continue
+            if claim.state != UNKNOWN:
+                reason = "warming_up" if self.buffers.readings(device) > 0 else "no_state"
+                unknown.append(AlertRecord(device, UNKNOWN, UNKNOWN, now, now, reason=reason))
+        if overtaken:
+            log.info(
+                "%d devices' states here were older than what their owner published since: replaced",
+                overtaken,
             )
-            for device, state in retained
-            if state != UNKNOWN and not self.detector.knows(device)
-        ]
-        if records:
+        if adopted:
+            log.info("adopted the retained alert states of %d devices that moved here", adopted)
+        if corrected:
+            log.info(
+                "%d alerts raised here were already raised by the devices' previous owner: kept their since",
+                len(corrected),
+            )
+        if unknown:
             log.info(
                 "%d alert states retained by the broker belong to devices without a state here: now unknown",
-                len(records),
+                len(unknown),
             )
-        self._publish_states(records)
+        self._publish_states(corrected + unknown)
+
+    def _as_for_this_model(self, claim: RetainedState) -> RetainedState:
+        """``claim`` without its peak if another model version published it: a peak is a
+        score, and another model's scores are on another scale."""
+        version = claim.model_version
+        if version is None or version == self.model.contract.model_version:
+            return claim
+        return dataclasses.replace(claim, peak_score=math.nan, peak_ts=math.nan, contributions=None)
+
+    def _peak_contributions(self, claim: RetainedState) -> npt.NDArray[np.float32] | None:
+        """The claim's contributions at the peak in the model's feature order (None unless
+        they name exactly the model's features)."""
+        given = claim.contributions
+        names = self.model.contract.feature_names
+        if given is None or set(given) != set(names) or len(given) != len(names):
+            return None
+        return np.asarray([given[name] for name in names], np.float32)
+
+    def _expire_adopted(self, now_mono: float) -> None:
+        """Adopted devices that sent no reading here for ``stream.idle_evict_s`` are idle, as
+        a device with a window would be (the buffers evict those, and this detector state
+        without a window would otherwise never go): each becomes ``unknown``/``idle``."""
+        adopted = self._adopted
+        if not adopted:
+            return
+        idle_s = self.config.stream.idle_evict_s
+        idle: list[str] = []
+        for device, since_mono in list(adopted.items()):
+            if self.buffers.readings(device) > 0 or not self.detector.knows(device):
+                del adopted[device]  # it has a window now (the buffers' rule applies), or is gone
+            elif now_mono - since_mono >= idle_s:
+                del adopted[device]
+                idle.append(device)
+        if idle:
+            self._forget(idle, "idle")
+            self.metrics.devices_evicted.labels(cause="idle").inc(len(idle))
+            log.info("forgot %d adopted devices that sent nothing here for %.0f s", len(idle), idle_s)
+
+    def _owned_part(self, snap: Snapshot) -> Snapshot:
+        """``snap`` without the devices this instance does not own (a snapshot taken before a
+        rebalance): their states are now another instance's, and restoring them here would
+        re-assert a stale state over the owner's and later announce them idle."""
+        owns = self._owns
+        devices = snap.buffers.get("devices") if isinstance(snap.buffers, dict) else None
+        if owns is None or not isinstance(devices, np.ndarray) or devices.ndim != 1:
+            return snap  # nothing to leave out, or malformed: the import says what is wrong
+        n = devices.shape[0]
+        keep = np.fromiter((owns(str(d)) for d in devices.tolist()), np.bool_, n)
+        if keep.all():
+            return snap
+        log.info(
+            "left %d devices of the snapshot to the instances that own their partitions now",
+            n - int(np.count_nonzero(keep)),
+        )
+        buffers = {
+            k: v[keep] if isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == n else v
+            for k, v in snap.buffers.items()
+        }
+        return dataclasses.replace(snap, buffers=buffers)
 
     def _reassert_some(self) -> None:
         pending = self._reassert
@@ -579,6 +802,7 @@ class Pipeline:
         is malformed (nothing is kept then). Returns the devices restored."""
         now = time.monotonic() if now_mono is None else now_mono
         c = self.model.contract
+        snap = self._owned_part(snap)  # [cluster]: only the devices this instance owns now
         try:
             n = self.buffers.import_state(snap.buffers, now)
             # Only the devices whose windows came back (a smaller stream.max_devices keeps the
@@ -636,6 +860,7 @@ class Pipeline:
             if self.sink is not None:
                 self.sink.forget(list(self.buffers.devices()))
             self._build_stages(new)
+            self._horizon.clear()  # the replayed readings went with the old windows
 
     # ------------------------------------------------------------------ housekeeping
 
@@ -654,6 +879,7 @@ class Pipeline:
             self._forget(evicted, "idle")
             self.metrics.devices_evicted.labels(cause="idle").inc(len(evicted))
             log.info("forgot %d idle devices", len(evicted))
+        self._expire_adopted(now_mono)  # adopted alert states of devices that never came
         now = time.time()
         sweep = self.detector.sweep(now)
         self._publish_states(sweep.expired)

@@ -360,6 +360,23 @@ def _broker_summary(cfg: Config) -> str:
     return f"broker {scheme}://{host}:{m.port} (MQTT {m.protocol}{who}), not contacted"
 
 
+def _cluster_summary(cfg: Config) -> str | None:
+    """What share of a partitioned fleet this instance scores (None: a lone daemon)."""
+    if cfg.cluster is None:
+        return None
+    from anomalyd.partitions import Partitioning
+    from anomalyd.publisher import instance_status_topic
+
+    part = Partitioning(cfg.cluster, cfg.mqtt.topic_in)
+    owned = sorted(part.owned)
+    shown = ", ".join(str(p) for p in owned[:32]) + (", ..." if len(owned) > 32 else "")
+    status = instance_status_topic(cfg.output.status_topic, part.name)
+    return (
+        f"cluster instance {part.name!r}: {len(owned)} of {part.partitions} partitions ({shown}), "
+        f"subscribed as {part.topic_filters()[0]}{' ...' if len(owned) > 1 else ''}; status on {status}"
+    )
+
+
 def _check_secrets_as_service(cfg: Config, unit: ServiceUnit, check: StartCheck) -> str | None:
     """Read the secrets with ``$CREDENTIALS_DIRECTORY`` as the unit would fill it."""
     with ServiceCredentials(unit) as credentials:
@@ -399,6 +416,9 @@ def check_start(cfg: Config, unit: ServiceUnit | None = None) -> StartCheck:
     left empty when there are problems."""
     check = StartCheck()
     check.summary.append(_broker_summary(cfg))
+    cluster = _cluster_summary(cfg)
+    if cluster is not None:
+        check.summary.append(cluster)
     if unit is not None:
         passphrase = _check_secrets_as_service(cfg, unit, check)
         _check_service_files(cfg, unit, check)

@@ -36,6 +36,9 @@ Topics and payloads (defaults; ``[output]`` in the configuration):
   ``offline`` (the last will, sent by the broker if we vanish), ``stopped`` on a clean
   exit. Republished when the word changes (the service makes ``online`` a health listener
   of the link). A refused status message itself shows only in metrics and logs.
+  One instance of a partitioned fleet (``[cluster]``) says it on ``anomaly/status/<name>``
+  (``instance_status_topic``): instances never overwrite each other's word, nor their
+  last wills; Home Assistant's availability of a device follows its own instance.
 """
 
 from __future__ import annotations
@@ -60,7 +63,17 @@ from anomalyd.mqtt import MqttLink, Will
 if TYPE_CHECKING:
     from anomalyd.homeassistant import HomeAssistantDiscovery
 
-__all__ = ["DEGRADED", "OFFLINE", "ONLINE", "OVERLOADED", "STOPPED", "Publisher", "last_will"]
+__all__ = [
+    "DEGRADED",
+    "OFFLINE",
+    "ONLINE",
+    "OVERLOADED",
+    "STOPPED",
+    "Publisher",
+    "instance_status_topic",
+    "last_will",
+    "status_output",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +88,25 @@ def _dumps(doc: dict[str, Any]) -> bytes:
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def last_will(output: OutputConfig) -> Will:
-    """The retained ``offline`` status the broker publishes if our connection dies."""
-    return Will(topic=output.status_topic, payload=OFFLINE, qos=output.status_qos, retain=True)
+def instance_status_topic(status_topic: str, instance: str | None) -> str:
+    """Where this daemon says its status: ``status_topic``, or with the name of its
+    ``[cluster]`` instance as one more level (``anomaly/status/0``)."""
+    return status_topic if instance is None else f"{status_topic}/{instance}"
+
+
+def status_output(output: OutputConfig, instance: str | None) -> OutputConfig:
+    """``output`` with this daemon's own status topic (``instance_status_topic``): what Home
+    Assistant discovery names as every device's availability topic."""
+    if instance is None:
+        return output
+    return output.model_copy(update={"status_topic": instance_status_topic(output.status_topic, instance)})
+
+
+def last_will(output: OutputConfig, instance: str | None = None) -> Will:
+    """The retained ``offline`` status the broker publishes if our connection dies, on the
+    status topic of this daemon (``instance``: its ``[cluster]`` instance name)."""
+    topic = instance_status_topic(output.status_topic, instance)
+    return Will(topic=topic, payload=OFFLINE, qos=output.status_qos, retain=True)
 
 
 @dataclass(slots=True)
@@ -95,7 +124,8 @@ class Publisher:
     """Formats decisions as JSON and publishes them through an ``MqttLink``.
 
     Called from the pipeline thread only (``online`` also from the network thread, which
-    only touches the link).
+    only touches the link). ``instance``: the ``[cluster]`` instance name, whose status
+    topic this publisher uses (``instance_status_topic``; None: a lone daemon).
     """
 
     def __init__(
@@ -107,9 +137,12 @@ class Publisher:
         feature_names: list[str],
         model_version: str,
         log_interval_s: float = 10.0,
+        instance: str | None = None,
     ) -> None:
         self._link = link
         self._out = output
+        self._instance = instance
+        self._status_topic = instance_status_topic(output.status_topic, instance)
         self._metrics = metrics
         self._features = list(feature_names)
         self._model_version = model_version
@@ -139,7 +172,7 @@ class Publisher:
         self._score_parts = output.score_topic.split("{device}")
         self._alert_parts = output.alert_topic.split("{device}")
         if self.discovery is not None:
-            self.discovery.set_output(output)
+            self.discovery.set_output(status_output(output, self._instance))
 
     def forget(self, devices: list[str]) -> None:
         """Drop the rate-limiting state of devices the pipeline no longer tracks."""
@@ -159,7 +192,7 @@ class Publisher:
         # again after publishing, so the last one the broker retains is the current one.
         for _ in range(3):
             word = self._status()
-            self._send("status", self._out.status_topic, word, self._out.status_qos, retain=True)
+            self._send("status", self._status_topic, word, self._out.status_qos, retain=True)
             if self._status() == word:
                 return
 
@@ -182,7 +215,7 @@ class Publisher:
         """Publish the retained ``stopped`` status and wait up to ``timeout`` for the broker
         to acknowledge it. False if it did not, or refused it."""
         ok = self._link.publish_and_wait(
-            self._out.status_topic,
+            self._status_topic,
             STOPPED,
             qos=self._out.status_qos,
             retain=True,

@@ -21,7 +21,9 @@ matched against every entry's ``devices`` globs (``fnmatch.fnmatchcase``: case-s
 
 A topic that is not the telemetry template, or a device id the configured pattern refuses,
 goes to the first model's pipeline, whose decoder rejects it with the usual reason
-(``bad_topic``, ``bad_device_id``). Each device's verdict is cached (bounded: the cache
+(``bad_topic``, ``bad_device_id``). In a partitioned fleet (``[cluster]``) the topic's last
+level, the partition, is set aside to find the device; its model's decoder then checks it
+(``foreign_partition``, ``partition_mismatch``). Each device's verdict is cached (bounded: the cache
 starts over when full, as the decoder's topic cache does).
 
 What is per model and what is shared: decisions and alert states go out through one
@@ -49,7 +51,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import numpy.typing as npt
 
-from anomalyd.alerts import AlertRecord
+from anomalyd.alerts import AlertRecord, RetainedState
 from anomalyd.commands import Command
 from anomalyd.config import Config, ModelEntry, model_entries
 from anomalyd.decode import RawMessage
@@ -58,6 +60,7 @@ from anomalyd.logsetup import RateLimitedLog
 from anomalyd.metrics import Metrics
 from anomalyd.model import LoadedModel
 from anomalyd.pipeline import DecisionSink, Pipeline
+from anomalyd.warmup import WarmCounts
 
 __all__ = ["AMBIGUOUS_MODEL", "NO_MODEL", "ROUTING_REASONS", "ModelRouter", "match_models"]
 
@@ -142,6 +145,9 @@ class ModelRouter:
         self._status_sink = status_sink
         prefix, suffix = config.mqtt.topic_in.split("{device}")
         self._prefix, self._suffix = prefix, suffix
+        # In a partitioned fleet the broker appends the partition as a last level; the
+        # decoder of the device's model judges it (foreign_partition, bad_topic, ...).
+        self._partition_level = config.cluster is not None
         self._id_pattern = re.compile(config.stream.device_id_pattern)
         self._routes: dict[str, str] = {}  # device id -> model name, or a routing reason
         self._reject_log = RateLimitedLog(log, config.logging.rejection_log_interval_s)
@@ -163,6 +169,10 @@ class ModelRouter:
 
     def _device_of(self, topic: str) -> str | None:
         """The device id in a telemetry topic; None where the decoder must judge the topic."""
+        if self._partition_level:
+            topic, slash, _partition = topic.rpartition("/")
+            if not slash:
+                return None
         p, s = self._prefix, self._suffix
         if len(topic) <= len(p) + len(s) or not topic.startswith(p) or not topic.endswith(s):
             return None
@@ -189,6 +199,27 @@ class ModelRouter:
             self.pipelines[name].ingest(batch)
         for reason, rejected in refused.items():
             self._count_refused(reason, rejected)
+
+    # ---- warm-up (anomalyd.warmup): replayed readings, routed as live ones are
+    def warm(self, messages: list[RawMessage], horizon_s: float) -> WarmCounts:
+        """Hand each replayed message to its device's model's ``Pipeline.warm``; one no
+        model (or several) takes is counted as rejected (its live copy was counted and
+        logged when it arrived)."""
+        by_model: dict[str, list[RawMessage]] = collections.defaultdict(list)
+        counts = WarmCounts()
+        primary = self.entries[0].name
+        for msg in messages:
+            device = self._device_of(msg.topic)
+            name = primary if device is None else self.route(device)
+            if name in ROUTING_REASONS:
+                counts.rejected += 1
+            else:
+                by_model[name].append(msg)
+        for name, batch in by_model.items():
+            counts += self.pipelines[name].warm(batch, horizon_s)
+        return counts
+
+    # ---- end of warm-up
 
     def _count_refused(self, reason: str, rejected: list[tuple[RawMessage, str]]) -> None:
         m = self.metrics
@@ -282,14 +313,14 @@ class ModelRouter:
         for p in self.pipelines.values():
             p.request_reassert()
 
-    def reconcile(self, retained: list[tuple[str, str]]) -> None:
+    def reconcile(self, retained: list[RetainedState]) -> None:
         """Each retained alert state goes to its device's model; a device no model (or
         several) takes goes to the first one, which holds no state for it either."""
         primary = self.entries[0].name
-        by_model: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
-        for device, state in retained:
-            name = self.route(device)
-            by_model[primary if name in ROUTING_REASONS else name].append((device, state))
+        by_model: dict[str, list[RetainedState]] = collections.defaultdict(list)
+        for claim in retained:
+            name = self.route(claim.device)
+            by_model[primary if name in ROUTING_REASONS else name].append(claim)
         for name, items in by_model.items():
             self.pipelines[name].reconcile(items)
 

@@ -8,7 +8,9 @@ readiness; it does not kill the start) → ``READY=1``.
 
 On every (re)connect the pipeline re-asserts every device's retained alert state, and
 reconciles the alert states the broker retains with its own (``Pipeline.reconcile``); it
-also takes operator commands (``anomalyd.commands``) from the command topic.
+also takes operator commands (``anomalyd.commands``) from the command topic. With
+``[cluster.jetstream]``, every connect first refills the windows from JetStream
+(``anomalyd.warmup``): the pipeline thread takes no live reading until that replay is in.
 
 Several models (``[[models]]``): the pipeline thread runs an ``anomalyd.routing.ModelRouter``
 in place of the one ``Pipeline``: one pipeline per model, each message routed by its
@@ -37,7 +39,8 @@ in place, is logged at ERROR with the key path or model at fault, and is counted
 Stop (SIGTERM/SIGINT; a second one forces): ``STOPPING=1`` → unsubscribe (intake stops)
 → the pipeline scores everything queued and pending and publishes it, within
 ``shutdown.drain_timeout_s`` → a snapshot (or, without a state directory, every device's
-alert state becomes ``unknown``/``stopped``: nothing will resume it) → ``stopped``
+alert state becomes ``unknown``/``stopped``: nothing will resume it; with ``[cluster]`` the
+states are left for the devices' next owner to adopt) → ``stopped``
 (retained) → disconnect → exit 0. Whatever is still queued or pending when the drain ends
 early (the deadline, or a second signal: exit 130) is dropped, counted and logged. A
 pipeline thread that does not end even then is stuck (ONNX Runtime cannot be interrupted):
@@ -71,15 +74,16 @@ from prometheus_client import CollectorRegistry
 from anomalyd.alerts import RetainedStates
 from anomalyd.commands import CommandInbox
 from anomalyd.config import Config, ModelSection, model_entries
-from anomalyd.decode import Reason
+from anomalyd.decode import RawMessage, Reason
 from anomalyd.errors import AnomalydError, ConfigError
 from anomalyd.homeassistant import HomeAssistantDiscovery, attach_discovery
 from anomalyd.intake import IntakeQueue
 from anomalyd.metrics import Metrics, MetricsServer
 from anomalyd.model import LoadedModel, SessionOptions, load_model
-from anomalyd.mqtt import MqttLink, subscription_filter
+from anomalyd.mqtt import MqttLink, client_id_for, subscription_filter
+from anomalyd.partitions import Partitioning
 from anomalyd.pipeline import Pipeline
-from anomalyd.publisher import Publisher, last_will
+from anomalyd.publisher import Publisher, last_will, status_output
 from anomalyd.reload import file_digest
 from anomalyd.routing import ModelRouter
 from anomalyd.sdnotify import Notifier, watchdog_interval
@@ -89,6 +93,7 @@ from anomalyd.service_reload import ReloadMixin, _Handover
 from anomalyd.service_state import Stages, log
 from anomalyd.service_stop import StopMixin
 from anomalyd.snapshot import SnapshotKeeper
+from anomalyd.warmup import JetStreamSource, WarmUp, announce_no_jetstream
 
 #: Exit codes besides the errors' own (anomalyd.errors): a forced stop (second signal) and
 #: an internal failure (EX_SOFTWARE; systemd restarts it): the pipeline thread died, or a
@@ -179,6 +184,10 @@ class Service(ReloadMixin, HealthMixin, PipelineThreadMixin, StopMixin):
         )
         self.retained_states = RetainedStates(config.output.alert_topic, self._queue.wake)
         self._reconnected = threading.Event()
+        # The warm-up from JetStream on every (re)connect ([cluster.jetstream]), built in
+        # start(); live messages the pipeline thread took just as one was asked for.
+        self._warmup: WarmUp | None = None
+        self._held_live: list[RawMessage] = []
         self.snapshots = SnapshotKeeper(config.state.resolved_directory(), config.state, self.metrics)
         #: The stages of the served model(s); built in start(), run by the pipeline thread.
         self.pipeline: Stages | None = None
@@ -316,14 +325,20 @@ class Service(ReloadMixin, HealthMixin, PipelineThreadMixin, StopMixin):
                     f"cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port}: {exc.strerror or exc}",
                     "metrics.port",
                 ) from None
+        # One instance of a partitioned fleet subscribes to its partitions only, and says its
+        # status under its own name (instances must not overwrite each other's).
+        partitioning = self._announce_cluster(cfg)
+        instance = partitioning.name if partitioning is not None else None
         link = MqttLink(
             cfg.mqtt,
             queue=self._queue,
-            will=last_will(cfg.output),
+            will=last_will(cfg.output, instance),
             password=password,
             key_passphrase=passphrase,
             metrics=self.metrics,
+            client_id=client_id_for(cfg.mqtt, instance),
             log_interval_s=max(cfg.logging.rejection_log_interval_s, 1.0),
+            topics=partitioning.topic_filters() if partitioning is not None else None,
         )
         self._publisher = Publisher(
             link,
@@ -332,6 +347,7 @@ class Service(ReloadMixin, HealthMixin, PipelineThreadMixin, StopMixin):
             feature_names=model.contract.feature_names,
             model_version=model.contract.model_version,
             log_interval_s=cfg.logging.rejection_log_interval_s,
+            instance=instance,
         )
         link.add_connect_listener(self._publisher.online)
         link.add_health_listener(self._publisher.online)  # the status word follows refusals
@@ -346,7 +362,7 @@ class Service(ReloadMixin, HealthMixin, PipelineThreadMixin, StopMixin):
         link.add_connect_listener(self._on_connected)
         self._discovery = attach_discovery(
             cfg.homeassistant,
-            cfg.output,
+            status_output(cfg.output, instance),  # availability: this instance's status
             model.contract.model_version,
             link,
             self._publisher,
@@ -373,6 +389,9 @@ class Service(ReloadMixin, HealthMixin, PipelineThreadMixin, StopMixin):
             self.pipeline = Pipeline(cfg, model, self.metrics, self._publisher, wake=self._queue.wake)
             self._announce_models()
             self.snapshots.restore(self.pipeline)
+        # After the snapshot, before the first connect: each connect's warm-up replays what
+        # is newer than the windows hold before the pipeline thread takes a live reading.
+        self._warmup = self._build_warmup(cfg, link)
         self._pipeline = threading.Thread(
             target=self._run_pipeline_loop, name="anomalyd-pipeline", daemon=True
         )
@@ -404,6 +423,60 @@ class Service(ReloadMixin, HealthMixin, PipelineThreadMixin, StopMixin):
         log.info("ready: scoring %s", self._status_line())
         return True
 
+    def _announce_cluster(self, cfg: Config) -> Partitioning | None:
+        """With ``[cluster]``: this instance's partitions, logged and in the metrics (None:
+        a lone daemon, which scores every device)."""
+        if cfg.cluster is None:
+            return None
+        partitioning = Partitioning(cfg.cluster, cfg.mqtt.topic_in)
+        owned = sorted(partitioning.owned)
+        m = self.metrics
+        m.cluster_instance.info({"name": partitioning.name})
+        m.cluster_partitions.set(partitioning.partitions)
+        m.cluster_partitions_owned.set(len(owned))
+        # Readings of other instances' devices are rejected (foreign_partition), so every
+        # device with a window here is one of this instance's: the same count as
+        # anomalyd_devices_tracked, read from it when scraped.
+        tracked = m.devices_tracked
+
+        def devices_owned() -> float:
+            return next(iter(tracked.collect())).samples[0].value
+
+        m.cluster_devices_owned.set_function(devices_owned)
+        shown = ", ".join(str(p) for p in owned[:32]) + (", ..." if len(owned) > 32 else "")
+        filters = partitioning.topic_filters()
+        log.info(
+            "cluster instance %s owns %d of %d partitions (%s): subscribing to %s%s",
+            partitioning.name,
+            len(owned),
+            partitioning.partitions,
+            shown,
+            filters[0],
+            f" ... {filters[-1]}" if len(filters) > 1 else "",
+        )
+        return partitioning
+
+    def _build_warmup(self, cfg: Config, link: MqttLink) -> WarmUp | None:
+        """With ``[cluster.jetstream]``: a warm-up on every (re)connect, asked for by a
+        connect listener (``anomalyd.warmup``). A ``[cluster]`` without it says once that
+        windows fill from live readings. None for both, and for a lone daemon."""
+        cluster = cfg.cluster
+        if cluster is None:
+            return None
+        if cluster.jetstream is None:
+            announce_no_jetstream(self.metrics)
+            return None
+        models = list(self.models.values()) if self.models else [self.model]
+        window = max(m.contract.window_length for m in models if m is not None)
+        warmup = WarmUp(
+            JetStreamSource(cluster, cfg.mqtt.topic_in, window),
+            self.metrics,
+            wait_subscribed=link.wait_connected,
+            wake=self._queue.wake,
+        )
+        link.add_connect_listener(warmup.request)
+        return warmup
+
     def _build_router(self, cfg: Config, link: MqttLink, primary: Publisher) -> ModelRouter:
         """Several models: a publisher per model (the first model's is the daemon's own,
         which also says the status), all on the one link, and the router over them."""
@@ -418,6 +491,8 @@ class Service(ReloadMixin, HealthMixin, PipelineThreadMixin, StopMixin):
                     feature_names=model.contract.feature_names,
                     model_version=model.contract.model_version,
                     log_interval_s=cfg.logging.rejection_log_interval_s,
+                    # It shares the discovery, which must keep this instance's status topic.
+                    instance=cfg.cluster.instance_name() if cfg.cluster is not None else None,
                 )
                 publisher.discovery = primary.discovery  # every model's devices are announced
             self._model_publishers[name] = publisher

@@ -106,14 +106,22 @@ class StopMixin(ServiceState):
             log.warning("dropped %d queued messages that the stop did not score", queued)
 
     def _final_state(self) -> None:
-        """After the drain: snapshot, or say every alert state is unknown from now on."""
+        """After the drain: snapshot, or say every alert state is unknown from now on.
+
+        An instance of a partitioned fleet (``[cluster]``) says nothing instead: its devices'
+        next owner (this instance restarted, or another after a rebalance) adopts the states
+        the broker retains (``Pipeline.reconcile``), so an alert neither disappears in the
+        hand-over nor is raised again; ``unknown``/``stopped`` would end it."""
         pipeline = self.pipeline
         if pipeline is None or self._pipeline_failed:
             return
+        hand_over = self.config.cluster is not None
         if isinstance(pipeline, ModelRouter):
             # Each model's own snapshot: a model whose write failed forgets its states alone.
             for name, member in pipeline.pipelines.items():
-                if not self.snapshots.save_final(member, name):
+                if not self.snapshots.save_final(member, name) and not hand_over:
                     member.forget_all("stopped")  # nothing will resume these states
-        elif not self.snapshots.save_final(pipeline):
+        elif not self.snapshots.save_final(pipeline) and not hand_over:
             pipeline.forget_all("stopped")  # nothing will resume these states
+        if hand_over:
+            log.info("alert states left as the broker retains them, for the devices' next owner")

@@ -4,10 +4,13 @@ configuration the way the service will run it.
 
 ``read_unit`` reads the ``[Service]`` section of a unit file and of its drop-ins
 (``anomalyd.service.d/*.conf``, what ``systemctl edit`` writes), with systemd's rules for
-list settings (an empty assignment clears the list). ``ServiceCredentials`` stands in for
-what systemd does with ``LoadCredential=`` and ``SetCredential=`` before it starts the
-service: a directory that holds each credential under its name, for
-``$CREDENTIALS_DIRECTORY``. It links to the source files instead of copying them (so no
+list settings (an empty assignment clears the list). The template ``anomalyd@.service``
+(one instance of a partitioned fleet) is read as one instance of it: ``%i`` replaced by the
+instance, and the instance's own drop-ins (``anomalyd@0.service.d``) after the template's.
+
+``ServiceCredentials`` stands in for what systemd does with ``LoadCredential=`` and
+``SetCredential=`` before it starts the service: a directory that holds each credential
+under its name, for ``$CREDENTIALS_DIRECTORY``. It links to the source files instead of copying them (so no
 secret is duplicated on disk) and reports a source systemd could not load: systemd
 refuses to start a unit whose credential is missing.
 
@@ -42,20 +45,24 @@ _UNIT_DIRS = (
     Path("/lib/systemd/system"),
 )
 _UNIT_NAME = "anomalyd.service"
-_SHIPPED_UNIT = Path(__file__).resolve().parents[2] / "systemd" / _UNIT_NAME
+_TEMPLATE_NAME = "anomalyd@.service"
+_SHIPPED_UNITS = Path(__file__).resolve().parents[2] / "systemd"
 
 #: Settings whose values accumulate over lines (an empty assignment clears them).
 _LIST_SETTINGS = frozenset({"LoadCredential", "SetCredential", "StateDirectory", "ReadWritePaths"})
 _TRUE = frozenset({"1", "yes", "true", "on"})
 
 
-def default_unit_path() -> Path | None:
+def default_unit_path(*, template: bool = False) -> Path | None:
     """The installed ``anomalyd.service`` (``/etc/systemd/system`` first), else the unit in
-    the checkout anomalyd runs from; None when there is neither."""
+    the checkout anomalyd runs from; None when there is neither. ``template``: the same for
+    ``anomalyd@.service``."""
+    name = _TEMPLATE_NAME if template else _UNIT_NAME
     for directory in _UNIT_DIRS:
-        if (directory / _UNIT_NAME).is_file():
-            return directory / _UNIT_NAME
-    return _SHIPPED_UNIT if _SHIPPED_UNIT.is_file() else None
+        if (directory / name).is_file():
+            return directory / name
+    shipped = _SHIPPED_UNITS / name
+    return shipped if shipped.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -109,8 +116,25 @@ def _logical_lines(text: str) -> list[str]:
     return out
 
 
-def _service_settings(paths: list[Path]) -> dict[str, list[str]]:
-    """Every ``[Service]`` assignment of ``paths``, in order, with list semantics applied."""
+def _expand_instance(value: str, instance: str) -> str:
+    """``value`` with the instance specifiers (``%i``, ``%I``) replaced, and ``%%`` as ``%``.
+    An instance anomalyd takes is a number: escaped and unescaped forms are the same."""
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        if value[i] == "%" and i + 1 < len(value):
+            spec = value[i + 1]
+            out.append(instance if spec in "iI" else "%" if spec == "%" else value[i : i + 2])
+            i += 2
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
+def _service_settings(paths: list[Path], instance: str | None = None) -> dict[str, list[str]]:
+    """Every ``[Service]`` assignment of ``paths``, in order, with list semantics applied
+    (and the instance specifiers expanded, for a template's ``instance``)."""
     settings: dict[str, list[str]] = {}
     for path in paths:
         section = ""
@@ -122,6 +146,8 @@ def _service_settings(paths: list[Path]) -> dict[str, list[str]]:
             if section != "Service" or not eq:
                 continue
             key, value = key.strip(), value.strip()
+            if instance is not None:
+                value = _expand_instance(value, instance)
             if key in _LIST_SETTINGS:
                 if not value:
                     settings[key] = []  # systemd: an empty assignment resets the list
@@ -132,11 +158,15 @@ def _service_settings(paths: list[Path]) -> dict[str, list[str]]:
     return settings
 
 
-def read_unit(path: Path) -> ServiceUnit:
+def read_unit(path: Path, instance: str | None = None) -> ServiceUnit:
     """Read ``path`` and its drop-ins (``<path>.d/*.conf``, in name order). OSError if the
-    unit file cannot be read."""
+    unit file cannot be read. ``instance``: read a template (``name@.service``) as that
+    instance of it, whose own drop-ins (``name@<instance>.service.d``) come last."""
     dropins = sorted(path.with_name(path.name + ".d").glob("*.conf"))
-    settings = _service_settings([path, *dropins])
+    if instance is not None and path.name.endswith("@.service"):
+        own = path.name.removesuffix("@.service") + f"@{instance}.service.d"
+        dropins += sorted(path.with_name(own).glob("*.conf"))
+    settings = _service_settings([path, *dropins], instance)
 
     def last(key: str, default: str) -> str:
         values = settings.get(key)

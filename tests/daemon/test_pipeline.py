@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from anomalyd import logsetup
-from anomalyd.alerts import AlertRecord
+from anomalyd.alerts import AlertRecord, RetainedState
 from anomalyd.commands import Command
 from anomalyd.config import load_config
 from anomalyd.decode import RawMessage
@@ -334,7 +334,8 @@ def test_reassert_and_reconcile(model: LoadedModel, registry: CollectorRegistry)
     pipeline.housekeeping(time.monotonic())
     assert [(r.device, r.state) for r in sink.states] == [("a", "normal")]
     sink.states.clear()
-    pipeline.reconcile([("a", "anomalous"), ("gone", "anomalous"), ("warming", "normal"), ("old", "unknown")])
+    claims = [("a", "anomalous"), ("gone", "anomalous"), ("warming", "normal"), ("old", "unknown")]
+    pipeline.reconcile([RetainedState(device, state) for device, state in claims])
     assert [(r.device, r.state, r.reason) for r in sink.states] == [
         ("gone", "unknown", "no_state"),
         ("warming", "unknown", "warming_up"),

@@ -66,6 +66,8 @@ KNOWN_REASONS = frozenset(
         "oversized",
         "bad_device_id",
         "bad_topic",
+        "foreign_partition",
+        "partition_mismatch",
         "out_of_order",
         "duplicate",
         "device_limit",
