@@ -28,47 +28,51 @@ Besides the flow, the pipeline owns:
   were scored (a backlog in the broker, where the daemon's own queues cannot see it) —,
   or its intake queue is at least half full, or telemetry was dropped because that
   queue was full.
+
+``Pipeline`` is put together from mixins, one module per part, as ``anomalyd.service`` is:
+
+* ``anomalyd.pipeline`` (here): the flow (``ingest``, ``ingest_readings``, ``flush``),
+  scoring and deciding, the cadence check's verdicts, snapshots, the model swap and
+  housekeeping;
+* ``anomalyd.pipeline_alerts``: publishing alert states, operator commands, re-asserting,
+  reconciling the retained states and the handover between a fleet's instances;
+* ``anomalyd.pipeline_warmup``: the warm-up's replay and the live-overlap horizon;
+* ``anomalyd.pipeline_state``: the state those parts share, declared once for the type
+  checker, and ``DecisionSink`` (re-exported here, where the rest of the daemon takes it).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from anomalyd.alerts import UNKNOWN, AlertRecord, OperatorAction, RetainedState
+from anomalyd.alerts import AlertRecord
 from anomalyd.batcher import Batch, Batcher
 from anomalyd.buffers import DeviceBuffers, IngestResult
 from anomalyd.cadence import period_band
-from anomalyd.commands import IN_SERVICE, OUT_OF_SERVICE, REBASELINE, SHELVE, UNSHELVE, Command
 from anomalyd.config import Config
-from anomalyd.decode import DecodedBatch, Decoder, RawMessage, Reason, Rejection
-from anomalyd.detector import Decision, Detector, Sweep
+from anomalyd.decode import DecodedBatch, Decoder, RawMessage, Rejection
+from anomalyd.detector import Detector, Sweep
 from anomalyd.logsetup import RateLimitedLog
 from anomalyd.metrics import Metrics
 from anomalyd.model import LoadedModel
 from anomalyd.partitions import Partitioning
+from anomalyd.pipeline_alerts import AlertStatesMixin
+from anomalyd.pipeline_state import DecisionSink, log
+from anomalyd.pipeline_warmup import WarmupReplayMixin
 from anomalyd.snapshot import Snapshot
-from anomalyd.warmup import WarmCounts
 
 __all__ = ["DecisionSink", "Pipeline"]
 
-log = logging.getLogger(__name__)
-
 #: The intake queue counts as congested from this fill fraction on.
 _QUEUE_CONGESTED = 0.5
-#: Alert states re-asserted per housekeeping round (about a second) after a reconnect: ten
-#: thousand devices are spread over a few seconds, so the client's bounded out-queue of
-#: acknowledged messages and the broker take them in stride.
-_REASSERT_PER_ROUND = 2000
 
 #: What an inference thread hands back: scores, contributions, seconds inside ONNX Runtime.
 _RunResult = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float]
@@ -80,28 +84,7 @@ def _timed_run(model: LoadedModel, windows: npt.NDArray[np.float32]) -> _RunResu
     return scores, contributions, time.perf_counter() - t0
 
 
-class DecisionSink(Protocol):
-    """Where a pipeline's decisions go (the MQTT publisher, or a replay's collector)."""
-
-    def publish_decisions(
-        self, decisions: list[Decision], arrival_mono: npt.NDArray[np.float64] | None = None
-    ) -> None:
-        """Take the decisions of one scored batch, in order."""
-
-    def flush_scores(self) -> None:
-        """The end of a pass: what was held back to summarise may go out now."""
-
-    def forget(self, devices: list[str]) -> None:
-        """The pipeline stopped tracking these devices."""
-
-    def publish_states(self, records: list[AlertRecord]) -> None:
-        """Devices' alert states changed (or are re-asserted): publish them, retained."""
-
-    def set_overloaded(self, overloaded: bool) -> None:
-        """The daemon started or stopped falling behind."""
-
-
-class Pipeline:
+class Pipeline(AlertStatesMixin, WarmupReplayMixin):
     """The stages of one model, run by one thread."""
 
     def __init__(
@@ -340,87 +323,6 @@ class Pipeline:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
-    # ------------------------------------------------------------------ warm-up
-
-    def warm(self, messages: list[RawMessage], horizon_s: float, now_mono: float | None = None) -> WarmCounts:
-        """Write readings replayed from JetStream (``anomalyd.warmup``) into the windows,
-        never scoring them: the instance that owned their devices when they arrived scored
-        them, and no reading is scored twice. Windows that become ready are dropped
-        (no batch, no score, no detector update).
-
-        Decoded as live messages are, with the same rejections (logged the same way, but
-        counted in the returned ``rejected``, not as live rejections: the previous owner
-        counted them when they arrived). A reading the window already holds (a snapshot,
-        or live readings, had it: the buffers call it a duplicate or out of order) is
-        ``already_held``. Afterwards, for ``horizon_s`` seconds at most, a live reading of a
-        replayed device stamped at or before its newest replayed one is dropped and counted
-        (``anomalyd_warmup_overlap_readings_total``): it was queued while the replay ran and
-        is already in the window. A device leaves that horizon at its first newer live
-        reading, so the check ends as soon as every replayed device has moved on.
-        """
-        now = time.monotonic() if now_mono is None else now_mono
-        try:
-            batch = self.decoder.decode(messages)
-        except Exception:
-            self.metrics.pipeline_errors.labels(stage="decode").inc()
-            log.exception("decoder failed on %d replayed messages (dropped)", len(messages))
-            return WarmCounts(rejected=len(messages))
-        rejected = list(batch.rejections)
-        counts = WarmCounts(devices=len(set(batch.devices)))
-        if len(batch.devices):
-            result = self.buffers.ingest(batch)
-            counts.filled = result.accepted
-            for r in result.rejections:
-                if r.reason in (Reason.DUPLICATE, Reason.OUT_OF_ORDER):
-                    counts.already_held += 1
-                else:
-                    rejected.append(r)
-            # The windows that became ready (result.ready) are dropped: never scored.
-            if result.evicted:
-                self._forget(result.evicted, "evicted")
-                self.metrics.devices_evicted.labels(cause="capacity").inc(len(result.evicted))
-            if result.cadence_changes:
-                self._cadence_changed(result)
-            if result.resets:
-                self.metrics.buffer_resets.inc(result.resets)
-            horizon = self._horizon
-            for device, ts in zip(batch.devices, batch.ts.tolist(), strict=True):
-                if ts > horizon.get(device, -math.inf):
-                    horizon[device] = ts
-            self._horizon_until = now + horizon_s
-        counts.rejected = len(rejected)
-        self._count_rejections(rejected, count=False)
-        return counts
-
-    def _skip_replayed(self, batch: DecodedBatch) -> DecodedBatch:
-        """``batch`` without the live readings the warm-up already put in a window."""
-        horizon = self._horizon
-        if time.monotonic() >= self._horizon_until:
-            horizon.clear()
-            return batch
-        keep = np.ones(len(batch.devices), np.bool_)
-        for i, (device, ts) in enumerate(zip(batch.devices, batch.ts.tolist(), strict=True)):
-            newest = horizon.get(device)
-            if newest is None:
-                continue
-            if ts <= newest:
-                keep[i] = False
-            else:
-                del horizon[device]  # past the replay: its later readings are all live
-        if keep.all():
-            return batch
-        self.metrics.warmup_overlap.inc(int(np.count_nonzero(~keep)))
-        index = np.flatnonzero(keep).tolist()
-        topics = batch.topics
-        return DecodedBatch(
-            [batch.devices[i] for i in index],
-            batch.ts[keep],
-            batch.values[keep],
-            batch.arrival_mono[keep],
-            batch.rejections,
-            [topics[i] for i in index] if len(topics) == len(batch.devices) else [],
-        )
-
     # ------------------------------------------------------------------ scoring
 
     def _submit(self, batch: Batch) -> int:
@@ -558,21 +460,6 @@ class Pipeline:
                 extra={"reason": str(reason), "topic": r.topic, "device": r.device},
             )
 
-    def _forget(self, devices: list[str], reason: str) -> None:
-        """Stop tracking ``devices``: each becomes ``unknown`` with ``reason``."""
-        records = self.detector.forget(devices, reason, time.time())
-        if self.sink is not None:
-            self.sink.forget(devices)
-            self._publish_states(records)
-
-    def _publish_states(self, records: list[AlertRecord]) -> None:
-        if records and self.sink is not None:
-            try:
-                self.sink.publish_states(records)
-            except Exception:
-                self.metrics.pipeline_errors.labels(stage="publish").inc()
-                log.exception("publishing %d alert states failed", len(records))
-
     def _cadence_changed(self, result: IngestResult) -> None:
         resampled = self.config.stream.resample != "off"
         records: list[AlertRecord] = []
@@ -596,193 +483,6 @@ class Pipeline:
                 if record is not None:
                     records.append(record)
         self._publish_states(records)
-
-    # ------------------------------------------------------------------ alert states
-
-    def apply_command(self, command: Command, now: float | None = None) -> bool:
-        """Apply an operator command (``anomalyd.commands``); False if the device is not tracked."""
-        device = command.device
-        if not (self.detector.knows(device) or self.buffers.readings(device) > 0):
-            return False
-        at = time.time() if now is None else now
-        action = OperatorAction(command.verb, command.by, command.why, at)
-        det = self.detector
-        verb = command.verb
-        if verb == SHELVE:
-            assert command.duration_s is not None
-            record = det.shelve(device, at + command.duration_s, action)
-        elif verb == UNSHELVE:
-            record = det.unshelve(device, action)
-        elif verb == REBASELINE:
-            record = det.rebaseline(device, action)
-        elif verb == OUT_OF_SERVICE:
-            record = det.set_out_of_service(device, True, action)
-        elif verb == IN_SERVICE:
-            record = det.set_out_of_service(device, False, action)
-        else:  # parse_command admits only the verbs above
-            raise ValueError(f"unknown verb {verb!r}")
-        if record is not None:
-            self._publish_states([record])
-        return True
-
-    def request_reassert(self) -> None:
-        """Re-publish every device's alert state over the next passes (after a (re)connect)."""
-        self._reassert = self.detector.devices()
-        self._reassert.reverse()  # popped from the end: oldest-known devices first
-
-    def reconcile(self, retained: list[RetainedState]) -> None:
-        """The broker retains these alert messages (``anomalyd.alerts.RetainedStates``): make
-        what it shows agree with what this daemon knows.
-
-        A single daemon (no ``[cluster]``): every device it holds no state for, and which the
-        broker shows as other than ``unknown``, becomes ``unknown`` (``no_state``, or
-        ``warming_up`` if it has readings here) until its first full window decides; a device
-        it holds a state for keeps it (every state is re-asserted on connect).
-
-        An instance of a partitioned fleet answers only for the devices it owns: the others'
-        states are their owners' and are left alone. For its own:
-
-        * no state here, and the broker shows ``anomalous``, ``shelved`` or
-          ``out_of_service`` (the previous owner's alert or an operator's decision): the
-          state is adopted (``Detector.adopt``) and nothing is published, since the broker
-          already shows it with its identity (device and ``since``): the alert is neither
-          dropped nor raised again. Any other state (``normal``, ``cadence_mismatch``, a
-          message it cannot read) becomes ``unknown`` as for a single daemon: this instance
-          has no verdict yet, and a ``normal`` it did not decide would claim one;
-        * a state here that the broker's message has overtaken (``Detector.claim_is_newer``:
-          a snapshot from before another instance owned the device) is dropped, and the
-          device is handled as one without a state: a newer word from the device's owner
-          wins over older memory here, while a state here at least as new as the message
-          (or the message being what this daemon published) wins over it;
-        * an alert raised here only because the device's readings were scored before its
-          retained state arrived keeps the identity of the alert the broker shows
-          (``Detector.continue_alert``), and the corrected state is published.
-        """
-        det = self.detector
-        owns = self._owns
-        now = time.time()
-        unknown: list[AlertRecord] = []
-        corrected: list[AlertRecord] = []
-        adopted = overtaken = 0
-        for told in retained:
-            device = told.device
-            if owns is None:  # a single daemon: the state here, if any, stands
-                claim = told
-                if det.knows(device):
-                    continue
-            else:
-                if not owns(device):
-                    continue  # another instance's device
-                claim = self._as_for_this_model(told)
-                if det.knows(device):
-                    record = det.continue_alert(claim, self._peak_contributions(claim))
-                    if record is not None:
-                        corrected.append(record)
-                        continue
-                    if not det.claim_is_newer(claim):
-                        continue
-                    det.discard(device)
-                    overtaken += 1
-                if det.adopt(claim, self._peak_contributions(claim)):
-                    adopted += 1
-                    if self.buffers.readings(device) == 0:
-                        self._adopted[device] = time.monotonic()
-                    continue
-            if claim.state != UNKNOWN:
-                reason = "warming_up" if self.buffers.readings(device) > 0 else "no_state"
-                unknown.append(AlertRecord(device, UNKNOWN, UNKNOWN, now, now, reason=reason))
-        if overtaken:
-            log.info(
-                "%d devices' states here were older than what their owner published since: replaced",
-                overtaken,
-            )
-        if adopted:
-            log.info("adopted the retained alert states of %d devices that moved here", adopted)
-        if corrected:
-            log.info(
-                "%d alerts raised here were already raised by the devices' previous owner: kept their since",
-                len(corrected),
-            )
-        if unknown:
-            log.info(
-                "%d alert states retained by the broker belong to devices without a state here: now unknown",
-                len(unknown),
-            )
-        self._publish_states(corrected + unknown)
-
-    def _as_for_this_model(self, claim: RetainedState) -> RetainedState:
-        """``claim`` without its peak if another model version published it: a peak is a
-        score, and another model's scores are on another scale."""
-        version = claim.model_version
-        if version is None or version == self.model.contract.model_version:
-            return claim
-        return dataclasses.replace(claim, peak_score=math.nan, peak_ts=math.nan, contributions=None)
-
-    def _peak_contributions(self, claim: RetainedState) -> npt.NDArray[np.float32] | None:
-        """The claim's contributions at the peak in the model's feature order (None unless
-        they name exactly the model's features)."""
-        given = claim.contributions
-        names = self.model.contract.feature_names
-        if given is None or set(given) != set(names) or len(given) != len(names):
-            return None
-        return np.asarray([given[name] for name in names], np.float32)
-
-    def _expire_adopted(self, now_mono: float) -> None:
-        """Adopted devices that sent no reading here for ``stream.idle_evict_s`` are idle, as
-        a device with a window would be (the buffers evict those, and this detector state
-        without a window would otherwise never go): each becomes ``unknown``/``idle``."""
-        adopted = self._adopted
-        if not adopted:
-            return
-        idle_s = self.config.stream.idle_evict_s
-        idle: list[str] = []
-        for device, since_mono in list(adopted.items()):
-            if self.buffers.readings(device) > 0 or not self.detector.knows(device):
-                del adopted[device]  # it has a window now (the buffers' rule applies), or is gone
-            elif now_mono - since_mono >= idle_s:
-                del adopted[device]
-                idle.append(device)
-        if idle:
-            self._forget(idle, "idle")
-            self.metrics.devices_evicted.labels(cause="idle").inc(len(idle))
-            log.info("forgot %d adopted devices that sent nothing here for %.0f s", len(idle), idle_s)
-
-    def _owned_part(self, snap: Snapshot) -> Snapshot:
-        """``snap`` without the devices this instance does not own (a snapshot taken before a
-        rebalance): their states are now another instance's, and restoring them here would
-        re-assert a stale state over the owner's and later announce them idle."""
-        owns = self._owns
-        devices = snap.buffers.get("devices") if isinstance(snap.buffers, dict) else None
-        if owns is None or not isinstance(devices, np.ndarray) or devices.ndim != 1:
-            return snap  # nothing to leave out, or malformed: the import says what is wrong
-        n = devices.shape[0]
-        keep = np.fromiter((owns(str(d)) for d in devices.tolist()), np.bool_, n)
-        if keep.all():
-            return snap
-        log.info(
-            "left %d devices of the snapshot to the instances that own their partitions now",
-            n - int(np.count_nonzero(keep)),
-        )
-        buffers = {
-            k: v[keep] if isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == n else v
-            for k, v in snap.buffers.items()
-        }
-        return dataclasses.replace(snap, buffers=buffers)
-
-    def _reassert_some(self) -> None:
-        pending = self._reassert
-        if not pending:
-            return
-        records: list[AlertRecord] = []
-        for _ in range(min(_REASSERT_PER_ROUND, len(pending))):
-            record = self.detector.record(pending.pop())
-            if record is not None:
-                records.append(record)
-        self._publish_states(records)
-
-    def forget_all(self, reason: str) -> None:
-        """Every tracked device becomes ``unknown`` (a stop without a snapshot to resume from)."""
-        self._forget(self.detector.devices(), reason)
 
     # ------------------------------------------------------------------ snapshots
 
