@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from anomalyd.errors import BrokerError
 
@@ -79,7 +80,111 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
         return False
 
 
-class PrivateBroker:
+class BrokerProcess:
+    """What a throwaway broker process of ours shares, whichever broker it is: a working
+    directory (a temporary one, removed by ``close()``, when none is given) with its
+    configuration and log file, a loopback host, and the process's life: ``stop()``,
+    ``kill()``, ``restart()`` on the same configuration, and use as a context manager.
+
+    Subclasses write their configuration in ``__init__`` and implement ``start()`` with
+    ``_launch()`` and their own test of "listening".
+    """
+
+    def __init__(
+        self, workdir: Path | None, *, prefix: str, executable: str, log_name: str, config_name: str
+    ) -> None:
+        self.executable = executable
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix=prefix)
+            workdir = Path(self._tmp.name)
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.log_path = self.workdir / log_name
+        self.config_path = self.workdir / config_name
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running broker (None when stopped)."""
+        return self._proc.pid if self._proc is not None and self.running else None
+
+    def start(self, timeout: float = 10.0) -> None:
+        raise NotImplementedError
+
+    def _launch(self) -> int:
+        """Start the process with its configuration; returns the log's size before it, so
+        that ``start()`` can look for what this run logged."""
+        with self.log_path.open("ab") as log:
+            log_start = log.tell()
+            # A session (and process group) of its own: the terminal sends Ctrl-C to its
+            # whole foreground process group, and a broker in ours would die with the
+            # demo's clients still connected to it. Whoever started it stops it: stop(),
+            # close(), or the context manager.
+            self._proc = subprocess.Popen(
+                [self.executable, "-c", str(self.config_path)],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        return log_start
+
+    def _exited(self) -> bool:
+        return self._proc is None or self._proc.poll() is not None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop cleanly (SIGTERM); SIGKILL if it has not exited after ``timeout`` seconds."""
+        self._end(signal.SIGTERM, timeout)
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """Kill abruptly (SIGKILL): clients see their connection drop, no goodbye."""
+        self._end(signal.SIGKILL, timeout)
+
+    def _end(self, sig: signal.Signals, timeout: float) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop, then start again on the same port(s) with the same configuration."""
+        self.stop(timeout)
+        self.start(timeout)
+
+    def log_text(self) -> str:
+        """Everything the broker logged so far (empty before the first start)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def close(self) -> None:
+        """Stop the broker and remove the temporary directory, if this object made one."""
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class PrivateBroker(BrokerProcess):
     """One Mosquitto process listening on ``127.0.0.1:<port>``, anonymous access.
 
     ``workdir`` holds ``mosquitto.conf`` and ``mosquitto.log``; without one, a temporary
@@ -100,19 +205,15 @@ class PrivateBroker:
         allow_anonymous: bool = True,
         extra_config: Sequence[str] = (),
     ) -> None:
-        self.executable = find_mosquitto()
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        if workdir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="anomalyd-mosquitto-")
-            workdir = Path(self._tmp.name)
-        self.workdir = workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.host = "127.0.0.1"
+        super().__init__(
+            workdir,
+            prefix="anomalyd-mosquitto-",
+            executable=find_mosquitto(),
+            log_name="mosquitto.log",
+            config_name="mosquitto.conf",
+        )
         self.port = port or free_port(self.host)
         self.max_queued_messages = max_queued_messages
-        self.log_path = self.workdir / "mosquitto.log"
-        self.config_path = self.workdir / "mosquitto.conf"
-        self._proc: subprocess.Popen[bytes] | None = None
         lines = [
             f"listener {self.port} {self.host}",
             f"max_queued_messages {max_queued_messages}",
@@ -140,15 +241,6 @@ class PrivateBroker:
         """``host:port``, as ``--broker`` takes it."""
         return f"{self.host}:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        """Process id of the running broker (None when stopped)."""
-        return self._proc.pid if self._proc is not None and self.running else None
-
     def start(self, timeout: float = 10.0) -> None:
         """Start the broker and return once its port accepts connections.
 
@@ -157,24 +249,12 @@ class PrivateBroker:
         """
         if self.running:
             return
-        with self.log_path.open("ab") as log:
-            log_start = log.tell()
-            # A session (and process group) of its own: the terminal sends Ctrl-C to its
-            # whole foreground process group, and a broker in ours would die with the
-            # demo's clients still connected to it. Whoever started it stops it: stop(),
-            # close(), or the context manager.
-            self._proc = subprocess.Popen(
-                [self.executable, "-c", str(self.config_path)],
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        log_start = self._launch()
         deadline = time.monotonic() + timeout
         # An open port alone could be another process's (a port= that is taken): mosquitto
         # logs "... running" only once all its listeners are open, so wait for that too.
         while not (self._says_running(log_start) and port_open(self.port, self.host)):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
+            if self._exited() or time.monotonic() > deadline:
                 self.kill()
                 raise BrokerError(
                     f"could not start mosquitto ({self.executable}) on {self.address}: "
@@ -186,48 +266,3 @@ class PrivateBroker:
         with self.log_path.open("rb") as fh:
             fh.seek(offset)
             return _RUNNING.search(fh.read()) is not None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop cleanly (SIGTERM); SIGKILL if it has not exited after ``timeout`` seconds."""
-        self._end(signal.SIGTERM, timeout)
-
-    def kill(self, timeout: float = 10.0) -> None:
-        """Kill abruptly (SIGKILL): clients see their connection drop, no goodbye."""
-        self._end(signal.SIGKILL, timeout)
-
-    def _end(self, sig: signal.Signals, timeout: float) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
-
-    def restart(self, timeout: float = 10.0) -> None:
-        """Stop, then start again on the same port with the same configuration."""
-        self.stop(timeout)
-        self.start(timeout)
-
-    def log_text(self) -> str:
-        """Everything the broker logged so far (empty before the first start)."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def close(self) -> None:
-        """Stop the broker and remove the temporary directory, if this object made one."""
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> PrivateBroker:
-        self.start()
-        return self
-
-    def __exit__(
-        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
-    ) -> None:
-        self.close()

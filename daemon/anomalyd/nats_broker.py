@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
-from anomalyd.broker import free_port, port_open
+from anomalyd.broker import BrokerProcess, free_port, port_open
 from anomalyd.errors import BrokerError
 
 __all__ = ["PrivateNatsServer", "find_nats_server", "partition_mapping"]
@@ -56,12 +52,12 @@ def partition_mapping(topic_in: str, partitions: int) -> tuple[str, str]:
     return source, f"{dest}.{{{{partition({partitions},1)}}}}"
 
 
-class PrivateNatsServer:
+class PrivateNatsServer(BrokerProcess):
     """One nats-server process on 127.0.0.1: client port, MQTT port, JetStream in ``workdir``.
 
-    ``partitions`` (with ``topic_in``) adds the partition mapping; ``jetstream_max_memory``
-    caps JetStream's memory store. The configuration is written once, here, so ``restart()``
-    comes back on the same ports with the same JetStream directory.
+    ``partitions`` (with ``topic_in``) adds the partition mapping. The configuration is
+    written once, here, so ``restart()`` comes back on the same ports with the same
+    JetStream directory (retained messages and streams survive it).
     """
 
     #: The only MQTT version NATS's gateway speaks (``mqtt.protocol`` of a daemon behind it).
@@ -76,20 +72,16 @@ class PrivateNatsServer:
         name: str = "anomalyd-nats",
         extra_config: tuple[str, ...] = (),
     ) -> None:
-        self.executable = find_nats_server()
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        if workdir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="anomalyd-nats-")
-            workdir = Path(self._tmp.name)
-        self.workdir = workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.host = "127.0.0.1"
+        super().__init__(
+            workdir,
+            prefix="anomalyd-nats-",
+            executable=find_nats_server(),
+            log_name="nats-server.log",
+            config_name="nats-server.conf",
+        )
         self.port = free_port(self.host)  # MQTT
         self.nats_port = free_port(self.host)
         self.partitions = partitions
-        self.log_path = self.workdir / "nats-server.log"
-        self.config_path = self.workdir / "nats-server.conf"
-        self._proc: subprocess.Popen[bytes] | None = None
         lines = [
             f"server_name: {name}",
             f"listen: {self.host}:{self.nats_port}",
@@ -110,70 +102,14 @@ class PrivateNatsServer:
     def nats_url(self) -> str:
         return f"nats://{self.host}:{self.nats_port}"
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self.running else None
-
     def start(self, timeout: float = 15.0) -> None:
         """Start and return once both the client and the MQTT port accept connections."""
         if self.running:
             return
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                [self.executable, "-c", str(self.config_path)],
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        self._launch()
         deadline = time.monotonic() + timeout
         while not (port_open(self.nats_port, self.host) and port_open(self.port, self.host)):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
+            if self._exited() or time.monotonic() > deadline:
                 self.kill()
                 raise BrokerError(f"could not start nats-server on {self.address}: {self.log_text()[-2000:]}")
             time.sleep(0.02)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop cleanly (SIGTERM); SIGKILL if it has not exited after ``timeout`` seconds."""
-        self._end(signal.SIGTERM, timeout)
-
-    def kill(self, timeout: float = 10.0) -> None:
-        self._end(signal.SIGKILL, timeout)
-
-    def _end(self, sig: signal.Signals, timeout: float) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
-
-    def restart(self, timeout: float = 15.0) -> None:
-        self.stop(timeout)
-        self.start(timeout)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def close(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> PrivateNatsServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
-    ) -> None:
-        self.close()
