@@ -15,7 +15,8 @@ What it prints, per device and pooled (definitions as in tests/e2e/test_daemon_e
 * event recall (window): an injected event is found when a window ending between its first
   sample and ``1.1 · (L-1)`` sample periods after its last is above the threshold;
   event recall (alert): the device's alert is on at some row in that interval;
-* clean alerts per device-hour: alert onsets (after hysteresis) outside every such interval.
+* clean alerts per device-hour: alert onsets (after hysteresis) outside every such interval
+  (``--clean-alerts`` prints each one with the contributions of the window that raised it).
 
 Run (about 1 s per device-hour on one core):
 
@@ -63,6 +64,9 @@ class DeviceResult:
     kinds_missed: list[str] = field(default_factory=list)  # window level
     kinds: list[str] = field(default_factory=list)  # every event's kind
     kinds_missed_alert: list[str] = field(default_factory=list)  # alert level
+    # Each clean alert: its onset (seconds after the device's first row) and the contributions
+    # of the window that raised it, to see which feature drives the false alerts.
+    clean_alert_onsets: list[tuple[float, list[float]]] = field(default_factory=list)
 
     @property
     def clean_rate(self) -> float:
@@ -105,6 +109,7 @@ def score_device(
     in_event = np.zeros(len(r.ts), bool)
     for lo, hi in intervals:
         in_event |= (r.ts >= lo) & (r.ts <= hi)
+    clean_onsets = onsets[~in_event[onsets]]
     return DeviceResult(
         seed=seed,
         device=dev.device,
@@ -114,10 +119,14 @@ def score_device(
         events=len(dev.events),
         found_window=found_w,
         found_alert=found_a,
-        clean_alerts=int((~in_event[onsets]).sum()),
+        clean_alerts=len(clean_onsets),
         kinds_missed=missed,
         kinds=[e.kind for e in dev.events],
         kinds_missed_alert=missed_alert,
+        clean_alert_onsets=[
+            (float(r.ts[i] - dev.ts[0]), [round(float(c), 3) for c in r.contributions[i]])
+            for i in clean_onsets.tolist()
+        ],
     )
 
 
@@ -221,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gaps-per-hour", type=float, default=0.5, help="data gaps per device-hour")
     ap.add_argument("--per-device", action="store_true", help="one line per device")
     ap.add_argument("--per-seed", action="store_true", help="one summary line per seed")
+    ap.add_argument(
+        "--clean-alerts",
+        action="store_true",
+        help="one line per clean (false) alert: device, onset and the raising window's contributions",
+    )
     ap.add_argument("--json", type=Path, help="write every device's result and the summary here")
     ap.add_argument(
         "--threshold",
@@ -285,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if args.per_seed:
             print(_format(f"seed {seed}", per_seed[seed]), flush=True)
+        if args.clean_alerts:
+            names = model.contract.feature_names
+            for d in seed_results:
+                for onset_s, contributions in d.clean_alert_onsets:
+                    parts = ", ".join(f"{n} {c:g}" for n, c in zip(names, contributions, strict=True))
+                    print(f"  clean alert: seed {seed} {d.device} at {onset_s:.0f} s: {parts}", flush=True)
     total = summarise(results)
     print(_format("all", total))
     missed: dict[str, int] = {}

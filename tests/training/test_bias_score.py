@@ -115,8 +115,11 @@ def test_targets_are_the_steps_the_forecasts_are_of() -> None:
     assert _call(model, x).shape == y.shape
     residuals = export.forecast_residuals(model, z, BURN_IN, batch_size=4)  # two batches
     np.testing.assert_allclose(residuals, y - _call(model, x), atol=1e-6)
+    # rtol 1e-6: the two run the network in batches of different sizes (float32 rounding).
     np.testing.assert_allclose(
-        export.squared_residuals(model, "forecast", z, burn_in=BURN_IN), np.square(residuals).mean(axis=1)
+        export.squared_residuals(model, "forecast", z, burn_in=BURN_IN),
+        np.square(residuals).mean(axis=1),
+        rtol=1e-6,
     )
     # score "error": step L alone.
     _, y_last = _inputs_targets(ModelConfig(kind="forecast"), z)

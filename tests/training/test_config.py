@@ -328,7 +328,7 @@ def test_bias_score_options_are_read(tmp_path: Path) -> None:
             "model.burn_in",
             "must be below window.length - 1 (11), got 11",
         ),
-        ('[model]\nscore = "surprise"', "model.score", "'error' or 'bias'"),
+        ('[model]\nscore = "surprise"', "model.score", "'error', 'bias' or 'peak'"),
         ("[model]\nmembers = 9", "model.members", "less than or equal to 8"),
         ("[model]\nbias_decay = 0.0", "model.bias_decay", "greater than 0"),
         ("[model]\nburn_in = 0", "model.burn_in", "greater than or equal to 1"),

@@ -302,7 +302,7 @@ class ModelConfig(_Section):
             "forecast of a later step never sees a value it is asked to predict (score 'bias')"
         ),
     )
-    score: Literal["error", "bias"] = Field(
+    score: Literal["error", "bias", "peak"] = Field(
         default="error",
         description=(
             "'error': the mean over scored features of the squared standardised residual "
@@ -310,7 +310,30 @@ class ModelConfig(_Section):
             "network forecasts every step from the steps before it, and the score is the largest, "
             "over scored features, of the exponentially weighted mean of those signed residuals "
             "(a lasting bias) and of the last step's residual (a spike), each in units of its "
-            "quantile on the training windows"
+            "quantile on the training windows. 'peak' (forecast only): each of the window's last "
+            "peak_steps steps is forecast from the window.length - peak_steps steps before it, and "
+            "the score is the largest squared standardised residual over those steps and the scored "
+            "features, so a one-step surprise scores high in peak_steps consecutive windows"
+        ),
+    )
+    peak_steps: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description=(
+            "score 'peak': how many of the window's newest steps are forecast and scored; the "
+            "network sees window.length - peak_steps steps. Match it to the daemon's "
+            "detector.k_enter so a one-step surprise lasts long enough to raise an alert"
+        ),
+    )
+    peak_local_noise: bool = Field(
+        default=True,
+        description=(
+            "score 'peak': divide each feature's residuals by max(1, local / reference), local "
+            "being its sample-to-sample noise over the window's older steps (the network's input "
+            "for the first scored step) and reference the median of that over the training "
+            "windows, so a device or stretch noisier than the training fleet is not scored as "
+            "anomalous for its noise alone; a quieter one is scored as usual"
         ),
     )
     bias_decay: float = Field(
@@ -359,6 +382,18 @@ class ModelConfig(_Section):
     )
 
     @model_validator(mode="after")
+    def _peak_needs_forecaster(self) -> ModelConfig:
+        if self.score == "peak":
+            if self.kind != "forecast":
+                raise ValueError("score 'peak' needs kind 'forecast' (a forecast of each scored step)")
+            if self.centering == "window_start":
+                raise ValueError(
+                    "score 'peak' centres each forecast's own input steps; use centering "
+                    "'window_mean' or 'none', not 'window_start'"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _bias_needs_causal_forecaster(self) -> ModelConfig:
         if self.score == "bias":
             if self.kind != "forecast":
@@ -394,6 +429,17 @@ class TrainingConfig(_Section):
         default=20_000,
         ge=1,
         description="subsample (seeded, evenly over time) to this many training windows; unset: all",
+    )
+    loss: Literal["mse", "noise_scaled"] = Field(
+        default="mse",
+        description=(
+            "'mse': mean squared error on normalised targets, so each feature weighs by its "
+            "global spread. 'noise_scaled': each feature's squared error is divided by its "
+            "sample-to-sample noise variance on the training windows (models.noise_scales), "
+            "so every feature is fitted down to its own noise level, which is what the score "
+            "measures; under 'mse' a smooth channel with a wide range (a temperature) is fitted "
+            "far more loosely than its noise allows"
+        ),
     )
 
 
@@ -488,6 +534,19 @@ class TrainConfig(_Section):
                 f"must be below window.length - 1 ({self.window.length - 1}), got "
                 f"{self.model.burn_in}: no forecast would be left to score",
                 self.model.burn_in,
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _peak_steps_fit_window(self) -> TrainConfig:
+        if self.model.score == "peak" and self.model.peak_steps > self.window.length - 2:
+            # The network needs at least two input steps (and the noise estimate one step).
+            raise _error_at(
+                self,
+                ("model", "peak_steps"),
+                f"must be at most window.length - 2 ({self.window.length - 2}), got "
+                f"{self.model.peak_steps}: the network would see fewer than 2 steps",
+                self.model.peak_steps,
             )
         return self
 

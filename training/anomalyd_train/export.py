@@ -181,6 +181,7 @@ class ScoringFunction:
     weights: FloatArray  # w_f: 1 / n_scored for scored features, 0 for inputs only
     bias: BiasScore | None = None  # score "bias": its constants; None: score "error"
     flat_floor: FloatArray | None = None  # flatline check floors per feature (0: off); None: no check
+    peak: PeakScore | None = None  # score "peak": its constants
 
     def __call__(self, windows: FloatArray, batch_size: int = 1024) -> tuple[FloatArray, FloatArray]:
         """Score raw windows ``(n, L, F)`` in TensorFlow; returns ``score (n,)``, ``contributions (n, F)``."""
@@ -296,6 +297,81 @@ class BiasScore:
         )
 
 
+def upper_median(values: FloatArray, axis: int) -> FloatArray:
+    """The ``(n+1)//2``-th largest of ``n`` values along ``axis``: the median for odd ``n``,
+    the upper of the two middle values for even ``n``. The graph takes it with ``TopK`` (ONNX
+    has no median op); this is its numpy twin, used for the constants measured in training."""
+    v = np.moveaxis(np.asarray(values, np.float32), axis, -1)
+    k = (v.shape[-1] + 1) // 2
+    return np.asarray(-np.sort(-v, axis=-1)[..., k - 1], np.float32)
+
+
+def local_noise(windows_normalised: FloatArray, n_steps: int) -> FloatArray:
+    """Each feature's sample-to-sample noise over a window's first ``n_steps`` steps, ``(n, F)``:
+    the median absolute deviation of its first differences, × 1.4826 / sqrt 2 (white noise of
+    std s gives s). Robust, so a spike or a load ramp among those steps barely moves it."""
+    z = np.asarray(windows_normalised, np.float32)[:, :n_steps, :]
+    d = z[:, 1:, :] - z[:, :-1, :]
+    med = upper_median(d, axis=1)
+    mad = upper_median(np.abs(d - med[:, None, :]), axis=1)
+    return np.asarray(mad * np.float32(NOISE_MAD_FACTOR), np.float32)
+
+
+#: MAD of first differences → noise std: 1.4826 (MAD → std of a normal) / sqrt 2 (differences).
+NOISE_MAD_FACTOR = 1.4826 / float(np.sqrt(2.0))
+
+
+@dataclass(frozen=True)
+class PeakScore:
+    """The constants of a ``score = "peak"`` graph.
+
+    ``steps``: how many of the window's newest steps are forecast (each from the
+    ``window_length - steps`` steps before it) and scored. ``noise_reference``: per feature,
+    the median of ``local_noise`` over the training windows (the scored residuals are divided
+    by ``max(1, local / reference)``); None: no local noise correction.
+    """
+
+    steps: int
+    noise_reference: FloatArray | None = None
+
+    @classmethod
+    def measure(cls, windows_normalised: FloatArray, steps: int, local: bool) -> PeakScore:
+        """From full-length training windows ``(n, L, F)``."""
+        if not local:
+            return cls(steps=steps)
+        n_in = windows_normalised.shape[1] - steps
+        ref = np.median(local_noise(windows_normalised, n_in), axis=0)
+        return cls(steps=steps, noise_reference=np.maximum(ref, MIN_RESIDUAL_SCALE).astype(np.float32))
+
+
+def peak_score_definition(
+    features: list[str], scored: list[str] | None, *, steps: int, window_length: int, local: bool
+) -> str:
+    """The contract's ``score`` text for a ``score = "peak"`` model."""
+    names = scored if scored is not None else features
+    inputs_only = [f for f in features if f not in names]
+    n_in = window_length - steps
+    text = (
+        f"largest over the last {steps} steps t of the window and the {len(names)} scored features f "
+        f"({', '.join(names)}) of (r_t,f / s_f)^2"
+        + (" / max(1, n_f / N_f)^2" if local else "")
+        + f": r_t,f is step t's residual in normalised units ((x - mean) / std) against its forecast "
+        f"from the {n_in} steps before it, s_f the feature's residual scale on training windows"
+        + (
+            f"; n_f the feature's sample-to-sample noise over the window's first {n_in} steps "
+            "(1.4826 x the median absolute deviation of its first differences / sqrt 2) and N_f "
+            "its median over training windows"
+            if local
+            else ""
+        )
+        + "; contributions_f is feature f's largest term times score / (sum of the terms), so "
+        "they sum to the score and are in proportion to each feature's term"
+    )
+    if inputs_only:
+        text += f" (0 for the inputs that are not scored: {', '.join(inputs_only)})"
+    return text
+
+
 def flatline_floors(windows_normalised: FloatArray, scored: npt.ArrayLike, ratio: float) -> FloatArray:
     """Per feature, ``ratio`` × the smallest spread of any training window (``window_spread``);
     0 (no check) for features not scored and for features whose training already holds a
@@ -332,6 +408,7 @@ def build_scoring_function(
     scored: npt.ArrayLike | None = None,
     bias: BiasScore | None = None,
     flat_floor: FloatArray | None = None,
+    peak: PeakScore | None = None,
 ) -> ScoringFunction:
     """Wrap ``model`` in a ``tf.function``: raw window → normalise → network → score.
 
@@ -343,6 +420,13 @@ def build_scoring_function(
     of its weighted mean residual ``|sum_t w_t r_t / s_f| / bias_scale`` and its last residual
     ``|r_L / s_f| / spike_scale``, and the score is the largest term (not the mean: a bias in
     one channel must not be diluted by the others' noise).
+
+    ``peak`` (a forecaster over ``window_length - peak.steps`` steps, score ``peak``): each of the
+    window's last ``peak.steps`` steps is forecast from the steps before it (the network runs
+    once on the stacked sub-windows, so each LSTM stays one fused op); a scored feature's term is
+    its largest squared standardised residual over those steps (divided by the local noise
+    factor when ``peak.noise_reference`` is set), the score the largest term, and the
+    contributions the terms rescaled to sum to the score.
 
     ``flat_floor`` (per feature, 0 = off): the flatline check adds
     ``FLATLINE_SCORE * max(0, 1 - spread / floor)`` to a feature's contribution, ``spread``
@@ -368,13 +452,25 @@ def build_scoring_function(
     if not every_feature:
         inv_scale_c = np.where(weights > 0, inv_scale_c, np.float32(0.0)).astype(np.float32)
 
-    if bias is not None:
+    if bias is not None or peak is not None:
         # Unscored features: inverse scale 0, so their residual terms are exactly 0.
         inv_scale_c = np.where(weights > 0, inv_scale_c, np.float32(0.0)).astype(np.float32)
+    if bias is not None:
         steps_weight_c = bias.weights.reshape(1, -1, 1).astype(np.float32)
         inv_bias_c = np.float32(1.0 / bias.bias_scale)
         inv_spike_c = np.float32(1.0 / bias.spike_scale)
         first_scored = bias.burn_in + 1
+    if peak is not None:
+        if bias is not None:
+            raise ValueError("a scoring function has one score: bias or peak, not both")
+        if not 1 <= peak.steps <= window_length - 2:
+            raise ValueError(f"peak.steps must be between 1 and {window_length - 2}, got {peak.steps}")
+        peak_in = window_length - peak.steps  # steps each forecast sees
+        peak_k = peak.steps
+        # Median of the peak_in - 1 first differences: the ((n+1)//2)-th largest (upper_median).
+        noise_k = peak_in // 2
+        if peak.noise_reference is not None:
+            inv_ref_c = (1.0 / np.asarray(peak.noise_reference, np.float64)).astype(np.float32)
     check_flat = flat_floor is not None and bool(np.any(flat_floor > 0))
     if check_flat:
         assert flat_floor is not None
@@ -389,7 +485,22 @@ def build_scoring_function(
     )
     def score_window(window: Any) -> dict[str, Any]:
         z = (window - mean_c) * inv_std_c
-        if bias is not None:
+        if peak is not None:
+            # Sub-window j holds steps j+1..j+peak_in and forecasts step j+peak_in+1; all of them
+            # go through the network as one batch.
+            subs = tf.stack([z[:, j : j + peak_in, :] for j in range(peak_k)], axis=1)
+            pred = model(tf.reshape(subs, [-1, peak_in, n_features]), training=False)
+            r = (z[:, peak_in:, :] - tf.reshape(pred, [-1, peak_k, n_features])) * inv_scale_c
+            if peak.noise_reference is not None:
+                # Noise from the oldest peak_in steps only: an event in the scored steps must
+                # not raise the yardstick it is measured with.
+                d = tf.transpose(z[:, 1:peak_in, :] - z[:, : peak_in - 1, :], [0, 2, 1])
+                med = tf.math.top_k(d, k=noise_k).values[:, :, -1:]
+                mad = tf.math.top_k(tf.abs(d - med), k=noise_k).values[:, :, -1]
+                ratio = tf.maximum(mad * np.float32(NOISE_MAD_FACTOR) * inv_ref_c, 1.0)
+                r = r / tf.expand_dims(ratio, 1)
+            contributions = tf.reduce_max(tf.square(r), axis=1)
+        elif bias is not None:
             pred = model(z[:, :-1, :], training=False)
             r = (z[:, first_scored:, :] - pred) * inv_scale_c
             lasting = tf.abs(tf.reduce_sum(r * steps_weight_c, axis=1)) * inv_bias_c
@@ -406,9 +517,14 @@ def build_scoring_function(
             spread = tf.sqrt(tf.reduce_mean(tf.square(centred), axis=1))
             contributions = contributions + tf.nn.relu(1.0 - spread * inv_floor_c) * flat_gain_c
         # score "error": the sum of the contributions, so the two agree exactly in the graph;
-        # score "bias": the largest one.
+        # score "bias": the largest one; score "peak": the largest one, with the contributions
+        # rescaled to sum to it (each feature keeps its share).
         if bias is not None:
             score = tf.reduce_max(contributions, axis=1)
+        elif peak is not None:
+            score = tf.reduce_max(contributions, axis=1)
+            total = tf.reduce_sum(contributions, axis=1)
+            contributions = contributions * tf.expand_dims(score / tf.maximum(total, 1e-30), 1)
         else:
             score = tf.reduce_sum(contributions, axis=1)
         return {SCORE_OUTPUT: score, CONTRIBUTIONS_OUTPUT: contributions}
@@ -426,6 +542,7 @@ def build_scoring_function(
         weights=weights,
         bias=bias,
         flat_floor=None if flat_floor is None else np.asarray(flat_floor, np.float32),
+        peak=peak,
     )
 
 

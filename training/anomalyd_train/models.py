@@ -118,6 +118,51 @@ def member_mse(y_true: Any, y_pred: Any) -> Any:
     return keras.ops.mean(keras.ops.square(y_pred - keras.ops.expand_dims(y_true, 1)))
 
 
+def noise_scales(windows_normalised: Any) -> Any:
+    """Each feature's sample-to-sample noise level in normalised units, ``(F,)``: the robust
+    standard deviation of its first differences along the windows' steps, over sqrt 2 (for
+    white noise of std s the differences have std s·sqrt 2). Robust (median absolute
+    deviation) so that load changes and ramps, which move many differences a little, do not
+    inflate it. Floored so that a constant feature cannot give an infinite loss weight."""
+    import numpy as np
+
+    z = np.asarray(windows_normalised, dtype=np.float64)
+    if z.ndim != 3 or z.shape[1] < 2:
+        raise ValueError(f"need windows (n, L >= 2, F), got shape {z.shape}")
+    d = np.diff(z, axis=1).reshape(-1, z.shape[2])
+    mad = np.median(np.abs(d - np.median(d, axis=0)), axis=0)
+    return np.maximum(1.4826 * mad / np.sqrt(2.0), NOISE_FLOOR).astype(np.float32)
+
+
+#: ``noise_scales`` never goes below this (normalised units).
+NOISE_FLOOR = 1e-4
+
+
+def training_loss(kind: str, windows_normalised: Any, *, members: bool) -> Any:
+    """The Keras loss for ``training.loss = kind`` (``"mse"`` or ``"noise_scaled"``), for a
+    single network or (``members``) a seed ensemble's twin (``member_mse``).
+
+    ``noise_scaled``: the squared error of feature f is divided by ``noise_scales(...)[f]**2``,
+    so the loss is the mean squared residual in units of each feature's own noise: the same
+    units the score uses (its residual scales), instead of the global spread's.
+    """
+    import keras
+
+    if kind == "mse":
+        return member_mse if members else "mse"
+    if kind != "noise_scaled":
+        raise ValueError(f"unknown loss {kind!r}")
+    weights = (1.0 / noise_scales(windows_normalised) ** 2).astype("float32")
+
+    def noise_scaled_mse(y_true: Any, y_pred: Any) -> Any:
+        # The features are the last axis of every target and output shape the models have.
+        if members:
+            y_true = keras.ops.expand_dims(y_true, 1)
+        return keras.ops.mean(keras.ops.square(y_pred - y_true) * weights)
+
+    return noise_scaled_mse
+
+
 def _member(cfg: ModelConfig, x: Any, window_length: int, n_features: int, *, sequence: bool, m: int) -> Any:
     """One member network on the (centred) input ``x``; layer names carry the member index
     when there are several."""

@@ -5,10 +5,10 @@
 load dataset → split each series by time (train | validation | calibration; or hold out
 whole devices for calibration and split the rest by time) → fit the
 scaler on training rows only → cut windows → subsample the training windows → fit
-(Adam, MSE on normalised targets, early stopping on validation loss, best weights
-restored) → residual scales from training windows → scores on the held-out
-calibration windows → threshold (``anomalyd_train.calibration``) → export with checks →
-report.
+(Adam, MSE on normalised targets or, with ``training.loss = "noise_scaled"``, in units of
+each feature's noise; early stopping on validation loss, best weights restored) →
+residual scales from training windows → scores on the held-out calibration windows →
+threshold (``anomalyd_train.calibration``) → export with checks → report.
 
 Every score here comes from the TensorFlow scoring function (``anomalyd_train.export``) or
 the exported file, never from a second formula, so ``model.score_features`` (a score over
@@ -57,7 +57,7 @@ MODEL_FILE = "model.onnx"
 
 @dataclass
 class History:
-    """Per-epoch losses (MSE on normalised targets) and where training stopped."""
+    """Per-epoch losses (``training.loss`` on normalised targets) and where training stopped."""
 
     loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
@@ -171,7 +171,7 @@ def fit_model(
     echo("loading TensorFlow and building the network ...")
     import keras
 
-    from anomalyd_train.models import build_networks, member_mse
+    from anomalyd_train.models import build_networks, training_loss
 
     keras.utils.set_random_seed(cfg.training.seed)
     _, length, n_features = train_z.shape
@@ -180,7 +180,7 @@ def fit_model(
     fitted_model = members if members is not None else model
     fitted_model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=cfg.training.learning_rate),
-        loss=member_mse if members is not None else "mse",
+        loss=training_loss(cfg.training.loss, train_z, members=members is not None),
     )
     x, y = _inputs_targets(cfg.model, train_z)
     validation = _inputs_targets(cfg.model, val_z) if val_z is not None and len(val_z) else None
@@ -382,7 +382,16 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         f"training {cfg.model.kind} model: {cfg.model.layers} x LSTM({cfg.model.units}), "
         f"up to {cfg.training.epochs} epochs, batch {cfg.training.batch_size}"
     )
-    model, history = fit_model(cfg, train_z, val_z, echo)
+    # --- score "peak": the network forecasts one step from window.length - peak_steps steps,
+    # so it is fitted (and its residual scales measured) on each window's newest
+    # window.length - peak_steps + 1 steps; the scoring function gets whole windows.
+    net_train_z, net_val_z = train_z, val_z
+    if cfg.model.score == "peak":
+        first = cfg.model.peak_steps - 1
+        net_train_z = train_z[:, first:, :]
+        net_val_z = val_z[:, first:, :] if val_z is not None else None
+    # --- end score "peak"
+    model, history = fit_model(cfg, net_train_z, net_val_z, echo)
     echo(
         f"training: {len(history.loss)} of {cfg.training.epochs} epochs in "
         f"{format_duration(history.seconds)}; early stopping "
@@ -393,7 +402,9 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
 
     bias_score = cfg.model.score == "bias"
     burn_in = cfg.model.burn_in if bias_score else None
-    scale = export.residual_scales(export.squared_residuals(model, cfg.model.kind, train_z, burn_in=burn_in))
+    scale = export.residual_scales(
+        export.squared_residuals(model, cfg.model.kind, net_train_z, burn_in=burn_in)
+    )
     bias = None
     if bias_score:
         bias = export.BiasScore.measure(
@@ -423,6 +434,11 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         scored=prep.scored,
         bias=bias,
         flat_floor=flat_floor,
+        peak=(
+            export.PeakScore.measure(train_z, cfg.model.peak_steps, cfg.model.peak_local_noise)
+            if cfg.model.score == "peak"
+            else None
+        ),
     )
     echo(f"calibration: scoring {len(val_ws)} validation and {len(cal_ws)} calibration windows ...")
     val_scores = scoring(val_ws.windows)[0] if len(val_ws) else np.zeros(0, np.float32)
@@ -531,7 +547,15 @@ def _score_text(
     """The contract's ``score``: what the graph computes, for people."""
     from anomalyd_train import export
 
-    if cfg.model.score == "bias":
+    if cfg.model.score == "peak":
+        text = export.peak_score_definition(
+            features,
+            score_features,
+            steps=cfg.model.peak_steps,
+            window_length=cfg.window.length,
+            local=cfg.model.peak_local_noise,
+        )
+    elif cfg.model.score == "bias":
         text = export.bias_score_definition(
             features,
             score_features,

@@ -1,0 +1,309 @@
+"""Score "peak": the window's last few steps each forecast from the steps before them, the
+largest squared residual over those steps and the scored features, a local noise correction,
+and the "noise_scaled" training loss; from the Keras model to the exported file.
+
+One tiny model is trained once for the module (1 LSTM layer of 8 units, L = 16 with the last
+3 steps scored, 2 epochs on a small synthetic fleet, temperature an input only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from anomalyd.contract import CONTRIBUTIONS_OUTPUT, INPUT_NAME, SCORE_OUTPUT
+from anomalyd.errors import ConfigError
+from anomalyd.model import load_model, read_contract
+from anomalyd_train import export
+from anomalyd_train.config import ModelConfig, TrainConfig, load_train_config
+from anomalyd_train.models import member_mse, noise_scales, training_loss
+from anomalyd_train.pipeline import Prepared, TrainResult, prepare, train
+
+pytestmark = pytest.mark.slow
+
+L = 16
+STEPS = 3
+N_IN = L - STEPS  # steps each forecast sees
+SCORED = ["pressure", "vibration"]  # temperature: an input only
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+def test_peak_needs_a_forecaster_without_window_start_centering() -> None:
+    with pytest.raises(ValueError, match="kind 'forecast'"):
+        ModelConfig.model_validate({"kind": "autoencoder", "score": "peak"})
+    with pytest.raises(ValueError, match="window_start"):
+        ModelConfig.model_validate({"score": "peak", "centering": "window_start"})
+    ModelConfig.model_validate({"score": "peak", "centering": "window_mean"})
+
+
+def test_peak_steps_must_leave_the_network_two_steps(tmp_path: Any) -> None:
+    path = tmp_path / "train.toml"
+    path.write_text('[window]\nlength = 10\n[model]\nscore = "peak"\npeak_steps = 9\n')
+    with pytest.raises(ConfigError) as err:
+        load_train_config(path)
+    assert err.value.key_path == "model.peak_steps"
+    path.write_text('[window]\nlength = 10\n[model]\nscore = "peak"\npeak_steps = 8\n')
+    assert load_train_config(path).model.peak_steps == 8
+
+
+# ---------------------------------------------------------------------- loss (numpy, Keras)
+
+
+def test_noise_scales_are_the_robust_std_of_white_noise() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(0.0, [0.01, 0.5, 2.0], size=(400, 30, 3)).astype(np.float32)
+    z[:, :, 1] += np.linspace(0.0, 3.0, 30, dtype=np.float32)  # a steady ramp: differences shift
+    z[::7, 5, 2] += 50.0  # rare outliers barely move a median
+    np.testing.assert_allclose(noise_scales(z), [0.01, 0.5, 2.0], rtol=0.05)
+    # A constant feature gets the floor, not a zero (the loss weight is 1 / scale²).
+    flat = np.zeros((3, 5, 1), np.float32)
+    assert noise_scales(flat)[0] > 0
+    with pytest.raises(ValueError, match="windows"):
+        noise_scales(np.zeros((3, 1, 2), np.float32))
+
+
+def test_noise_scaled_loss_weighs_each_feature_by_its_noise() -> None:
+    rng = np.random.default_rng(1)
+    z = rng.normal(0.0, [0.1, 1.0], size=(200, 20, 2)).astype(np.float32)
+    w = 1.0 / noise_scales(z) ** 2
+    y_true = rng.normal(size=(8, 2)).astype(np.float32)
+    y_pred = rng.normal(size=(8, 2)).astype(np.float32)
+    loss = training_loss("noise_scaled", z, members=False)
+    expected = np.mean((y_pred - y_true) ** 2 * w)
+    assert float(np.asarray(loss(y_true, y_pred))) == pytest.approx(expected, rel=1e-5)
+    # Several members: each member's output against the one target, as member_mse does.
+    each = rng.normal(size=(8, 3, 2)).astype(np.float32)
+    member_loss = training_loss("noise_scaled", z, members=True)
+    expected = np.mean((each - y_true[:, None, :]) ** 2 * w)
+    assert float(np.asarray(member_loss(y_true, each))) == pytest.approx(expected, rel=1e-5)
+    # "mse" is exactly what it was before the key existed.
+    assert training_loss("mse", z, members=False) == "mse"
+    assert training_loss("mse", z, members=True) is member_mse
+
+
+# ------------------------------------------------------------------- local noise (numpy)
+
+
+def test_upper_median_and_local_noise() -> None:
+    v = np.array([[3.0, 1.0, 2.0, 10.0], [4.0, 4.0, -1.0, 0.0]], np.float32)
+    np.testing.assert_array_equal(export.upper_median(v, axis=1), [3.0, 4.0])  # 2nd largest of 4
+    np.testing.assert_array_equal(export.upper_median(v[:, :3], axis=1), [2.0, 4.0])  # median of 3
+    rng = np.random.default_rng(2)
+    z = rng.normal(0.0, [0.2, 3.0], size=(300, 41, 2)).astype(np.float32)
+    noise = export.local_noise(z, 40)  # the first 40 steps only
+    assert noise.shape == (300, 2)
+    np.testing.assert_allclose(np.median(noise, axis=0), [0.2, 3.0], rtol=0.05)
+    # The step after the first 40 is not looked at; a spike among them barely moves it.
+    changed = z.copy()
+    changed[:, 40, :] += 100.0
+    np.testing.assert_array_equal(export.local_noise(changed, 40), noise)
+    changed[:, 20, :] += 1000.0
+    # Two outlying differences among 39: a median moves by an order statistic or two, where a
+    # standard deviation of the differences would grow many times over.
+    moved = np.abs(export.local_noise(changed, 40) - noise) / noise
+    assert moved.max() < 1.0
+    assert float(np.mean(moved)) < 0.1
+    plain = np.diff(changed[:, :40], axis=1).std(axis=1) / np.sqrt(2.0)
+    assert np.all(plain > 5.0 * noise)
+
+
+# ------------------------------------------------------------------- trained end to end
+
+
+def peak_config() -> TrainConfig:
+    return TrainConfig.model_validate(
+        {
+            "name": "tiny-peak",
+            "data": {"synthetic": {"n_devices": 2, "duration_s": 1800.0, "seed": 3}},
+            "window": {"length": L},
+            "split": {"validation_fraction": 0.2, "calibration_fraction": 0.2},
+            "model": {
+                "kind": "forecast",
+                "layers": 1,
+                "units": 8,
+                "centering": "window_mean",
+                "score": "peak",
+                "peak_steps": STEPS,
+                "flatline": True,
+                "score_features": SCORED,
+            },
+            "training": {"epochs": 2, "batch_size": 64, "max_train_windows": 1500, "loss": "noise_scaled"},
+            "calibration": {"target_false_alarm_rate": 0.01, "initial_quantile": 0.9, "min_peaks": 10},
+            "report": {"enabled": False},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    return train(peak_config(), tmp_path_factory.mktemp("peak"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def prep(run: TrainResult) -> Prepared:
+    return prepare(run.config)
+
+
+@pytest.fixture(scope="module")
+def session(run: TrainResult) -> Any:
+    return ort.InferenceSession(run.model_path.read_bytes(), providers=["CPUExecutionProvider"])
+
+
+def _ort(session: Any, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    score, contrib = session.run(
+        [SCORE_OUTPUT, CONTRIBUTIONS_OUTPUT], {INPUT_NAME: np.ascontiguousarray(windows, np.float32)}
+    )
+    return np.asarray(score), np.asarray(contrib)
+
+
+def _some(prep: Prepared, n: int = 64) -> np.ndarray:
+    return prep.validation_windows.windows[:n]
+
+
+def _terms(s: export.ScoringFunction, windows: np.ndarray, *, local: bool = True) -> np.ndarray:
+    """Each feature's term outside the graph, from the documented definition (no flatline)."""
+    assert s.peak is not None
+    z = ((windows - s.mean) / s.std).astype(np.float32)
+    pred = np.stack([np.asarray(s.model(z[:, j : j + N_IN], training=False)) for j in range(STEPS)], axis=1)
+    r = (z[:, N_IN:] - pred) / s.residual_scale
+    if local and s.peak.noise_reference is not None:
+        ratio = np.maximum(export.local_noise(z, N_IN) / s.peak.noise_reference, 1.0)
+        r = r / ratio[:, None, :]
+    terms = np.square(r).max(axis=1)
+    terms[:, 0] = 0.0  # temperature: not scored
+    return terms
+
+
+def test_network_sees_the_window_less_the_scored_steps(run: TrainResult) -> None:
+    assert run.scoring.model.input_shape == (None, N_IN, 3)
+    assert run.scoring.window_length == L
+    assert read_contract(run.model_path).window_length == L
+
+
+def test_exports_one_fused_lstm_and_passes_every_check(run: TrainResult) -> None:
+    assert [c.name for c in run.export.checks] == ["onnx_checker", "fused_lstm", "parity", "daemon_loader"]
+    counts = export.op_counts(onnx.load(str(run.model_path)))
+    # The scored steps' forecasts are one batch through the network: still one op per layer.
+    assert counts["LSTM"] == run.scoring.n_lstm_layers == 1
+    assert not counts.get("Loop")
+    assert not counts.get("Scan")
+    assert counts.get("TopK") == 2  # the two medians of the local noise
+
+
+def test_onnx_runtime_matches_tensorflow(run: TrainResult, prep: Prepared, session: Any) -> None:
+    windows = _some(prep)
+    stuck = windows.copy()
+    stuck[:, :, 1] = stuck[:, -1:, 1]
+    for some, rtol, atol in ((windows, 1e-4, 1e-5), (stuck, 1e-3, 1e-4)):
+        got_score, got_contrib = _ort(session, some)
+        ref_score, ref_contrib = run.scoring(some)
+        np.testing.assert_allclose(got_score, ref_score, rtol=rtol, atol=atol)
+        np.testing.assert_allclose(got_contrib, ref_contrib, rtol=rtol, atol=atol)
+        loaded_score, _ = load_model(run.model_path).run(some)
+        np.testing.assert_allclose(loaded_score, got_score, rtol=1e-6)
+
+
+def test_score_follows_the_documented_definition(run: TrainResult, prep: Prepared, session: Any) -> None:
+    windows = _some(prep)
+    terms = _terms(run.scoring, windows)
+    score, contrib = _ort(session, windows)
+    np.testing.assert_allclose(score, terms.max(axis=1), rtol=1e-3, atol=1e-5)
+    # The largest term, not the mean of them ...
+    assert not np.allclose(score, terms[:, 1:].mean(axis=1), rtol=1e-3)
+    # ... and the contributions sum to it, each feature in proportion to its term.
+    np.testing.assert_allclose(contrib.sum(axis=1), score, rtol=1e-5)
+    share = terms / terms.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(contrib / score[:, None], share, rtol=1e-3, atol=1e-5)
+    np.testing.assert_array_equal(contrib[:, 0], 0.0)
+
+
+def test_a_one_step_surprise_scores_in_peak_steps_consecutive_windows(
+    run: TrainResult, prep: Prepared
+) -> None:
+    # A stream of clean rows with a jump at row p: the windows ending at p .. p+STEPS-1 each
+    # hold step p among their scored steps, and each forecasts it from the same N_IN steps
+    # before it, so (without the local correction, which looks at different older steps in
+    # each) step p's residual, and with it the score, is the same in all of them although
+    # their later steps differ: no forecast sees the step it forecasts or any after it.
+    s = run.scoring
+    no_local = export.build_scoring_function(
+        s.model,
+        s.kind,
+        window_length=L,
+        mean=s.mean,
+        std=s.std,
+        residual_scale=s.residual_scale,
+        n_lstm_layers=s.n_lstm_layers,
+        scored=[False, True, True],
+        peak=export.PeakScore(steps=STEPS),
+    )
+    rows = prep.validation_segments[0].values[: L + 2 * STEPS].astype(np.float32).copy()
+    p = L + STEPS - 2
+    rows[p, 1] += 40.0 * s.std[1] * s.residual_scale[1]  # 40 residual scales of pressure
+    ends = np.arange(L - 1, len(rows))
+    windows = np.stack([rows[e - L + 1 : e + 1] for e in ends])
+    score, contrib = no_local(windows)
+    holding = (ends >= p) & (ends < p + STEPS)
+    assert holding.sum() == STEPS
+    assert np.all(score[holding] > 400.0), score
+    np.testing.assert_allclose(score[holding], score[holding][0], rtol=1e-4)
+    assert np.all(contrib[holding, 1] > 0.9 * score[holding])  # pressure's doing
+    assert np.all(score[ends < p] < 0.1 * score[holding].min())
+
+
+def test_local_noise_only_ever_lowers_the_terms(run: TrainResult, prep: Prepared) -> None:
+    s = run.scoring
+    assert s.peak is not None
+    assert s.peak.noise_reference is not None
+    z = prep.scaler.transform(prep.train_used.windows)
+    np.testing.assert_allclose(
+        s.peak.noise_reference, np.median(export.local_noise(z, N_IN), axis=0), rtol=1e-6
+    )
+    windows = _some(prep, 32)
+    # Noise six times the reference in pressure's older steps: its terms are divided by the
+    # ratio squared, and the graph scores that.
+    rng = np.random.default_rng(4)
+    noisy = windows.copy()
+    extra = 6.0 * s.peak.noise_reference[1] * s.std[1]
+    noisy[:, :N_IN, 1] += rng.normal(0.0, extra, size=(len(noisy), N_IN)).astype(np.float32)
+    zn = ((noisy - s.mean) / s.std).astype(np.float32)
+    ratio = np.maximum(export.local_noise(zn, N_IN) / s.peak.noise_reference, 1.0)
+    assert np.all(ratio[:, 1] > 1.5)
+    local = _terms(s, noisy)
+    np.testing.assert_allclose(local[:, 1], _terms(s, noisy, local=False)[:, 1] / ratio[:, 1] ** 2, rtol=1e-4)
+    score, _ = s(noisy)
+    np.testing.assert_allclose(score, local.max(axis=1), rtol=1e-3, atol=1e-5)
+    # A quiet stretch (ratio below 1) is scored as without the correction: it never raises a term.
+    for some in (windows, noisy):
+        assert np.all(_terms(s, some) <= _terms(s, some, local=False) * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("feature", [1, 2])
+def test_a_stuck_scored_feature_scores_the_flatline_score(
+    run: TrainResult, prep: Prepared, session: Any, feature: int
+) -> None:
+    stuck = _some(prep, 32).copy()
+    stuck[:, :, feature] = stuck[:, -1:, feature]
+    score, contrib = _ort(session, stuck)
+    assert np.all(score >= export.FLATLINE_SCORE * 0.99)
+    assert np.all(score > run.threshold)
+    np.testing.assert_allclose(contrib.sum(axis=1), score, rtol=1e-5)
+    np.testing.assert_array_equal(contrib[:, 0], 0.0)
+
+
+def test_contract_score_text(run: TrainResult) -> None:
+    contract = read_contract(run.model_path)
+    text = contract.score
+    assert text.startswith(f"largest over the last {STEPS} steps t of the window and the 2 scored features f")
+    assert f"forecast from the {N_IN} steps before it" in text
+    assert "max(1, n_f / N_f)" in text
+    assert "0 for the inputs that are not scored: temperature" in text
+    assert "flatline check on pressure, vibration:" in text
+    assert contract.training_config["model"]["score"] == "peak"
+    assert contract.training_config["training"]["loss"] == "noise_scaled"
