@@ -23,6 +23,9 @@ the highest sustainable rate (loss < 0.1 % and probe p99 < 100 ms), and one step
 of it. ``--flood`` adds 60 s at three times the sustainable rate to the first scenario.
 A last daemon gets 10,000 devices for its memory. Every reading offered is accounted for
 (accepted, rejected by reason, or lost).
+
+``anomalyd bench --instances`` (several instances sharing a fleet through NATS partitions)
+is ``anomalyd.benchcluster``; it reuses the phases' helpers and the child processes here.
 """
 
 from __future__ import annotations

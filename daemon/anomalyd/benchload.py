@@ -19,11 +19,18 @@ object as its last line (the probe also answers commands in between, see below).
 * burst (``--burst K``): every device sends K readings as fast as the connection takes
   them, stamped with the time of sending (readings of one device strictly increasing).
 
+With ``--partitions P`` the device ids are chosen so that they spread evenly over the P
+partitions of a NATS-partitioned broker (``balanced_device_ids``): every instance of a
+partitioned fleet then gets the same share of the load, so none finishes last because the
+hash gave it more devices. ``--protocol 3.1.1`` (every child takes it) speaks MQTT 3.1.1,
+the only version NATS's MQTT gateway speaks; the default is MQTT 5.
+
 Values come from ``anomalyd.synthetic.generate_fleet`` (normal data, no anomalies, no
 gaps), so none is rejected as malformed or out of order.
 
 ``count`` subscribes to a topic filter and only counts what arrives (its message
-callback does nothing else): the most a bare paho subscriber receives from the broker.
+callback does nothing else): the most a bare paho subscriber receives from the broker. It
+stops ``--idle`` seconds after the last message, or with ``--expect M`` as soon as M are in.
 
 ``probe`` is the bench's latency probe (``anomalyd.benchrun.Probe`` drives it): ``--devices``
 devices publish single readings at ``--rate`` each, stamped ``time.time()`` when sent, and
@@ -64,6 +71,8 @@ _MIN_SLEEP_S = 0.001
 _BURST_MIN_SPACING_S = 1e-5
 #: Keep one lateness sample per this many messages (enough for a p99, cheap to keep).
 _LATE_SAMPLE_EVERY = 8
+#: ``--protocol``: MQTT 5 (Mosquitto) or 3.1.1 (NATS's MQTT gateway speaks nothing else).
+PROTOCOLS = ("5", "3.1.1")
 
 
 def value_pool(features: int, seed: int = 11) -> list[list[list[float]]]:
@@ -85,8 +94,35 @@ def value_pool(features: int, seed: int = 11) -> list[list[list[float]]]:
     return pool
 
 
-def _client(client_id: str) -> Any:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+def _mqtt_version(protocol: str) -> Any:
+    """paho's protocol constant for ``--protocol`` ("5" or "3.1.1")."""
+    return mqtt.MQTTv311 if protocol == "3.1.1" else mqtt.MQTTv5
+
+
+def balanced_device_ids(prefix: str, count: int, partitions: int) -> list[str]:
+    """``count`` device ids ``<prefix><k>``; with ``partitions`` > 0, only the k that keep
+    every NATS partition (``anomalyd.partitions.nats_partition``) at most one device above
+    the others, so that the partitions, and the instances owning them, get equal loads."""
+    if partitions <= 0:
+        return [f"{prefix}{k}" for k in range(count)]
+    from anomalyd.partitions import nats_partition
+
+    quota = -(-count // partitions)  # ceil: when P does not divide count, the last ones hold one less
+    held = [0] * partitions
+    ids: list[str] = []
+    k = 0
+    while len(ids) < count:
+        device = f"{prefix}{k}"
+        p = nats_partition(device, partitions)
+        if held[p] < quota:
+            held[p] += 1
+            ids.append(device)
+        k += 1
+    return ids
+
+
+def _client(client_id: str, protocol: str = "5") -> Any:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=_mqtt_version(protocol))
     # Unbounded client-side queue: publish() never refuses; the socket paces a burst.
     client.max_queued_messages_set(0)
     return client
@@ -120,7 +156,7 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
     n = args.devices
     per_msg = max(args.array, 1)
     pre, post = args.topic.split("{device}")
-    topics = [f"{pre}{args.prefix}{k}{post}" for k in range(n)]
+    topics = [f"{pre}{device}{post}" for device in balanced_device_ids(args.prefix, n, args.partitions)]
     series = [pool[k % len(pool)] for k in range(n)]
     cursor = [(k * 131) % _POOL_SAMPLES for k in range(n)]
     last_ts = [-math.inf] * n
@@ -136,7 +172,7 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
         last_ts[k] = end_ts
         return orjson.dumps(docs if args.array >= 1 else docs[0])
 
-    client = _client(f"bench-pub-{args.prefix}{os.getpid()}")
+    client = _client(f"bench-pub-{args.prefix}{os.getpid()}", args.protocol)
     _connect(client, args.host, args.port)
     _wait_go()
     messages = 0
@@ -206,7 +242,9 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
         received += 1  # nothing else: this is the bare subscriber's limit
 
     client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=f"bench-count-{os.getpid()}", protocol=mqtt.MQTTv5
+        CallbackAPIVersion.VERSION2,
+        client_id=f"bench-count-{os.getpid()}",
+        protocol=_mqtt_version(args.protocol),
     )
     client.on_connect = lambda c, *_a: c.subscribe(args.topic, qos=0)
     client.on_subscribe = lambda *_a: subscribed.set()
@@ -230,6 +268,8 @@ def count(args: argparse.Namespace) -> dict[str, Any]:
             last = now
             if math.isnan(first):
                 first = now
+        if args.expect and seen >= args.expect:
+            break  # all there: no idle wait, whose length a stall of the sender would set
         if (not math.isnan(last) and now - last > args.idle) or now - start > args.timeout:
             break
     cpu = _cpu_s() - cpu0
@@ -263,14 +303,14 @@ class _ProbeChild:
         self.thread: threading.Thread | None = None
 
         # Two clients: a score's arrival is never queued behind the probe's own publishing.
-        self.pub = _client(f"bench-probe-pub-{args.prefix}{os.getpid()}")
+        self.pub = _client(f"bench-probe-pub-{args.prefix}{os.getpid()}", args.protocol)
         _connect(self.pub, args.host, args.port)
         subscribed = threading.Event()
         scores = [(args.score_topic.replace("{device}", d), 0) for d in self.devices]
         self.sub = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"bench-probe-sub-{args.prefix}{os.getpid()}",
-            protocol=mqtt.MQTTv5,
+            protocol=_mqtt_version(args.protocol),
         )
         self.sub.on_connect = lambda c, *_a: c.subscribe(scores)
         self.sub.on_subscribe = lambda *_a: subscribed.set()
@@ -407,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m anomalyd.benchload", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("publish")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="5")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--topic", default="sensors/{device}/telemetry")
@@ -420,15 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, help="paced: how long")
     p.add_argument("--burst", type=int, default=0, help="burst: readings per device, as fast as possible")
     p.add_argument("--flush-timeout", type=float, default=120.0)
+    p.add_argument(
+        "--partitions", type=int, default=0, help="spread the device ids evenly over P NATS partitions"
+    )
     p.set_defaults(run=publish)
     p = sub.add_parser("count")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="5")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--topic", default="sensors/+/telemetry")
     p.add_argument("--idle", type=float, default=2.0, help="stop this long after the last message")
+    p.add_argument("--expect", type=int, default=0, help="stop as soon as this many messages are in")
     p.add_argument("--timeout", type=float, default=120.0, help="stop after this long in any case")
     p.set_defaults(run=count)
     p = sub.add_parser("probe")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="5")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--topic", default="sensors/{device}/telemetry")

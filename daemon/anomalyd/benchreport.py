@@ -3,10 +3,15 @@
 Each ratio divides a daemon figure by a limit measured in the same run (or compares a
 latency, start-up time or memory figure with a fixed target). A ratio that could not be
 computed (its scenario was not run, a phase found nothing) is ``None`` with the reason.
+
+``--instances`` has its own figures: per N, the median throughput of its repeats, its
+ratio to one instance and to the target (``by_instances``), and its table
+(``render_instances``).
 """
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 #: name -> (what, unit, comparison, target)
@@ -81,6 +86,47 @@ def ratios(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
         met = None if value is None else (value >= target if op == ">=" else value <= target)
         out[name] = {"figure": what, "value": value, "unit": unit, "target": f"{op} {target:g}", "met": met}
         out[name]["basis"] = basis if value is not None else f"not measured ({basis})"
+    return out
+
+
+# --------------------------------------------------------------------------- --instances
+
+#: The target: 1.8x the throughput of one instance with two, that is 90 % of linear; the
+#: same efficiency is the target for every other N (0.9 x N).
+TARGET_EFFICIENCY = 0.9
+
+
+def by_instances(
+    runs: list[dict[str, Any]], counts: tuple[int, ...], limit: dict[str, Any]
+) -> dict[str, Any]:
+    """Per N: the median throughput over its repeats, its ratio to N = 1 and to the target."""
+    medians = {n: statistics.median(r["windows_per_s"] for r in runs if r["instances"] == n) for n in counts}
+    base = medians.get(1)
+    out: dict[str, Any] = {}
+    for n in counts:
+        mine = [r for r in runs if r["instances"] == n]
+        ratio = medians[n] / base if base else None
+        target = TARGET_EFFICIENCY * n if n > 1 else None
+        # The run whose throughput is the median (the lower middle one for an even count):
+        # its CPU shares and bottleneck stand for this N.
+        typical = sorted(mine, key=lambda r: r["windows_per_s"])[(len(mine) - 1) // 2]
+        out[str(n)] = {
+            "windows_per_s": medians[n],
+            "each_repeat": [r["windows_per_s"] for r in mine],
+            "readings_per_s": statistics.median(r["readings_per_s"] for r in mine),
+            "drain_windows_per_s": typical["drain_windows_per_s"],
+            "windows_per_instance_cpu_s": statistics.median(r["windows_per_instance_cpu_s"] for r in mine),
+            "ratio_to_1": ratio,
+            "target": target,
+            "ratio_to_target": ratio / target if ratio is not None and target else None,
+            "met": ratio >= target if ratio is not None and target else None,
+            "of_bare_subscriber": statistics.median(r["readings_per_s"] for r in mine)
+            / limit["readings_per_s"]
+            if limit["readings_per_s"] > 0
+            else None,
+            "cpu": typical["cpu"],
+            "bottleneck": typical["bottleneck"],
+        }
     return out
 
 
@@ -180,4 +226,71 @@ def render(result: dict[str, Any]) -> str:
         unit = f" {r['unit']}" if r["unit"] not in ("", "×") else ""
         met = {True: "yes", False: "NO", None: "-"}[r["met"]]
         lines.append(f"  {r['figure']:<58} {value + unit:>9} {r['target']:>9}  {met}")
+    return "\n".join(lines)
+
+
+def _pct(v: Any) -> str:
+    return f"{v:.0f} %" if isinstance(v, int | float) else "-"
+
+
+def render_instances(result: dict[str, Any]) -> str:
+    """The table printed at the end of ``anomalyd bench --instances``."""
+    s, load, m = result["settings"], result["load"], result["machine"]
+    sub = result["limits"]["bare_subscriber"]
+    lines = [
+        "",
+        f"anomalyd bench --instances {','.join(map(str, s['instances']))}"
+        f"{' --pin' if s['pin'] else ''}{' --quick' if result['quick'] else ''}: model "
+        f"{result['model']['version']}, {m['cpus']} CPUs ({m['usable_cpus']} usable), load average "
+        f"{m['loadavg_start'][0]:.1f} → {m['loadavg_end'][0]:.1f}, {result['elapsed_s']:.0f} s",
+        f"broker: nats-server {result['broker']['mqtt']} (MQTT 3.1.1), {s['partitions']} partitions; "
+        f"instance i owns the partitions p with p % N == i"
+        + ("; instance i pinned to core i % cores" if s["pin"] else ""),
+        f"load, the same for every N: {load['devices']} devices ({load['devices_per_partition']} per "
+        f"partition), {load['readings_per_device']} readings each in messages of "
+        f"{load['readings_per_message']}: {load['readings']} readings, {load['messages']} messages, from "
+        f"{load['publishers']} publisher processes, as fast as they go",
+        f"limit: a bare subscriber through nats-server ({sub['topic_filter']}) received "
+        f"{_num(sub['readings_per_s'])} readings/s ({_num(sub['messages_per_s'])} messages/s; nats-server "
+        f"{_pct(sub['broker_cpu_pct'])}, publishers {_pct(sub['publishers_cpu_pct'])} CPU)",
+        f"throughput: {result['throughput_is']}; median of {s['repeats']} repeat(s)",
+        "",
+        f"  {'N':>2} {'windows/s':>10} {'each repeat':<26} {'× N=1':>6} {'target':>7} {'÷ target':>8} "
+        f"{'drain w/s':>10} {'÷ bare sub':>10} {'w/CPU-s':>8}",
+    ]
+    rows = result["by_instances"]
+    for n, row in rows.items():
+        each = ", ".join(_num(v) for v in row["each_repeat"])
+        ratio = "-" if row["ratio_to_1"] is None else f"{row['ratio_to_1']:.2f}"
+        target = "-" if row["target"] is None else f"{row['target']:.1f}"
+        to_target = "-" if row["ratio_to_target"] is None else f"{row['ratio_to_target']:.2f}"
+        lines.append(
+            f"  {n:>2} {_num(row['windows_per_s']):>10} {each:<26} {ratio:>6} {target:>7} {to_target:>8} "
+            f"{_num(row['drain_windows_per_s']):>10} {_num(row['of_bare_subscriber'], 2):>10} "
+            f"{_num(row['windows_per_instance_cpu_s']):>8}"
+        )
+    lines += [
+        "  (drain w/s: after the last publish, the backlog alone; ÷ bare sub: readings/s over the bare "
+        "subscriber's; w/CPU-s: windows per CPU second the instances used)",
+        "",
+        "where the CPU went (the median run of each N; % of one core, over the burst; waiting: the "
+        "instances' threads runnable but without a core; other: busy time none of these accounts for)",
+        f"  {'N':>2} {'instances':>10} {'each':<18} {'waiting':>8} {'nats-server':>11} {'publishers':>10} "
+        f"{'bench':>6} {'other':>6} {'machine busy':>12}  bottleneck",
+    ]
+    for n, row in rows.items():
+        cpu = row["cpu"]
+        each = ", ".join(f"{v:.0f}" for v in cpu["each_instance_pct"])
+        lines.append(
+            f"  {n:>2} {_pct(cpu['instances_pct']):>10} {each:<18} {_pct(cpu['instances_waiting_pct']):>8} "
+            f"{_pct(cpu['broker_pct']):>11} {_pct(cpu['publishers_pct']):>10} {_pct(cpu['bench_pct']):>6} "
+            f"{_pct(cpu['other_pct']):>6} {_pct(cpu['machine_busy_pct']):>12}  {row['bottleneck']['cause']}"
+        )
+    acc = result["accounting"]
+    lines += [
+        "",
+        f"accounting: {acc['offered_readings']} readings offered, {acc['accepted_readings']} accepted, "
+        f"{acc['lost_readings']} lost, {acc['broker_lost_messages']} messages not delivered, rejected "
+        f"{acc['rejected'] or 'none'}",
+    ]
     return "\n".join(lines)

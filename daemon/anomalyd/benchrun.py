@@ -199,6 +199,17 @@ class DaemonProcess:
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
 
+    def pin(self, cpus: set[int]) -> int:
+        """Keep every thread of the daemon on ``cpus`` (``sched_setaffinity`` on each task
+        of ``/proc/<pid>/task``; threads started later inherit it). Returns how many
+        threads were pinned."""
+        pinned = 0
+        for task in os.listdir(f"/proc/{self.pid}/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+                os.sched_setaffinity(int(task), cpus)
+                pinned += 1
+        return pinned
+
     def memory(self) -> dict[str, int]:
         return memory_bytes(self.pid)
 
@@ -393,6 +404,8 @@ class LoadSpec:
     rate: float = 1.0  # paced: readings per second per device
     seconds: float = 0.0  # paced: how long
     burst: int = 0  # burst: readings per device, as fast as possible
+    protocol: str = "5"  # MQTT version of the publishers: "3.1.1" for NATS's MQTT gateway
+    partitions: int = 0  # > 0: device ids spread evenly over this many NATS partitions
 
     @property
     def per_message(self) -> int:
@@ -467,6 +480,10 @@ def publisher_commands(
     """Split ``spec``'s devices over ``publishers`` processes (device ids stay unique)."""
     base = [sys.executable, "-m", "anomalyd.benchload", "publish", "--host", host, "--port", str(port)]
     base += ["--features", ",".join(features), "--array", str(spec.array)]
+    if spec.protocol != "5":
+        base += ["--protocol", spec.protocol]
+    if spec.partitions:
+        base += ["--partitions", str(spec.partitions)]
     if spec.burst:
         base += ["--burst", str(spec.burst)]
     else:

@@ -2,9 +2,10 @@
 
 Subcommands:
 
-- ``run [--config FILE] [--broker ADDRESS] [--model PATH] [--metrics-addr HOST:PORT]``:
-  the daemon (embedded defaults without a file);
-- ``check-config FILE [--as-service [--unit UNIT]]``: check a configuration and everything
+- ``run [--config FILE] [--broker ADDRESS] [--model PATH] [--metrics-addr HOST:PORT]
+  [--instance N]``: the daemon (embedded defaults without a file); ``--instance N`` runs it
+  as instance N of the file's ``[cluster]`` (what ``anomalyd@N.service`` does);
+- ``check-config FILE [--as-service [--unit UNIT]] [--instance N]``: check a configuration and everything
   ``run`` needs with it (secrets, TLS files, the model against the configuration, the
   state directory; ``anomalyd.preflight``), print every problem with its key path;
 - ``inspect-model PATH`` (or ``--config FILE``: every model it serves): print a model's
@@ -115,6 +116,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -146,12 +157,49 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, object]:
     return overrides
 
 
+# ---- --instance N: one instance of the [cluster] a shared configuration file describes
+
+
+def _instance_overrides(
+    config_path: Path | None, instance: int | None, overrides: dict[str, object], *, keep_port: bool
+) -> dict[str, object]:
+    """``overrides`` plus what ``--instance N`` sets: ``cluster.instance = N`` and, unless
+    ``keep_port`` (an explicit ``--metrics-addr``), ``metrics.port + N``, so that the
+    instances of one host (``anomalyd@N.service``, all reading one file) each serve
+    /metrics on a port of their own. ``ConfigError`` when the file has no ``[cluster]``."""
+    if instance is None:
+        return overrides
+    from anomalyd.config import load_config
+
+    try:
+        alone = load_config(config_path, overrides)
+    except ConfigError:
+        alone = None  # the file's own problem: reported with the instance set, below
+    if alone is not None and alone.cluster is None:
+        raise ConfigError(
+            "the configuration has no [cluster] table: --instance N picks instance N of its "
+            "[cluster] (partitions and instances)",
+            "--instance",
+        )
+    out = {**overrides, "cluster.instance": instance}
+    if not keep_port:
+        try:
+            port = load_config(config_path, out).metrics.port
+        except ConfigError:
+            return out  # load_config with these overrides reports it
+        if port:  # 0: any free port, for each instance already
+            out["metrics.port"] = port + instance
+    return out
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from anomalyd.config import load_config
     from anomalyd.logsetup import configure
     from anomalyd.service import run_service
 
-    overrides = _run_overrides(args)
+    overrides = _instance_overrides(
+        args.config, args.instance, _run_overrides(args), keep_port=bool(args.metrics_addr)
+    )
     config = load_config(args.config, overrides)  # ConfigError → 78 before logging exists
     configure(config.logging.level, config.logging.format)
     log.info("anomalyd %s starting (config: %s)", __version__, args.config or "embedded defaults")
@@ -175,19 +223,22 @@ class _ReportedError(Exception):
 
 
 def _service_unit(args: argparse.Namespace) -> ServiceUnit | None:
-    """The unit ``--as-service`` / ``--unit`` asks to check as; None without them."""
+    """The unit ``--as-service`` / ``--unit`` asks to check as; None without them. With
+    ``--instance N``, the template ``anomalyd@.service`` as instance N."""
     from anomalyd.systemd_unit import default_unit_path, read_unit
 
     if not args.as_service and args.unit is None:
         return None
-    path = args.unit if args.unit is not None else default_unit_path()
+    template = args.instance is not None
+    path = args.unit if args.unit is not None else default_unit_path(template=template)
     if path is None:
+        name = "anomalyd@.service" if template else "anomalyd.service"
         raise ConfigError(
-            "no anomalyd.service in /etc/systemd/system (nor the other unit directories): give --unit",
+            f"no {name} in /etc/systemd/system (nor the other unit directories): give --unit",
             "--as-service",
         )
     try:
-        return read_unit(path)
+        return read_unit(path, instance=str(args.instance) if template else None)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the unit file {str(path)!r}: {exc}", "--unit") from None
 
@@ -197,11 +248,12 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     from anomalyd.preflight import check_start
 
     unit = _service_unit(args)
-    label = str(args.config)
-    errors = config_errors(args.config)
+    label = str(args.config) + (f" (instance {args.instance})" if args.instance is not None else "")
+    overrides = _instance_overrides(args.config, args.instance, {}, keep_port=False)
+    errors = config_errors(args.config, overrides)
     summary: list[str] = []
     if not errors:
-        check = check_start(load_config(args.config), unit)
+        check = check_start(load_config(args.config, overrides), unit)
         errors, summary = check.problems, check.summary
     if not errors:
         print(f"{label}: OK" + (f", as {unit.path} would run it" if unit is not None else ""))
@@ -369,6 +421,50 @@ _BENCH_TUNABLES = (
     "rss_devices",
 )
 _BENCH_SCENARIOS = ("arrays", "single", "every-window")
+#: Options of the single-daemon bench that mean nothing to ``--instances`` (refused with it),
+#: and the options of ``--instances`` alone, as argparse destinations.
+_BENCH_NOT_FOR_INSTANCES = (
+    "broker",
+    "scenarios",
+    "flood",
+    "rate",
+    "seconds_per_step",
+    "max_steps",
+    "probe_devices",
+    "probe_rate",
+    "flood_seconds",
+    "rss_devices",
+)
+_BENCH_INSTANCES_ONLY = ("partitions", "repeats", "pin", "burst_readings")
+
+
+def _cmd_bench_instances(args: argparse.Namespace, model: Path) -> int:
+    from anomalyd.benchcluster import ClusterSettings, instance_counts, run_cluster_bench
+    from anomalyd.benchphases import BenchSettings
+
+    given = [n for n in _BENCH_NOT_FOR_INSTANCES if getattr(args, n) not in (None, False)]
+    if given:
+        options = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise UsageError(f"--instances: not with {options} (the single-daemon bench's)")
+    try:
+        counts = instance_counts(args.instances)
+    except ValueError as exc:
+        raise ConfigError(str(exc), "--instances") from None
+    cluster = ClusterSettings.quick_variant() if args.quick else ClusterSettings()
+    cluster.instances, cluster.pin = counts, args.pin
+    for name in ("partitions", "repeats", "burst_readings"):
+        if getattr(args, name) is not None:
+            setattr(cluster, name, getattr(args, name))
+    if max(counts) > cluster.partitions:
+        raise ConfigError(
+            f"expected at most {cluster.partitions} instances (one partition each), got {max(counts)}",
+            "--instances",
+        )
+    settings = BenchSettings.quick_variant(model) if args.quick else BenchSettings(model)
+    for name in ("publishers", "array"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    return run_cluster_bench(settings, cluster, args.json)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -376,6 +472,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from anomalyd.config import Config
 
     model = args.model or Config().model.path
+    if args.instances is not None:
+        return _cmd_bench_instances(args, model)
+    given = [n for n in _BENCH_INSTANCES_ONLY if getattr(args, n) not in (None, False)]
+    if given:
+        options = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise UsageError(f"{options}: only with --instances")
     settings = BenchSettings.quick_variant(model) if args.quick else BenchSettings(model)
     if args.flood and args.quick:
         raise UsageError("--flood: it runs for minutes; it is not part of --quick")
@@ -531,6 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="overrides logging.level"
     )
+    p.add_argument(
+        "--instance",
+        type=_non_negative_int,
+        metavar="N",
+        help="run as instance N of the file's [cluster] (overrides cluster.instance) and serve metrics "
+        "on metrics.port + N (unless --metrics-addr): what anomalyd@N.service runs",
+    )
     p.set_defaults(run=_cmd_run)
 
     p = sub.add_parser(
@@ -550,6 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(unit: /etc/systemd/system/anomalyd.service, else the one in the anomalyd checkout)",
     )
     p.add_argument("--unit", type=Path, metavar="UNIT", help="the unit file for --as-service (implies it)")
+    p.add_argument(
+        "--instance",
+        type=_non_negative_int,
+        metavar="N",
+        help="check as instance N of the file's [cluster], as `run --instance N` (anomalyd@N.service: "
+        "with --as-service, the template unit anomalyd@.service) runs it",
+    )
     p.set_defaults(run=_cmd_check_config)
 
     p = sub.add_parser(
@@ -670,6 +786,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flood-seconds", type=_positive_float, help="length of the flood (60)")
     p.add_argument(
         "--rss-devices", type=_positive_int, help="devices in the memory phase (10000; quick 1000)"
+    )
+    p.add_argument(
+        "--instances",
+        metavar="N[,N...]",
+        help="instead: throughput of N daemon instances sharing one fleet through NATS partitions, for "
+        "each N (1 always: the ratios' baseline), on the same load, e.g. 1,2,4",
+    )
+    p.add_argument(
+        "--partitions", type=_positive_int, help="with --instances: partitions of the NATS mapping (16)"
+    )
+    p.add_argument(
+        "--repeats", type=_positive_int, help="with --instances: bursts per N, median kept (3; quick 1)"
+    )
+    p.add_argument(
+        "--burst-readings",
+        type=_positive_int,
+        help="with --instances: readings per burst (400000; quick 24000)",
+    )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="with --instances: keep instance i on core i %% cores (one core each)",
     )
     p.set_defaults(run=_cmd_bench)
     return parser

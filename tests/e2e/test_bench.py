@@ -1,6 +1,7 @@
 """``anomalyd bench --quick`` end to end: it runs the real daemon behind a real Mosquitto,
 accounts for every reading it offers, measures the probe's latency and writes its figures
-as JSON.
+as JSON. ``anomalyd bench --instances 1,2 --quick`` does the same for daemon instances
+sharing a fleet through a real nats-server's partitions.
 
 Speeds and ratios are not asserted: the machines that run the tests are shared and
 noisy, and the quick run's loads are too small to mean anything. This checks that the
@@ -18,9 +19,12 @@ from pathlib import Path
 import orjson
 import pytest
 
+from anomalyd.benchcluster import PARTITIONED_FILTER
+from anomalyd.benchload import balanced_device_ids
 from anomalyd.benchreport import TARGETS
-from anomalyd.benchrun import Probe
-from tests.broker import MosquittoBroker, Received, Subscriber, publish_many
+from anomalyd.benchrun import Children, LoadSpec, Probe, publisher_commands, summarise_publishers
+from anomalyd.partitions import nats_partition
+from tests.broker import MosquittoBroker, PrivateNatsServer, Received, Subscriber, publish_many
 
 
 def readings_in(messages: list[Received]) -> int:
@@ -138,3 +142,126 @@ def test_quick_bench_accounts_for_every_reading_and_writes_the_figures(tmp_path:
         assert isinstance(ratio["met"], bool), name
     for ratio in doc["ratios"].values():
         assert ratio["figure"] in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "problem"),
+    [
+        (("--pin",), 64, "--pin: only with --instances"),
+        (("--instances", "2", "--flood", "--rate", "3"), 64, "not with --flood, --rate"),
+        (("--instances", "two"), 78, "expected positive integers separated by commas, got 'two'"),
+        (("--instances", "0,2"), 78, "expected positive integers separated by commas, got '0,2'"),
+        (("--instances", "8", "--partitions", "4"), 78, "expected at most 4 instances"),
+    ],
+)
+def test_instances_options_are_checked_before_anything_runs(
+    args: tuple[str, ...], code: int, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from anomalyd.cli import main
+
+    assert main(["bench", *args]) == code
+    assert problem in capsys.readouterr().err
+
+
+def test_publishers_spread_their_devices_evenly_over_the_nats_partitions(tmp_path: Path) -> None:
+    """The ``--instances`` load: publisher children speaking MQTT 3.1.1 to a real nats-server
+    with the partition mapping, device ids chosen so that every partition gets as many
+    devices, hence every instance owning as many partitions the same share of the load."""
+    partitions = 8
+    spec = LoadSpec(
+        devices=2 * 3 * partitions,
+        prefix="t-bal-",
+        array=5,
+        burst=10,
+        protocol="3.1.1",
+        partitions=partitions,
+    )
+    with PrivateNatsServer(tmp_path / "nats", partitions=partitions) as server:
+        seen = Subscriber(server, [PARTITIONED_FILTER])
+        kids = Children(publisher_commands(server.host, server.port, spec, 2, ["a", "b"]))
+        try:
+            kids.wait_ready(60)
+            kids.go()
+            pub = summarise_publishers(kids.results(60))
+            seen.wait_until(lambda got: len(got) >= pub["messages"], 30, "every message of the burst")
+        finally:
+            kids.close()
+            seen.close()
+    assert pub["messages"] == spec.devices * 2  # 10 readings per device, 5 per message
+    devices_of: dict[int, set[str]] = {}
+    for m in seen.snapshot():
+        _sensors, device, _telemetry, level = m.topic.split("/")
+        # The broker's partition is the one nats_partition computes for the device.
+        assert int(level) == nats_partition(device, partitions), m.topic
+        devices_of.setdefault(int(level), set()).add(device)
+    assert sorted(devices_of) == list(range(partitions))
+    assert {len(d) for d in devices_of.values()} == {spec.devices // partitions}
+    # The same ids as the bench computes, publisher by publisher.
+    expected = {
+        d for p in range(2) for d in balanced_device_ids(f"t-bal-p{p}-", spec.devices // 2, partitions)
+    }
+    assert set().union(*devices_of.values()) == expected
+
+
+@pytest.mark.slow
+def test_instances_bench_scales_out_over_nats_partitions_and_accounts_for_every_reading(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "instances.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "anomalyd", "bench", "--instances", "2", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "instances"
+    assert doc["settings"]["instances"] == [1, 2]  # 1 is always measured: the baseline
+    partitions = doc["settings"]["partitions"]
+    load = doc["load"]
+
+    total = doc["accounting"]
+    assert total["offered_readings"] == 2 * load["readings"]  # the same load for each N
+    assert total["nothing_lost"] is True, total
+    assert total["accepted_readings"] == total["offered_readings"]
+
+    assert [r["instances"] for r in doc["runs"]] == [1, 2]
+    for run in doc["runs"]:
+        n = run["instances"]
+        assert run["complete"] is True, n
+        assert run["accounting"]["offered_readings"] == load["readings"], n
+        assert run["windows_scored"] == run["expected_windows"], n
+        assert run["windows_per_s"] > 0, n
+        assert len(run["per_instance"]) == n
+        for inst in run["per_instance"]:
+            # Each instance subscribed to its own partitions only, got exactly its share of
+            # the evenly spread devices, and rejected nothing (no foreign partition).
+            assert inst["partitions_owned"] == partitions // n, inst
+            assert inst["windows_scored"] == run["expected_windows"] // n, inst
+            assert inst["rejected"] == {}, inst
+            assert inst["exit_code"] == 0, inst
+        cpu = run["cpu"]
+        assert len(cpu["each_instance_pct"]) == n
+        assert cpu["broker_pct"] is not None
+        assert 0 < cpu["machine_busy_pct"] <= 100
+        assert cpu["instances_waiting_pct"] >= 0
+        assert run["bottleneck"]["cause"] in {
+            "the machine",
+            "the load generator",
+            "the machine and the load generator",
+            "the instances",
+        }
+        assert run["bottleneck"]["verdict"]
+
+    rows = doc["by_instances"]
+    assert rows["1"]["ratio_to_1"] == 1.0
+    assert rows["1"]["target"] is None
+    assert rows["2"]["target"] == pytest.approx(1.8)
+    assert rows["2"]["ratio_to_1"] == pytest.approx(rows["2"]["windows_per_s"] / rows["1"]["windows_per_s"])
+    assert isinstance(rows["2"]["met"], bool)
+    sub = doc["limits"]["bare_subscriber"]
+    assert sub["messages_received"] == sub["messages_sent"] == load["messages"]
+    assert "× N=1" in proc.stdout
+    assert "where the CPU went" in proc.stdout
