@@ -33,10 +33,20 @@ publishers deliver at most.
 ``--pin`` keeps instance i on core ``i % cores`` (``sched_setaffinity``): one core per
 instance, so N = 1 is measured on one core and the ratios say how throughput grows per
 core added; without it every instance may use every core.
+
+``--hosts CPUS`` runs instance i as host i (``anomalyd.benchhosts``): in a network
+namespace of its own, linked to nats-server's bridge by a veth pair (its MQTT traffic
+crosses that link; the bench scrapes its ``/metrics`` at the host's address), and in a
+CPU cgroup holding CPUS cores' worth of time. The budget per instance is fixed, so the
+ratio of N instances to one says whether another host of the same size adds as much
+again. Each run records what the kernel says of each instance (its namespace, its
+cgroup and quota, its connection to the broker) and each host's throttling; an instance
+that used nearly all of its budget was held by it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -45,10 +55,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from anomalyd.bench import total_accounting, write_toml
 from anomalyd.benchcpu import CpuMark, bottleneck
+from anomalyd.benchhosts import PERIOD_US, Hosts
 from anomalyd.benchphases import BenchSettings, Phases
 from anomalyd.benchreport import by_instances
 from anomalyd.benchrun import (
@@ -62,6 +73,9 @@ from anomalyd.benchrun import (
     rejected_by_reason,
     summarise_publishers,
 )
+
+if TYPE_CHECKING:
+    from anomalyd.nats_broker import PrivateNatsServer
 
 __all__ = ["ClusterSettings", "run_cluster_bench"]
 
@@ -87,6 +101,8 @@ class ClusterSettings:
     burst_readings: int = 400_000
     #: Devices per partition for each publisher process.
     devices_per_partition: int = 8
+    #: ``--hosts``: each instance in a network namespace and a CPU cgroup of this many cores.
+    host_cpus: float | None = None
 
     @classmethod
     def quick_variant(cls, **kw: Any) -> ClusterSettings:
@@ -164,6 +180,7 @@ class ClusterBench(Phases):
             self.readings_per_device // per_msg
         )
         self.intake_queue_mib = max(32, math.ceil(2 * burst_bytes / 2**20))
+        self.hosts: Hosts | None = None
 
     # ------------------------------------------------------------------ load
 
@@ -238,14 +255,16 @@ class ClusterBench(Phases):
 
     # ------------------------------------------------------------------ instances
 
-    def _instance_config(self, n: int, i: int, tag: str, metrics_port: int) -> dict[str, object]:
+    def _instance_config(
+        self, n: int, i: int, tag: str, metrics_host: str, metrics_port: int
+    ) -> dict[str, object]:
         return {
             "mqtt.host": self.host,
             "mqtt.port": self.port,
             "mqtt.protocol": "3.1.1",
             "mqtt.client_id": f"anomalyd-bench-{self.run_id}-{tag}-{i}",
             "model.path": str(self.s.model),
-            "metrics.host": "127.0.0.1",
+            "metrics.host": metrics_host,
             "metrics.port": metrics_port,
             "logging.level": "WARNING",
             # The burst runs faster than real time, which the cadence check would rightly
@@ -261,17 +280,27 @@ class ClusterBench(Phases):
         }
 
     def start_instances(self, n: int, tag: str) -> list[DaemonProcess]:
-        """N daemons, started together, each ready (``READY=1``: connected and subscribed)."""
+        """N daemons, started together, each ready (``READY=1``: connected and subscribed);
+        with ``--hosts``, instance i in host i."""
         from anomalyd.broker import free_port
+        from anomalyd.config import Config
 
         daemons: list[DaemonProcess] = []
         try:
             for i in range(n):
                 run_dir = self.workdir / tag / f"instance-{i}"
                 run_dir.mkdir(parents=True, exist_ok=True)
-                port = free_port()
-                cfg = write_toml(run_dir / "anomalyd.toml", self._instance_config(n, i, tag, port))
-                daemons.append(DaemonProcess(run_dir, cfg, port))
+                if self.hosts is not None:
+                    # A host has a network stack of its own: the daemon's default port is free.
+                    host = self.hosts.hosts[i]
+                    launcher, metrics_host, port = host.launcher(), host.address, Config().metrics.port
+                else:
+                    launcher, metrics_host, port = [], "127.0.0.1", free_port()
+                config = self._instance_config(n, i, tag, metrics_host, port)
+                cfg = write_toml(run_dir / "anomalyd.toml", config)
+                daemons.append(
+                    DaemonProcess(run_dir, cfg, port, launcher=launcher, metrics_host=metrics_host)
+                )
             for d in daemons:
                 self.ready_times.append(d.wait_ready(120))
             if self.c.pin:
@@ -284,7 +313,15 @@ class ClusterBench(Phases):
         return daemons
 
     def _mark(self, daemons: list[DaemonProcess]) -> CpuMark:
-        return CpuMark.now([d.pid for d in daemons], self._broker_cpu())
+        groups = [h.cgroup for h in self.hosts.hosts[: len(daemons)]] if self.hosts is not None else []
+        return CpuMark.now([d.pid for d in daemons], self._broker_cpu(), groups)
+
+    def _observe(self, daemons: list[DaemonProcess]) -> list[dict[str, Any] | None]:
+        """With ``--hosts``: what the kernel says of each instance, once it is ready (its
+        network namespace, CPU cgroup and quota, its connection to the broker)."""
+        if self.hosts is None:
+            return [None] * len(daemons)
+        return [h.observe(d.pid, self.port) for h, d in zip(self.hosts.hosts, daemons, strict=False)]
 
     def _drain(
         self, daemons: list[DaemonProcess], expected_messages: int, expected_windows: float, limit: float
@@ -332,13 +369,15 @@ class ClusterBench(Phases):
         spec = self._spec(tag)
         messages = spec.devices * (spec.burst // spec.per_message)
         try:
+            observed = self._observe(daemons)
             before = [d.scrape() for d in daemons]
             kids = self._load(spec)
             try:
                 start = self._mark(daemons)
                 kids.go()
-                # Generous: a saturated single instance on a busy 2-core machine.
-                limit = max(60.0, spec.devices * spec.burst / 2_000)
+                # Generous: a saturated single instance on a busy 2-core machine, or on a
+                # host with a fraction of a core.
+                limit = max(60.0, spec.devices * spec.burst / 2_000) / min(1.0, self.c.host_cpus or 1.0)
                 windows = _sum_metric(before, "anomalyd_windows_scored_total")
                 windows += spec.devices * (spec.burst - self.window + 1)
                 after, done, complete, trace, end = self._drain(daemons, messages, windows, limit)
@@ -349,9 +388,22 @@ class ClusterBench(Phases):
         finally:
             for d in daemons:
                 d.stop(10)
-        return self._summarise(
+        result = self._summarise(
             n, repeat, spec, _Burst(before, after, done, complete, trace, start, end, pub, exits)
         )
+        if self.hosts is not None:
+            cores = len(self.cpus)
+            result["hosts"] = {
+                "budget_cpus": n * self.hosts.cpus,
+                # What the hosts' budgets leave of the cores for nats-server, the
+                # publishers, the bench and anything else.
+                "cpus_left": cores - n * self.hosts.cpus,
+            }
+            for i, p in enumerate(result["per_instance"]):
+                p["host"] = {**self.hosts.hosts[i].describe(), "observed": observed[i]}
+                p["cpu_budget"] = result["cpu"]["hosts"][i]
+                p["bottleneck"] = result["bottleneck"]["per_instance"][i]
+        return result
 
     def _summarise(self, n: int, repeat: int, spec: LoadSpec, b: _Burst) -> dict[str, Any]:
         before, after, done, pub = b.before, b.after, b.done, b.pub
@@ -451,6 +503,7 @@ class ClusterBench(Phases):
                 "partitions": self.c.partitions,
                 "repeats": self.c.repeats,
                 "pin": self.c.pin,
+                "host_cpus": self.c.host_cpus,
                 "publishers": self.s.publishers,
                 "array": self.s.array,
             },
@@ -467,43 +520,18 @@ class ClusterBench(Phases):
             "readings": spec.devices * spec.burst,
             "publishers": self.s.publishers,
         }
-        nats = PrivateNatsServer(self.workdir / "nats", partitions=self.c.partitions)
         runs: list[dict[str, Any]] = []
-        try:
-            nats.start()
-            self.host, self.port, self.broker_pid = nats.host, nats.port, nats.pid
-            result["broker"] = {"kind": "nats-server", "mqtt": nats.address, "partitions": self.c.partitions}
-            self.say(
-                f"nats-server {nats.address} (MQTT), {self.c.partitions} partitions; model "
-                f"{self.contract.model_version} (window {self.window}); {len(self.cpus)} usable CPUs; "
-                f"instances {', '.join(map(str, self.c.instances))}"
-                + (" (pinned: instance i on core i % cores)" if self.c.pin else "")
-            )
-            limit = self.bare_subscriber()
-            self.say(
-                f"bare subscriber through nats-server: {limit['readings_per_s']:.0f} readings/s "
-                f"({limit['messages_received']} of {limit['messages_sent']} messages)"
-            )
-            for repeat in range(self.c.repeats):
-                for n in self.c.instances:
-                    run = self.measure(n, repeat)
-                    runs.append(run)
-                    cpu = run["cpu"]
-                    self.say(
-                        f"N={n} (repeat {repeat + 1}/{self.c.repeats}): {run['windows_per_s']:.0f} "
-                        f"windows/s; CPU: instances {cpu['instances_pct']:.0f} %, nats-server "
-                        f"{cpu['broker_pct'] or 0:.0f} %, publishers {cpu['publishers_pct']:.0f} %, "
-                        f"machine {cpu['machine_busy_pct']:.0f} % busy; {run['bottleneck']['verdict']}"
-                    )
-            if not self.s.quick:
-                # Again at the end, the higher kept: a neighbour busy during one of them
-                # makes the limit pessimistic, never flattering.
-                again = self.bare_subscriber()
-                if again["readings_per_s"] > limit["readings_per_s"]:
-                    again["before"] = limit["readings_per_s"]
-                    limit = again
-        finally:
-            nats.close()
+        with contextlib.ExitStack() as stack:
+            if self.c.host_cpus is not None:
+                self.hosts = stack.enter_context(Hosts(max(self.c.instances), self.c.host_cpus))
+                result["hosts"] = self.hosts.describe()
+                nats = self.hosts.nats_server(self.workdir / "nats", self.c.partitions)
+                self.say(self._hosts_line())
+            else:
+                nats = PrivateNatsServer(self.workdir / "nats", partitions=self.c.partitions)
+            stack.callback(nats.close)
+            limit = self._measure_all(nats, result, runs)
+        self.hosts = None
         result["limits"] = {"bare_subscriber": limit}
         result["runs"] = runs
         result["by_instances"] = by_instances(runs, self.c.instances, limit)
@@ -515,6 +543,55 @@ class ClusterBench(Phases):
         result["machine"]["loadavg_end"] = list(os.getloadavg())
         result["elapsed_s"] = time.time() - self.started
         return result
+
+    def _hosts_line(self) -> str:
+        assert self.hosts is not None
+        h = self.hosts
+        return (
+            f"hosts: {h.count} network namespaces ({h.hosts[0].namespace} ...) on {h.subnet}, "
+            f"nats-server at {h.broker_address} on bridge {h.bridge}; each host {h.cpus:g} CPUs "
+            f"(cgroup v{h.controller.version} {h.controller.root}{h.parent.path}/h<i>: "
+            f"{h.quota_us} us per {PERIOD_US} us)"
+        )
+
+    def _measure_all(
+        self, nats: PrivateNatsServer, result: dict[str, Any], runs: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Start nats-server; the bare subscriber, then each N's bursts round after round
+        (appended to ``runs``); returns the bare subscriber's limit."""
+        nats.start()
+        self.host, self.port, self.broker_pid = nats.host, nats.port, nats.pid
+        result["broker"] = {"kind": "nats-server", "mqtt": nats.address, "partitions": self.c.partitions}
+        self.say(
+            f"nats-server {nats.address} (MQTT), {self.c.partitions} partitions; model "
+            f"{self.contract.model_version} (window {self.window}); {len(self.cpus)} usable CPUs; "
+            f"instances {', '.join(map(str, self.c.instances))}"
+            + (" (pinned: instance i on core i % cores)" if self.c.pin else "")
+        )
+        limit = self.bare_subscriber()
+        self.say(
+            f"bare subscriber through nats-server: {limit['readings_per_s']:.0f} readings/s "
+            f"({limit['messages_received']} of {limit['messages_sent']} messages)"
+        )
+        for repeat in range(self.c.repeats):
+            for n in self.c.instances:
+                run = self.measure(n, repeat)
+                runs.append(run)
+                cpu = run["cpu"]
+                self.say(
+                    f"N={n} (repeat {repeat + 1}/{self.c.repeats}): {run['windows_per_s']:.0f} "
+                    f"windows/s; CPU: instances {cpu['instances_pct']:.0f} %, nats-server "
+                    f"{cpu['broker_pct'] or 0:.0f} %, publishers {cpu['publishers_pct']:.0f} %, "
+                    f"machine {cpu['machine_busy_pct']:.0f} % busy; {run['bottleneck']['verdict']}"
+                )
+        if not self.s.quick:
+            # Again at the end, the higher kept: a neighbour busy during one of them
+            # makes the limit pessimistic, never flattering.
+            again = self.bare_subscriber()
+            if again["readings_per_s"] > limit["readings_per_s"]:
+                again["before"] = limit["readings_per_s"]
+                limit = again
+        return limit
 
 
 def run_cluster_bench(

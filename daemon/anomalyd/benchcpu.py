@@ -12,18 +12,27 @@ The publishers report their own CPU seconds when they finish.
 It also takes how long the instances' threads waited, runnable, for a core
 (``/proc/<pid>/task/*/schedstat``, the scheduler's run-queue wait): an instance that waits
 about as long as it runs is held back by the cores it shares, not by its own work.
+
+With ``--hosts`` each instance has a CPU budget of its own (``anomalyd.benchhosts``): a
+mark also takes each host's cgroup counters (``cpu.stat``: periods, periods throttled,
+time throttled), and the shares say how much of its budget each instance used. The
+run-queue wait then includes the time a host's threads were held by its quota (the
+kernel counts a throttled thread as waiting). An instance that used nearly all of its
+budget was held by it: "the instance (its host's CPU budget)", whatever else ran.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from anomalyd.benchhosts import AT_BUDGET, CpuGroup, CpuStat
 from anomalyd.benchrun import CLK_TCK, cpu_seconds
 
-__all__ = ["KEPT_PACE", "MACHINE_BUSY", "CpuMark", "bottleneck"]
+__all__ = ["HOSTS_BUDGETS", "HOST_BUDGET", "KEPT_PACE", "MACHINE_BUSY", "CpuMark", "bottleneck"]
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -59,16 +68,19 @@ class CpuMark:
     bench: float
     machine_busy: float
     machine_total: float
+    #: With ``--hosts``: the cgroup counters of each instance's host, in the same order.
+    budgets: list[CpuStat] = field(default_factory=list)
 
     @classmethod
-    def now(cls, pids: list[int], broker: float | None) -> CpuMark:
+    def now(cls, pids: list[int], broker: float | None, groups: Sequence[CpuGroup] = ()) -> CpuMark:
         """A mark of the instances (``pids``), the broker's CPU seconds (read by the caller),
-        this process's and the machine's."""
+        this process's, the machine's, and (``--hosts``) the instances' CPU cgroups."""
         instances = [cpu_seconds(pid) for pid in pids]
         waiting = [runqueue_wait_seconds(pid) for pid in pids]
+        budgets = [g.stat() for g in groups]
         busy, total = machine_cpu()
         own = os.times()
-        return cls(time.time(), instances, waiting, broker, own.user + own.system, busy, total)
+        return cls(time.time(), instances, waiting, broker, own.user + own.system, busy, total, budgets)
 
     def shares_since(self, start: CpuMark, *, publishers_s: float) -> dict[str, Any]:
         """Each one's CPU between ``start`` and this mark, in % of one core; the machine's
@@ -80,6 +92,26 @@ class CpuMark:
         bench = self.bench - start.bench
         busy = self.machine_busy - start.machine_busy
         ours = sum(each) + (broker or 0.0) + publishers_s + bench
+        hosts = None
+        if self.budgets:
+            hosts = []
+            for used, now, then in zip(each, self.budgets, start.budgets, strict=True):
+                periods = now.periods - then.periods
+                throttled = now.throttled_periods - then.throttled_periods
+                of_budget = used / wall / now.cpus
+                hosts.append(
+                    {
+                        "budget_pct": 100 * now.cpus,
+                        "cpu_pct": 100 * used / wall,
+                        "of_budget": of_budget,
+                        "at_budget": of_budget >= AT_BUDGET,
+                        # Periods in which the host ran at all, and those it ran out of quota in.
+                        "periods": periods,
+                        "throttled_periods": throttled,
+                        "throttled_share": throttled / periods if periods else 0.0,
+                        "throttled_s": now.throttled_s - then.throttled_s,
+                    }
+                )
         return {
             "instances_pct": 100 * sum(each) / wall,
             "each_instance_pct": [100 * s / wall for s in each],
@@ -90,6 +122,7 @@ class CpuMark:
             "other_pct": 100 * (busy - ours) / wall,
             "machine_busy_pct": 100 * busy / max(self.machine_total - start.machine_total, 1e-9),
             "seconds": wall,
+            "hosts": hosts,
         }
 
 
@@ -100,11 +133,34 @@ MACHINE_BUSY = 0.90
 KEPT_PACE = 0.10
 
 
+#: The bottleneck of an instance that used nearly all of its host's budget, and of a run
+#: in which every instance did.
+HOST_BUDGET = "the instance (its host's CPU budget)"
+HOSTS_BUDGETS = "the instances (their hosts' CPU budgets)"
+
+
 def bottleneck(shares: dict[str, Any], backlog_fraction: float, cpus: int) -> dict[str, Any]:
-    """What held a run back: the machine's cores, the load generator, or the instances."""
+    """What held a run back: the hosts' CPU budgets (``--hosts``: every instance used nearly
+    all of its own), the machine's cores, the load generator, or the instances. With
+    ``--hosts``, also what held each instance (``per_instance``)."""
     why = []
-    machine = shares["machine_busy_pct"] >= 100 * MACHINE_BUSY
-    if machine:
+    hosts: list[dict[str, Any]] = shares.get("hosts") or []
+    budgets = bool(hosts) and all(h["at_budget"] for h in hosts)
+    if hosts:
+        each = ", ".join(
+            f"{h['cpu_pct']:.0f} % of its {h['budget_pct']:.0f} % "
+            f"(throttled in {100 * h['throttled_share']:.0f} % of its periods)"
+            for h in hosts
+        )
+        if budgets:
+            why.append(f"{HOSTS_BUDGETS}: each instance used nearly all of its budget: {each}")
+        else:
+            why.append(f"hosts' budgets used: {each}")
+    busy = shares["machine_busy_pct"] >= 100 * MACHINE_BUSY
+    # With every host at its budget the machine gave the instances all they may have: its
+    # busy cores (a neighbour's work) are then not what held them.
+    machine = busy and not budgets
+    if busy:
         parts = [
             f"instances {shares['instances_pct']:.0f} %, waiting for a core "
             f"{shares['instances_waiting_pct']:.0f} %"
@@ -112,9 +168,8 @@ def bottleneck(shares: dict[str, Any], backlog_fraction: float, cpus: int) -> di
         if shares["broker_pct"] is not None:
             parts.append(f"nats-server {shares['broker_pct']:.0f} %")
         parts += [f"publishers {shares['publishers_pct']:.0f} %", f"other {shares['other_pct']:.0f} %"]
-        why.append(
-            f"the machine: {shares['machine_busy_pct']:.0f} % of {cpus} cores busy ({', '.join(parts)})"
-        )
+        what = "the machine" if machine else "the machine busy, but not what held the instances"
+        why.append(f"{what}: {shares['machine_busy_pct']:.0f} % of {cpus} cores busy ({', '.join(parts)})")
     generator = backlog_fraction < KEPT_PACE
     if generator:
         why.append(
@@ -122,11 +177,22 @@ def bottleneck(shares: dict[str, Any], backlog_fraction: float, cpus: int) -> di
             f"{100 * backlog_fraction:.0f} % of the burst after the last publish), so this is what was "
             "offered, a lower bound of what they can do"
         )
-    causes = [c for c, hit in (("the machine", machine), ("the load generator", generator)) if hit]
-    return {
+    causes = [
+        c
+        for c, hit in ((HOSTS_BUDGETS, budgets), ("the machine", machine), ("the load generator", generator))
+        if hit
+    ]
+    out: dict[str, Any] = {
         "cause": " and ".join(causes) if causes else "the instances",
         "machine": machine,
+        "machine_busy": busy,
         "load_generator": generator,
+        "hosts_budgets": budgets,
         "backlog_fraction": backlog_fraction,
         "verdict": "; ".join(why) if why else "the instances (cores to spare, a backlog to drain)",
     }
+    if hosts:
+        # An instance below its budget was held by what held the run, if anything did.
+        otherwise = "the machine" if machine else "the load generator" if generator else "the instance"
+        out["per_instance"] = [HOST_BUDGET if h["at_budget"] else otherwise for h in hosts]
+    return out

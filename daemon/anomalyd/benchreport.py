@@ -6,7 +6,8 @@ computed (its scenario was not run, a phase found nothing) is ``None`` with the 
 
 ``--instances`` has its own figures: per N, the median throughput of its repeats, its
 ratio to one instance and to the target (``by_instances``), and its table
-(``render_instances``).
+(``render_instances``); with ``--hosts``, each host's CPU budget and how much of it each
+instance used and was throttled.
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ def by_instances(
             "cpu": typical["cpu"],
             "bottleneck": typical["bottleneck"],
         }
+        if "hosts" in typical:
+            out[str(n)]["hosts"] = typical["hosts"]
     return out
 
 
@@ -237,10 +240,13 @@ def render_instances(result: dict[str, Any]) -> str:
     """The table printed at the end of ``anomalyd bench --instances``."""
     s, load, m = result["settings"], result["load"], result["machine"]
     sub = result["limits"]["bare_subscriber"]
+    hosts_flag = f" --hosts {s['host_cpus']:g}" if s.get("host_cpus") else ""
     lines = [
         "",
         f"anomalyd bench --instances {','.join(map(str, s['instances']))}"
-        f"{' --pin' if s['pin'] else ''}{' --quick' if result['quick'] else ''}: model "
+        f"{' --pin' if s['pin'] else ''}"
+        f"{hosts_flag}"
+        f"{' --quick' if result['quick'] else ''}: model "
         f"{result['model']['version']}, {m['cpus']} CPUs ({m['usable_cpus']} usable), load average "
         f"{m['loadavg_start'][0]:.1f} → {m['loadavg_end'][0]:.1f}, {result['elapsed_s']:.0f} s",
         f"broker: nats-server {result['broker']['mqtt']} (MQTT 3.1.1), {s['partitions']} partitions; "
@@ -253,6 +259,7 @@ def render_instances(result: dict[str, Any]) -> str:
         f"limit: a bare subscriber through nats-server ({sub['topic_filter']}) received "
         f"{_num(sub['readings_per_s'])} readings/s ({_num(sub['messages_per_s'])} messages/s; nats-server "
         f"{_pct(sub['broker_cpu_pct'])}, publishers {_pct(sub['publishers_cpu_pct'])} CPU)",
+        *_hosts_lines(result),
         f"throughput: {result['throughput_is']}; median of {s['repeats']} repeat(s)",
         "",
         f"  {'N':>2} {'windows/s':>10} {'each repeat':<26} {'× N=1':>6} {'target':>7} {'÷ target':>8} "
@@ -286,6 +293,8 @@ def render_instances(result: dict[str, Any]) -> str:
             f"{_pct(cpu['broker_pct']):>11} {_pct(cpu['publishers_pct']):>10} {_pct(cpu['bench_pct']):>6} "
             f"{_pct(cpu['other_pct']):>6} {_pct(cpu['machine_busy_pct']):>12}  {row['bottleneck']['cause']}"
         )
+    if "hosts" in result:
+        lines += _budget_lines(rows)
     acc = result["accounting"]
     lines += [
         "",
@@ -294,3 +303,42 @@ def render_instances(result: dict[str, Any]) -> str:
         f"{acc['rejected'] or 'none'}",
     ]
     return "\n".join(lines)
+
+
+def _hosts_lines(result: dict[str, Any]) -> list[str]:
+    """How ``--hosts`` made its hosts (nothing without it)."""
+    h = result.get("hosts")
+    if not h:
+        return []
+    first, last = h["each"][0], h["each"][-1]
+    return [
+        f"hosts: instance i in network namespace {first['namespace']} ... {last['namespace']}, "
+        f"address {first['address']} ... {last['address']} ({h['subnet']}), a veth pair to bridge "
+        f"{h['bridge']} where nats-server listens ({h['broker_address']}); and in CPU cgroup "
+        f"{h['cgroup_parent']}/h<i> (cgroup v{h['cgroup']['version']}, {h['quota_us']} us per "
+        f"{h['period_us']} us: {h['cpus_each']:g} CPUs each; the hosts' group at weight "
+        f"{h['cgroup_parent_weight']}, the highest)",
+    ]
+
+
+def _budget_lines(rows: dict[str, Any]) -> list[str]:
+    """Per N (its median run): the hosts' budgets, what they leave of the cores, and each
+    instance's use of its budget and its throttling."""
+    lines = [
+        "",
+        "each host's CPU budget (the median run of each N; used: the instance's CPU time over its "
+        "budget; throttled: periods it ran out of quota in, and for how long)",
+        f"  {'N':>2} {'budgets':>8} {'cores left':>10}  each instance: used, throttled periods, "
+        "throttled s -> bottleneck",
+    ]
+    for n, row in rows.items():
+        hosts = row["cpu"]["hosts"] or []
+        each = "; ".join(
+            f"{100 * h['of_budget']:.0f} %, {100 * h['throttled_share']:.0f} %, {h['throttled_s']:.1f} s -> "
+            f"{'budget' if h['at_budget'] else row['bottleneck']['per_instance'][i]}"
+            for i, h in enumerate(hosts)
+        )
+        lines.append(
+            f"  {n:>2} {row['hosts']['budget_cpus']:>8.2f} {row['hosts']['cpus_left']:>10.2f}  {each}"
+        )
+    return lines

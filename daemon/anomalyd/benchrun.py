@@ -68,9 +68,9 @@ def memory_bytes(pid: int) -> dict[str, int]:
     return out
 
 
-def scrape(port: int, timeout: float = 5.0) -> Samples:
-    """Every sample of ``http://127.0.0.1:<port>/metrics``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
+def scrape(port: int, timeout: float = 5.0, host: str = "127.0.0.1") -> Samples:
+    """Every sample of ``http://<host>:<port>/metrics``."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as resp:
         text = resp.read().decode()
     out: Samples = {}
     for family in text_string_to_metric_families(text):
@@ -136,11 +136,26 @@ def percentiles(values: Sequence[float]) -> dict[str, float | int | None]:
 
 
 class DaemonProcess:
-    """The daemon under test, started the way systemd starts it (``Type=notify``)."""
+    """The daemon under test, started the way systemd starts it (``Type=notify``).
 
-    def __init__(self, workdir: Path, config_path: Path, metrics_port: int) -> None:
+    ``launcher`` is a command prefix the daemon is started through, one that ends by
+    ``exec``-ing it (so that the process id is the daemon's): ``anomalyd.benchhosts.Host``'s
+    puts it in a host's cgroup and network namespace, whose address is then
+    ``metrics_host``. The notify socket is a path in the file system, which every network
+    namespace reaches."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        config_path: Path,
+        metrics_port: int,
+        *,
+        launcher: Sequence[str] = (),
+        metrics_host: str = "127.0.0.1",
+    ) -> None:
         self.workdir = workdir
         self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
         self.log_path = workdir / "daemon.log"
         self._notify_path = workdir / "notify.sock"
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -153,7 +168,7 @@ class DaemonProcess:
         self._listener.start()
         env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID")}
         env["NOTIFY_SOCKET"] = str(self._notify_path)
-        cmd = [sys.executable, "-m", "anomalyd", "run", "--config", str(config_path)]
+        cmd = [*launcher, sys.executable, "-m", "anomalyd", "run", "--config", str(config_path)]
         with self.log_path.open("wb") as log:
             self._spawned_at = time.monotonic()
             self.proc = subprocess.Popen(
@@ -191,7 +206,7 @@ class DaemonProcess:
     def scrape(self) -> Samples:
         """The daemon's metrics; ``BenchError`` with its log if it no longer answers."""
         try:
-            return scrape(self.metrics_port)
+            return scrape(self.metrics_port, host=self.metrics_host)
         except (urllib.error.URLError, OSError) as exc:
             state = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else "running"
             raise BenchError(f"cannot scrape the daemon ({state}): {exc}: {self.log_tail()}") from None

@@ -435,7 +435,7 @@ _BENCH_NOT_FOR_INSTANCES = (
     "flood_seconds",
     "rss_devices",
 )
-_BENCH_INSTANCES_ONLY = ("partitions", "repeats", "pin", "burst_readings")
+_BENCH_INSTANCES_ONLY = ("partitions", "repeats", "pin", "burst_readings", "hosts")
 
 
 def _cmd_bench_instances(args: argparse.Namespace, model: Path) -> int:
@@ -460,11 +460,33 @@ def _cmd_bench_instances(args: argparse.Namespace, model: Path) -> int:
             f"expected at most {cluster.partitions} instances (one partition each), got {max(counts)}",
             "--instances",
         )
+    if args.hosts is not None:
+        _check_bench_hosts(args.hosts, max(counts), args.pin)
+        cluster.host_cpus = args.hosts
     settings = BenchSettings.quick_variant(model) if args.quick else BenchSettings(model)
     for name in ("publishers", "array"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     return run_cluster_bench(settings, cluster, args.json)
+
+
+def _check_bench_hosts(cpus: float, hosts: int, pin: bool) -> None:
+    """``--hosts CPUS``: the options first (a budget per host that fits the cores), then
+    what the machine must offer (root, ``ip``, a CPU cgroup controller: exit 69)."""
+    from anomalyd.benchhosts import MIN_QUOTA_US, PERIOD_US, check_hosts_possible
+
+    if pin:
+        raise UsageError("--hosts: not with --pin (a host's budget is its CPU quota, on any core)")
+    cores = len(os.sched_getaffinity(0))
+    if hosts * cpus > cores:
+        raise ConfigError(
+            f"{hosts} hosts of {cpus:g} CPUs need {hosts * cpus:g} cores, this machine has {cores}: "
+            "the budgets could not all be given",
+            "--hosts",
+        )
+    if round(cpus * PERIOD_US) < MIN_QUOTA_US:
+        raise ConfigError(f"expected at least 0.01 CPUs (the kernel's least quota), got {cpus:g}", "--hosts")
+    check_hosts_possible()
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -808,6 +830,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--pin",
         action="store_true",
         help="with --instances: keep instance i on core i %% cores (one core each)",
+    )
+    p.add_argument(
+        "--hosts",
+        type=_positive_float,
+        metavar="CPUS",
+        help="with --instances: run each instance as a host of its own: its own network namespace "
+        "(a veth link to the broker) and CPUS cores' worth of CPU time (a cgroup quota), e.g. 0.4; "
+        "needs root",
     )
     p.set_defaults(run=_cmd_bench)
     return parser

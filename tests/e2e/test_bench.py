@@ -1,7 +1,9 @@
 """``anomalyd bench --quick`` end to end: it runs the real daemon behind a real Mosquitto,
 accounts for every reading it offers, measures the probe's latency and writes its figures
 as JSON. ``anomalyd bench --instances 1,2 --quick`` does the same for daemon instances
-sharing a fleet through a real nats-server's partitions.
+sharing a fleet through a real nats-server's partitions, and ``--hosts`` runs each of
+them as a host: a real network namespace and a real CPU cgroup with its quota, all of
+them gone afterwards.
 
 Speeds and ratios are not asserted: the machines that run the tests are shared and
 noisy, and the quick run's loads are too small to mean anything. This checks that the
@@ -10,7 +12,10 @@ benchmark is correct, not that the daemon is fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +25,8 @@ import orjson
 import pytest
 
 from anomalyd.benchcluster import PARTITIONED_FILTER
+from anomalyd.benchcpu import HOST_BUDGET
+from anomalyd.benchhosts import MAX_WEIGHT, CpuController, remove_stale
 from anomalyd.benchload import balanced_device_ids
 from anomalyd.benchreport import TARGETS
 from anomalyd.benchrun import Children, LoadSpec, Probe, publisher_commands, summarise_publishers
@@ -152,6 +159,10 @@ def test_quick_bench_accounts_for_every_reading_and_writes_the_figures(tmp_path:
         (("--instances", "two"), 78, "expected positive integers separated by commas, got 'two'"),
         (("--instances", "0,2"), 78, "expected positive integers separated by commas, got '0,2'"),
         (("--instances", "8", "--partitions", "4"), 78, "expected at most 4 instances"),
+        (("--hosts", "0.5"), 64, "--hosts: only with --instances"),
+        (("--instances", "2", "--hosts", "0.5", "--pin"), 64, "--hosts: not with --pin"),
+        (("--instances", "4", "--hosts", "1000"), 78, "4 hosts of 1000 CPUs need 4000 cores"),
+        (("--instances", "2", "--hosts", "0.001"), 78, "expected at least 0.01 CPUs"),
     ],
 )
 def test_instances_options_are_checked_before_anything_runs(
@@ -265,3 +276,205 @@ def test_instances_bench_scales_out_over_nats_partitions_and_accounts_for_every_
     assert sub["messages_received"] == sub["messages_sent"] == load["messages"]
     assert "× N=1" in proc.stdout
     assert "where the CPU went" in proc.stdout
+
+
+# --------------------------------------------------------------------------- --hosts
+
+HOSTS_BENCH = [sys.executable, "-m", "anomalyd", "bench", "--instances", "2", "--quick", "--hosts", "0.5"]
+
+
+def require_root() -> None:
+    """``--hosts`` makes namespaces, links and cgroups: its tests need root (CI has it)."""
+    if os.geteuid() != 0:
+        pytest.fail(
+            "this test needs root: anomalyd bench --hosts creates network namespaces, veth links "
+            "and CPU cgroups (test_hosts_are_refused_without_root covers the refusal without it)"
+        )
+
+
+def what_is_left(pid: int) -> list[str]:
+    """Namespaces, links and CPU cgroups named for the bench with process id ``pid``."""
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    left = [line for line in netns.splitlines() if f"anomalyd-bench-{pid}-" in line]
+    left += [line for line in links.splitlines() if f"adb{pid}h" in line or f"adb{pid}br" in line]
+    root = CpuController.find().root
+    left += [str(p) for p in root.glob(f"anomalyd-bench-{pid}*")]
+    return left
+
+
+def test_hosts_are_refused_without_root() -> None:
+    """Without root's powers ``--hosts`` is refused, exit 69 (EX_UNAVAILABLE), saying what
+    is missing, before anything is made. Run as root, the bench is started without
+    CAP_SYS_ADMIN and CAP_NET_ADMIN (``setpriv`` drops them from its bounding set): a
+    real process without them, as root in a container without those privileges is."""
+    if os.geteuid() == 0:
+        drop = "-sys_admin,-net_admin"
+        cmd = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", *HOSTS_BENCH]
+        expected = "--hosts needs root with CAP_NET_ADMIN and CAP_SYS_ADMIN"
+    else:
+        cmd = HOSTS_BENCH
+        expected = f"--hosts needs root (running as uid {os.geteuid()})"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 69, stdout + stderr
+    assert expected in stderr
+    assert "ip netns" in stderr
+    assert "CPU cgroups" in stderr
+    assert stdout == ""  # nothing started
+    if os.geteuid() == 0:
+        assert what_is_left(proc.pid) == []
+
+
+@pytest.mark.slow
+def test_instances_bench_runs_each_instance_as_a_host_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """``--instances 2 --quick --hosts 0.5``: every reading accounted for; each instance in
+    a network namespace of its own (not the bench's, not the other's), talking MQTT from
+    its host's address to nats-server on the bridge, in a CPU cgroup of its own with
+    the quota of 0.5 cores, as the kernel reports it while the instance runs; each host's
+    use of its budget and its throttling reported; and nothing left afterwards."""
+    require_root()
+    out = tmp_path / "hosts.json"
+    proc = subprocess.Popen(
+        [*HOSTS_BENCH, "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stdout[-4000:] + stderr[-4000:]
+    assert what_is_left(proc.pid) == []
+    assert "could not clean up" not in stderr
+
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["host_cpus"] == 0.5
+    hosts = doc["hosts"]
+    assert (hosts["quota_us"], hosts["period_us"]) == (50_000, 100_000)
+    # The hosts' group outweighs any neighbour, so that each host gets its quota.
+    assert hosts["cgroup_parent_weight"] == MAX_WEIGHT[hosts["cgroup"]["version"]]
+    assert len(hosts["each"]) == 2  # max(N) hosts, the first N used by each N
+    assert hosts["bridge"] == f"adb{proc.pid}br"
+    mqtt_port = int(doc["broker"]["mqtt"].rsplit(":", 1)[1])
+    assert doc["broker"]["mqtt"] == f"{hosts['broker_address']}:{mqtt_port}"  # not 127.0.0.1
+    assert {h["namespace"] for h in hosts["each"]} == {f"anomalyd-bench-{proc.pid}-h{i}" for i in (0, 1)}
+    assert len({h["address"] for h in hosts["each"]} | {hosts["broker_address"]}) == 3
+
+    total = doc["accounting"]
+    assert total["nothing_lost"] is True, total
+    assert total["accepted_readings"] == total["offered_readings"] == 2 * doc["load"]["readings"]
+
+    for run in doc["runs"]:
+        n = run["instances"]
+        assert run["complete"] is True, n
+        assert run["windows_scored"] == run["expected_windows"], n
+        assert run["hosts"] == {"budget_cpus": 0.5 * n, "cpus_left": doc["machine"]["usable_cpus"] - 0.5 * n}
+        namespaces = set()
+        for i, inst in enumerate(run["per_instance"]):
+            host, seen = inst["host"], inst["host"]["observed"]
+            assert host["namespace"] == f"anomalyd-bench-{proc.pid}-h{i}"
+            # The kernel's view of the running instance: its own network namespace ...
+            assert seen["netns"] != hosts["root_netns"], inst
+            namespaces.add(seen["netns"])
+            # ... its own cgroup, under the quota ...
+            assert seen["cgroup"] == host["cgroup"] == f"/anomalyd-bench-{proc.pid}/h{i}", inst
+            assert (seen["quota_us"], seen["period_us"]) == (50_000, 100_000), inst
+            # ... and its one MQTT connection from its host's address, over its link.
+            (conn,) = seen["broker_connections"]
+            assert conn["local"].rsplit(":", 1)[0] == host["address"], conn
+            assert conn["remote"] == f"{hosts['broker_address']}:{mqtt_port}", conn
+            assert inst["windows_scored"] == run["expected_windows"] // n, inst
+            assert inst["rejected"] == {}, inst
+            assert inst["exit_code"] == 0, inst
+            budget = inst["cpu_budget"]
+            assert budget["budget_pct"] == pytest.approx(50.0)
+            assert budget["periods"] > 0
+            assert 0 <= budget["throttled_periods"] <= budget["periods"]
+            assert budget["throttled_s"] >= 0
+            assert 0 < budget["of_budget"] == pytest.approx(budget["cpu_pct"] / 50.0)
+            # The budget holds: no more than it (and the few ticks /proc rounds to).
+            assert budget["cpu_pct"] < 50.0 + 5, budget
+            assert inst["bottleneck"] in {HOST_BUDGET, "the machine", "the load generator", "the instance"}
+            assert (inst["bottleneck"] == HOST_BUDGET) == budget["at_budget"]
+        assert len(namespaces) == n  # one each
+    assert "each host's CPU budget" in stdout
+    assert "--hosts 0.5" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)])
+def test_an_interrupted_hosts_bench_removes_its_hosts(sig: signal.Signals, code: int) -> None:
+    """Ctrl-C (SIGINT) or SIGTERM while an instance runs in its host: the bench stops it,
+    removes the cgroups, links and namespaces, and exits 130 (143 for SIGTERM)."""
+    require_root()
+    proc = subprocess.Popen(HOSTS_BENCH, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        instance = wait_for_instance_in_host0(proc)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert proc.returncode == code, stdout[-2000:] + stderr[-2000:]
+    assert what_is_left(proc.pid) == []
+    assert "could not clean up" not in stderr
+    for pid in instance:
+        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"instance {pid} still runs"
+
+
+def wait_for_instance_in_host0(proc: subprocess.Popen[str]) -> list[int]:
+    """The process ids in host 0's cgroup, once an instance runs there."""
+    procs = CpuController.find().root / f"anomalyd-bench-{proc.pid}" / "h0" / "cgroup.procs"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            instance = [int(v) for v in procs.read_text().split()]
+            if instance:
+                return instance
+        time.sleep(0.05)
+    raise AssertionError(f"no instance ever ran in host 0 (bench exit {proc.poll()})")
+
+
+def children_of(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc/<id>/stat)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.slow
+def test_what_a_killed_hosts_bench_left_is_removed_by_the_next_one() -> None:
+    """A bench killed outright (SIGKILL) cannot clean up: its namespaces, links, cgroups
+    and the instance running in host 0 stay behind. The next ``--hosts`` run removes them
+    before it makes its own (``remove_stale``: their owner's process id is gone), and
+    kills the instance left in the cgroup."""
+    require_root()
+    proc = subprocess.Popen(HOSTS_BENCH, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started: list[int] = []
+    try:
+        instance = wait_for_instance_in_host0(proc)
+        started = children_of(proc.pid)  # nats-server and the instance: this test ends them
+        proc.kill()
+        proc.communicate(timeout=30)
+        assert what_is_left(proc.pid) != []
+        removed = remove_stale(CpuController.find())
+        assert what_is_left(proc.pid) == []
+        assert f"anomalyd-bench-{proc.pid}-h0" in removed
+        assert f"adb{proc.pid}br" in removed
+        for pid in instance:
+            assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"instance {pid} still runs"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        remove_stale(CpuController.find())
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
