@@ -105,7 +105,7 @@ def test_score_writes_what_the_pipeline_decides_row_by_row(
         np.testing.assert_array_equal(
             column(rows, f"contribution_{name}").astype(np.float32), expected.contributions[:, j]
         )
-    # Warm-up: the first window ends at the 50th row; every later row ends one.
+    # Warm-up: the first window ends at row L (the model's window length); every later row ends one.
     scored = ~np.isnan(column(rows, "score"))
     assert scored.tolist() == [False] * (model.window_length - 1) + [True] * (
         len(rows) - model.window_length + 1
@@ -125,7 +125,9 @@ def test_score_writes_what_the_pipeline_decides_row_by_row(
     assert f"wrote {out} ({len(rows)} rows)" in said
 
 
-def test_a_skab_file_reads_with_options_only(tmp_path: Path, device: DeviceSeries) -> None:
+def test_a_skab_file_reads_with_options_only(
+    tmp_path: Path, model: LoadedModel, device: DeviceSeries
+) -> None:
     """SKAB's own layout: ';', a datetime column, eight sensors under their own names, and
     anomaly/changepoint labels; only the model's three are read, under the model's names."""
     n = 120
@@ -145,7 +147,7 @@ def test_a_skab_file_reads_with_options_only(tmp_path: Path, device: DeviceSerie
     assert header[-3:] == ["contribution_temperature", "contribution_pressure", "contribution_vibration"]
     assert float(rows[0]["ts"]) == start  # naive datetimes are UTC
     assert [r["label"] for r in rows] == ["0"] * 100 + ["1"] * 20
-    assert sum(1 for r in rows if r["score"]) == n - 49  # windows of 50 rows
+    assert sum(1 for r in rows if r["score"]) == n - model.window_length + 1  # one window per row from row L
 
 
 def test_bad_rows_are_skipped_counted_and_reported(

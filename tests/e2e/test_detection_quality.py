@@ -12,12 +12,17 @@ model (so CI does not train one). Event-level outcome, as an operator sees it:
   (an alert that never clears has few onsets but a large share).
 
 Bounds (docs/skab.md, "Synthetic counterpart"), over 8 devices x 3 h at seed 2: event
-recall >= 0.75, <= 0.25 false alerts per device-hour, normal alert share <= 0.5 %, and at
+recall >= 0.75, <= 0.21 false alerts per device-hour, normal alert share <= 0.25 %, and at
 least 70 % of the stuck sensors found (the model's flatline check). The committed model
-measured 0.85, 0.125 (3 alerts), 0.11 % and 7 of 7: the bounds leave room for a somewhat
-different model (a retrained one, other library versions), not for a broken one. A
-detector that never alerts fails the recall bound; one that always alerts fails the share
-bound (the control test below checks that).
+(default-8af4ed94ecec) measured 0.85 (33 of 39), 0.042 (1 alert in 24 device-hours),
+0.008 % and 7 of 7. The recall and false-alert bounds leave room for four more missed
+events or four more false alerts than that (29 of 39; 5 alerts): a somewhat different model
+(a retrained one, other library versions) passes, a broken one does not. The same settings
+over seeds 1-20 gave recall 0.70-0.91 (median 0.83), 0-6 false alerts (median 2; only
+the worst stream, 6, is above the bound), a share of at most 0.14 % and every stuck sensor
+on every seed: seed 2 is a little kinder than the median stream, which the bounds' room
+allows for. A detector that never alerts fails the recall bound; one that always alerts
+fails the share bound (the control test below checks that).
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ DEVICES = 8
 HOURS = 3.0
 TOLERANCE_S = 60.0
 MIN_RECALL = 0.75
-MAX_FALSE_ALERTS_PER_HOUR = 0.25
-MAX_NORMAL_ALERT_SHARE = 0.005
+MAX_FALSE_ALERTS_PER_HOUR = 0.21  # 5 alerts in 24 device-hours pass, 6 fail
+MAX_NORMAL_ALERT_SHARE = 0.0025
 MIN_STUCK_RECALL = 0.70
 
 

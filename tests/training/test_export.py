@@ -260,13 +260,13 @@ def test_scoring_every_feature_builds_the_graph_of_before(run: TrainResult) -> N
     )
     exported = onnx.load(str(run.model_path))
     assert export.graph_digest(export.convert(flagged, 17)) == export.graph_digest(exported)
-    # "Before" is what the committed default model holds: the scalar 1/F weight, no per-feature
-    # weight vector, so its graph and model_version do not change.
-    committed = onnx.load(str(Path(__file__).resolve().parents[2] / "exported_models/default/model.onnx"))
-    for proto in (exported, committed):
-        consts = [onnx.numpy_helper.to_array(i) for i in proto.graph.initializer]
-        assert any(c.shape == () and c == np.float32(1 / 3) for c in consts)
-        assert not any(c.shape == (3,) and np.allclose(c, 1 / 3) for c in consts)
+    # "Before" is what every "error"-score graph built before score_features existed held (the
+    # default model default-952c396eb564 among them): the scalar 1/F weight, no per-feature
+    # weight vector, so such a model's graph and model_version do not change. (The committed
+    # default model now uses the "peak" score, a maximum over features with no 1/F weight.)
+    consts = [onnx.numpy_helper.to_array(i) for i in exported.graph.initializer]
+    assert any(c.shape == () and c == np.float32(1 / 3) for c in consts)
+    assert not any(c.shape == (3,) and np.allclose(c, 1 / 3) for c in consts)
     metadata = {p.key: p.value for p in exported.metadata_props}[METADATA_KEY]
     assert "score_features" not in json.loads(metadata)
     assert read_contract(run.model_path).score == export.SCORE_DEFINITION
