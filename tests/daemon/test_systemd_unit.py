@@ -101,8 +101,9 @@ def test_the_daemon_scores_under_memory_deny_write_execute(tmp_path: Path, broke
     assert probe.returncode != 0
     assert "Permission denied" in probe.stderr
 
-    from anomalyd.model import DEFAULT_MODEL_PATH
+    from anomalyd.model import DEFAULT_MODEL_PATH, read_contract
 
+    window = read_contract(DEFAULT_MODEL_PATH).window_length
     d = DaemonProcess(tmp_path / "mdwe", broker, DEFAULT_MODEL_PATH, preexec_fn=_deny_write_execute)
     try:
         d.wait_ready(60)
@@ -123,7 +124,7 @@ def test_the_daemon_scores_under_memory_deny_write_execute(tmp_path: Path, broke
             )
             # Rate-limited score messages: together they cover every window scored.
             sub.wait_until(
-                lambda ms: sum(orjson.loads(m.payload)["windows"] for m in ms) == 60 - 50 + 1,
+                lambda ms: sum(orjson.loads(m.payload)["windows"] for m in ms) == 60 - window + 1,
                 20,
                 "scores under MDWE",
             )
