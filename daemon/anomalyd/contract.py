@@ -104,6 +104,13 @@ class Normalisation(_Strict):
 
     mean: list[float]
     std: list[float]
+    log_offset: list[float] | None = Field(
+        default=None,
+        description=(
+            "per feature: above 0, the graph takes log(max(x, 0) + log_offset) before mean and "
+            "std (which are then of the logged values); 0 or absent: the feature's own scale"
+        ),
+    )
 
 
 class TrainingData(_Strict):
@@ -184,6 +191,9 @@ class Contract(_Strict):
         f = len(self.features)
         if len(self.normalisation.mean) != f or len(self.normalisation.std) != f:
             raise ValueError(f"normalisation: mean and std need {f} values, one per feature")
+        offsets = self.normalisation.log_offset
+        if offsets is not None and (len(offsets) != f or any(not o >= 0 for o in offsets)):
+            raise ValueError(f"normalisation: log_offset needs {f} values at or above 0, one per feature")
         if self.score_features is not None:
             scored = self.score_features
             repeated = sorted({n for n in scored if scored.count(n) > 1})

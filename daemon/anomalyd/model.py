@@ -79,10 +79,16 @@ class LoadedModel:
 
     def warm_up(self, batch_sizes: list[int] | tuple[int, ...]) -> None:
         """Run every batch shape once so the first real batch pays no allocation cost."""
+        norm = self.contract.normalisation
+        typical = np.asarray(norm.mean, dtype=np.float64)
+        if norm.log_offset is not None:
+            # A log-scaled feature's mean is of log(x + offset): back to raw units.
+            offset = np.asarray(norm.log_offset, dtype=np.float64)
+            typical = np.where(offset > 0, np.exp(typical) - offset, typical)
         for b in batch_sizes:
             self.run(
                 np.zeros((b, self.window_length, self.n_features), dtype=np.float32)
-                + np.asarray(self.contract.normalisation.mean, dtype=np.float32)
+                + typical.astype(np.float32)
             )
 
 

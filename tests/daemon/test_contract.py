@@ -97,6 +97,8 @@ _DELETE = object()
         ("threshold.pot", None, "threshold"),
         ("training_data.sha256", "xyz", "training_data.sha256"),
         ("normalisation.std", [1.0], "normalisation"),
+        ("normalisation.log_offset", [0.0, 0.05], "normalisation"),
+        ("normalisation.log_offset", [0.0, 0.0, -0.05], "normalisation"),
         ("surprise", 1, "surprise"),
     ],
 )
@@ -209,3 +211,10 @@ def test_bad_score_features_are_refused_naming_the_field(score_features: Any, me
     with pytest.raises(ModelContractError, match=re.escape(message)) as info:
         Contract.from_json(orjson.dumps(doc))
     assert info.value.field == "score_features"
+
+
+def test_log_offsets_are_optional_and_per_feature() -> None:
+    doc = valid_contract_dict()
+    assert Contract.from_json(orjson.dumps(doc)).normalisation.log_offset is None
+    doc["normalisation"]["log_offset"] = [0.0, 0.0, 0.05]
+    assert Contract.from_json(orjson.dumps(doc)).normalisation.log_offset == [0.0, 0.0, 0.05]

@@ -12,16 +12,15 @@ from typing import Any
 import keras
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
-from anomalyd.contract import CONTRIBUTIONS_OUTPUT, INPUT_NAME, SCORE_OUTPUT
 from anomalyd.model import load_model, read_contract
 from anomalyd.synthetic import FEATURES
 from anomalyd_train import export
 from anomalyd_train.config import ModelConfig, TrainConfig
 from anomalyd_train.models import build_model, build_networks, lstm_layers, member_mse
-from anomalyd_train.pipeline import Prepared, TrainResult, _inputs_targets, prepare, train
+from anomalyd_train.pipeline import Prepared, TrainResult, _inputs_targets
+from tests.training.trained_model import ort_scores, trained_model_fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -225,26 +224,7 @@ def bias_config() -> TrainConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
-    return train(bias_config(), tmp_path_factory.mktemp("bias"), progress=False)
-
-
-@pytest.fixture(scope="module")
-def prep(run: TrainResult) -> Prepared:
-    return prepare(run.config)
-
-
-@pytest.fixture(scope="module")
-def session(run: TrainResult) -> Any:
-    return ort.InferenceSession(run.model_path.read_bytes(), providers=["CPUExecutionProvider"])
-
-
-def _ort(session: Any, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    score, contrib = session.run(
-        [SCORE_OUTPUT, CONTRIBUTIONS_OUTPUT], {INPUT_NAME: np.ascontiguousarray(windows, np.float32)}
-    )
-    return np.asarray(score), np.asarray(contrib)
+run, prep, session = trained_model_fixtures(bias_config, "bias")
 
 
 def _some(prep: Prepared, n: int = 64) -> np.ndarray:
@@ -269,7 +249,7 @@ def test_onnx_runtime_matches_tensorflow(run: TrainResult, prep: Prepared, sessi
     # A stuck feature's spread is 0 up to rounding, which the flatline term magnifies by
     # FLATLINE_SCORE / floor: a looser tolerance there (it is ~1000 either way).
     for some, rtol, atol in ((windows, 1e-4, 1e-5), (stuck, 1e-3, 1e-4)):
-        got_score, got_contrib = _ort(session, some)
+        got_score, got_contrib = ort_scores(session, some)
         ref_score, ref_contrib = run.scoring(some)
         np.testing.assert_allclose(got_score, ref_score, rtol=rtol, atol=atol)
         np.testing.assert_allclose(got_contrib, ref_contrib, rtol=rtol, atol=atol)
@@ -292,7 +272,7 @@ def test_score_follows_the_documented_definition(run: TrainResult, prep: Prepare
     lasting, spike = _branches(s, windows)
     expected = np.maximum(lasting / s.bias.bias_scale, spike / s.bias.spike_scale)
     expected[:, 0] = 0.0  # temperature: not scored
-    score, contrib = _ort(session, windows)
+    score, contrib = ort_scores(session, windows)
     np.testing.assert_allclose(contrib, expected, rtol=1e-3, atol=1e-4)
     np.testing.assert_array_equal(score, contrib.max(axis=1))
     np.testing.assert_array_equal(contrib[:, 0], 0.0)
@@ -371,12 +351,12 @@ def test_a_stuck_scored_feature_scores_the_flatline_score(
     windows = _some(prep, 32)
     stuck = windows.copy()
     stuck[:, :, feature] = stuck[:, -1:, feature]  # frozen at its last reading
-    for score, contrib in (_ort(session, stuck), run.scoring(stuck)):
+    for score, contrib in (ort_scores(session, stuck), run.scoring(stuck)):
         assert np.all(contrib[:, feature] >= export.FLATLINE_SCORE * 0.99)
         assert np.all(score > run.threshold)
         np.testing.assert_array_equal(contrib[:, 0], 0.0)
     # The same windows, moving: no flatline term anywhere.
-    score, contrib = _ort(session, windows)
+    score, contrib = ort_scores(session, windows)
     assert np.all(score < export.FLATLINE_SCORE)
     assert np.all(contrib < 0.5 * export.FLATLINE_SCORE)
 
@@ -388,7 +368,7 @@ def test_a_feature_without_a_floor_gets_no_flatline_term(
     # Temperature (unscored, floor 0) stuck: it still contributes exactly 0.
     stuck = windows.copy()
     stuck[:, :, 0] = stuck[:, -1:, 0]
-    score, contrib = _ort(session, stuck)
+    score, contrib = ort_scores(session, stuck)
     np.testing.assert_array_equal(contrib[:, 0], 0.0)
     assert np.all(score < export.FLATLINE_SCORE)
     # A scored feature whose floor is 0 (its training held a flat window) scores as without the check.

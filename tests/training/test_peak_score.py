@@ -12,16 +12,16 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
-from anomalyd.contract import CONTRIBUTIONS_OUTPUT, INPUT_NAME, SCORE_OUTPUT
 from anomalyd.errors import ConfigError
 from anomalyd.model import load_model, read_contract
 from anomalyd_train import export
 from anomalyd_train.config import ModelConfig, TrainConfig, load_train_config
 from anomalyd_train.models import member_mse, noise_scales, training_loss
-from anomalyd_train.pipeline import Prepared, TrainResult, prepare, train
+from anomalyd_train.pipeline import Prepared, TrainResult
+from anomalyd_train.windows import log_scale
+from tests.training.trained_model import ort_scores, trained_model_fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +132,8 @@ def peak_config() -> TrainConfig:
                 "peak_steps": STEPS,
                 "flatline": True,
                 "score_features": SCORED,
+                # Vibration on a log scale: the graph's log runs in every check below.
+                "log_features": ["vibration"],
             },
             "training": {"epochs": 2, "batch_size": 64, "max_train_windows": 1500, "loss": "noise_scaled"},
             "calibration": {"target_false_alarm_rate": 0.01, "initial_quantile": 0.9, "min_peaks": 10},
@@ -140,26 +142,7 @@ def peak_config() -> TrainConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
-    return train(peak_config(), tmp_path_factory.mktemp("peak"), progress=False)
-
-
-@pytest.fixture(scope="module")
-def prep(run: TrainResult) -> Prepared:
-    return prepare(run.config)
-
-
-@pytest.fixture(scope="module")
-def session(run: TrainResult) -> Any:
-    return ort.InferenceSession(run.model_path.read_bytes(), providers=["CPUExecutionProvider"])
-
-
-def _ort(session: Any, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    score, contrib = session.run(
-        [SCORE_OUTPUT, CONTRIBUTIONS_OUTPUT], {INPUT_NAME: np.ascontiguousarray(windows, np.float32)}
-    )
-    return np.asarray(score), np.asarray(contrib)
+run, prep, session = trained_model_fixtures(peak_config, "peak")
 
 
 def _some(prep: Prepared, n: int = 64) -> np.ndarray:
@@ -169,7 +152,8 @@ def _some(prep: Prepared, n: int = 64) -> np.ndarray:
 def _terms(s: export.ScoringFunction, windows: np.ndarray, *, local: bool = True) -> np.ndarray:
     """Each feature's term outside the graph, from the documented definition (no flatline)."""
     assert s.peak is not None
-    z = ((windows - s.mean) / s.std).astype(np.float32)
+    assert s.log_offset is not None
+    z = ((log_scale(windows, s.log_offset) - s.mean) / s.std).astype(np.float32)
     pred = np.stack([np.asarray(s.model(z[:, j : j + N_IN], training=False)) for j in range(STEPS)], axis=1)
     r = (z[:, N_IN:] - pred) / s.residual_scale
     if local and s.peak.noise_reference is not None:
@@ -201,7 +185,7 @@ def test_onnx_runtime_matches_tensorflow(run: TrainResult, prep: Prepared, sessi
     stuck = windows.copy()
     stuck[:, :, 1] = stuck[:, -1:, 1]
     for some, rtol, atol in ((windows, 1e-4, 1e-5), (stuck, 1e-3, 1e-4)):
-        got_score, got_contrib = _ort(session, some)
+        got_score, got_contrib = ort_scores(session, some)
         ref_score, ref_contrib = run.scoring(some)
         np.testing.assert_allclose(got_score, ref_score, rtol=rtol, atol=atol)
         np.testing.assert_allclose(got_contrib, ref_contrib, rtol=rtol, atol=atol)
@@ -212,7 +196,7 @@ def test_onnx_runtime_matches_tensorflow(run: TrainResult, prep: Prepared, sessi
 def test_score_follows_the_documented_definition(run: TrainResult, prep: Prepared, session: Any) -> None:
     windows = _some(prep)
     terms = _terms(run.scoring, windows)
-    score, contrib = _ort(session, windows)
+    score, contrib = ort_scores(session, windows)
     np.testing.assert_allclose(score, terms.max(axis=1), rtol=1e-3, atol=1e-5)
     # The largest term, not the mean of them ...
     assert not np.allclose(score, terms[:, 1:].mean(axis=1), rtol=1e-3)
@@ -290,7 +274,7 @@ def test_a_stuck_scored_feature_scores_the_flatline_score(
 ) -> None:
     stuck = _some(prep, 32).copy()
     stuck[:, :, feature] = stuck[:, -1:, feature]
-    score, contrib = _ort(session, stuck)
+    score, contrib = ort_scores(session, stuck)
     assert np.all(score >= export.FLATLINE_SCORE * 0.99)
     assert np.all(score > run.threshold)
     np.testing.assert_allclose(contrib.sum(axis=1), score, rtol=1e-5)
@@ -307,3 +291,10 @@ def test_contract_score_text(run: TrainResult) -> None:
     assert "flatline check on pressure, vibration:" in text
     assert contract.training_config["model"]["score"] == "peak"
     assert contract.training_config["training"]["loss"] == "noise_scaled"
+    # The log scale is in the contract (the offset the graph uses) and in the text.
+    offsets = contract.normalisation.log_offset
+    assert offsets is not None
+    assert offsets[:2] == [0.0, 0.0]
+    assert offsets[2] == pytest.approx(float(run.scaler.log_offset[2]), rel=1e-6)
+    assert offsets[2] > 0
+    assert "x is log(max(x, 0) + log_offset) for vibration" in text

@@ -16,6 +16,8 @@ from anomalyd_train.windows import (
     Scaler,
     dataset_sha256,
     held_out_origins,
+    level_noise_offset,
+    log_scale,
     make_windows,
     split_by_origin,
     split_by_time,
@@ -254,6 +256,56 @@ def test_scaler_keeps_small_but_real_variation() -> None:
     x = np.random.default_rng(1).normal(0.04, 1e-4, size=(100, 1)).astype(np.float32)
     sc = Scaler.fit(x, ["vibration"])
     assert sc.std[0] > 0
+
+
+def test_scaler_log_scale_for_a_noise_that_grows_with_the_level() -> None:
+    # A vibration RMS: 2 mg of additive sensor noise plus 4 % of the level, on a quiet and on
+    # a loud machine (each a slow ramp); a temperature beside it stays on its own scale.
+    rng = np.random.default_rng(2)
+    quiet, loud = np.linspace(0.008, 0.015, 3000), np.linspace(0.10, 0.14, 3000)
+    level = np.concatenate([quiet, loud])
+    vib = level * np.exp(rng.normal(0.0, 0.04, level.size)) + rng.normal(0.0, 0.002, level.size)
+    temp = rng.normal(60.0, 2.0, level.size)
+    x = np.stack([temp, vib], axis=1).astype(np.float32)
+    sc = Scaler.fit(x, ["temperature", "vibration"], log_features=["vibration"])
+    assert sc.logged == [False, True]
+    offset = float(sc.log_offset[1])
+    # The fitted noise a + b·x is 0.002 + 0.04·x: the offset a / b is 0.05.
+    assert offset == pytest.approx(0.05, rel=0.3)
+    assert offset == pytest.approx(level_noise_offset([x[:, 1]]), rel=1e-6)
+    expected = np.log(np.maximum(x[:, 1].astype(np.float64), 0.0) + offset)
+    assert sc.mean[1] == pytest.approx(expected.mean(), rel=1e-5)
+    assert sc.std[1] == pytest.approx(expected.std(), rel=1e-4)
+    z = sc.transform(x)
+    np.testing.assert_allclose(z[:, 0], (x[:, 0] - sc.mean[0]) / sc.std[0], rtol=1e-5)
+    # The point of it: the loud machine's sample-to-sample noise, 2.7x the quiet one's in g,
+    # is about the quiet one's once logged.
+    raw = np.diff(x[3000:, 1]).std() / np.diff(x[:3000, 1]).std()
+    logged = np.diff(z[3000:, 1]).std() / np.diff(z[:3000, 1]).std()
+    assert raw > 2.4
+    assert 0.8 < logged < 1.25
+    # Windows, and the documented formula (a value below 0 reads as 0).
+    np.testing.assert_allclose(sc.transform(x[:40].reshape(4, 10, 2)), z[:40].reshape(4, 10, 2), rtol=1e-6)
+    neg = np.array([[60.0, -0.5]], np.float32)
+    assert sc.transform(neg)[0, 1] == pytest.approx((np.log(offset) - sc.mean[1]) / sc.std[1], rel=1e-5)
+    np.testing.assert_array_equal(log_scale(x, sc.log_offset)[:, 0], x[:, 0])
+    # From segments: each one's differences on its own, the same offset here.
+    t = np.arange(3000.0)
+    segments = [Segment(t, x[:3000], None, "quiet"), Segment(t, x[3000:], None, "loud")]
+    by_segment = Scaler.fit(segments, ["temperature", "vibration"], log_features=["vibration"])
+    assert by_segment.log_offset[1] == pytest.approx(offset, rel=0.05)
+
+
+def test_scaler_log_scale_refuses_what_it_cannot_take() -> None:
+    x = np.random.default_rng(3).normal(0.0, 1.0, size=(2000, 2)).astype(np.float32)
+    with pytest.raises(DataError, match="'b' is below 0 in"):
+        Scaler.fit(x, ["a", "b"], log_features=["b"])
+    with pytest.raises(DataError, match=r"\['c'\] are not among"):
+        Scaler.fit(x, ["a", "b"], log_features=["c"])
+    # Noise that does not grow with the level: a log would only stretch the quiet end.
+    flat = np.abs(x) + 1.0
+    with pytest.raises(DataError, match="'b' cannot be log-scaled: its noise does not grow with its level"):
+        Scaler.fit(flat, ["a", "b"], log_features=["b"])
 
 
 def test_scaler_needs_rows() -> None:

@@ -336,6 +336,26 @@ class ModelConfig(_Section):
             "anomalous for its noise alone; a quieter one is scored as usual"
         ),
     )
+    heteroscedastic: bool = Field(
+        default=False,
+        description=(
+            "score 'peak': the forecaster also predicts how far off each forecast may be (a "
+            "noise level per feature and forecast), trained by the Gaussian negative "
+            "log-likelihood, and each residual is divided by that predicted noise before it is "
+            "scored. It learns where it cannot forecast well (load changes, resonances), so a "
+            "miss there scores lower, and a surprise in steady running scores higher. Needs "
+            "training.loss 'noise_scaled' (the predicted noise is in those units) and one member"
+        ),
+    )
+    noise_floor: float = Field(
+        default=0.5,
+        gt=0,
+        description=(
+            "heteroscedastic: the predicted noise never goes (smoothly) below this many of a "
+            "feature's sample-to-sample noise, so a network very sure of itself cannot turn a "
+            "small miss into a huge score"
+        ),
+    )
     bias_decay: float = Field(
         default=0.2,
         gt=0,
@@ -381,6 +401,26 @@ class ModelConfig(_Section):
         ),
     )
 
+    log_features: list[str] = Field(
+        default_factory=list,
+        description=(
+            "feature names (as in the contract) standardised on a log scale: the graph takes "
+            "log(max(x, 0) + offset) before the mean and std, offset being the feature's 1st "
+            "percentile in the training rows. For a signal whose noise grows with its level, such "
+            "as a vibration RMS, so a loud machine's noise is not scored as larger than a quiet "
+            "one's. Every feature named must be at or above 0 in at least 99 % of the training rows"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _heteroscedastic_needs_peak(self) -> ModelConfig:
+        if self.heteroscedastic:
+            if self.score != "peak":
+                raise ValueError("heteroscedastic needs score 'peak' (a forecaster of each scored step)")
+            if self.members != 1:
+                raise ValueError("heteroscedastic needs members = 1: averaged noise levels mean nothing")
+        return self
+
     @model_validator(mode="after")
     def _peak_needs_forecaster(self) -> ModelConfig:
         if self.score == "peak":
@@ -404,6 +444,14 @@ class ModelConfig(_Section):
                     "holds the values the earlier forecasts are asked for; use 'window_start'"
                 )
         return self
+
+    @field_validator("log_features")
+    @classmethod
+    def _log_features_once(cls, v: list[str]) -> list[str]:
+        repeated = sorted({n for n in v if v.count(n) > 1})
+        if repeated:
+            raise ValueError(f"each feature may be named once; repeated: {repeated}")
+        return v
 
     @field_validator("score_features")
     @classmethod
@@ -538,6 +586,18 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _heteroscedastic_needs_noise_scaled_loss(self) -> TrainConfig:
+        if self.model.heteroscedastic and self.training.loss != "noise_scaled":
+            raise _error_at(
+                self,
+                ("training", "loss"),
+                f"must be 'noise_scaled' with model.heteroscedastic, got {self.training.loss!r}: "
+                "the predicted noise is in units of each feature's sample-to-sample noise",
+                self.training.loss,
+            )
+        return self
+
+    @model_validator(mode="after")
     def _peak_steps_fit_window(self) -> TrainConfig:
         if self.model.score == "peak" and self.model.peak_steps > self.window.length - 2:
             # The network needs at least two input steps (and the noise estimate one step).
@@ -590,6 +650,14 @@ def _score_features_problem(score_features: list[str] | None, feature_names: lis
         f"{unknown} {'is not a feature name' if len(unknown) == 1 else 'are not feature names'}; "
         f"the data's feature names are {feature_names}"
     )
+
+
+def check_log_features(cfg: TrainConfig, feature_names: list[str]) -> None:
+    """Raises ``ConfigError`` naming ``model.log_features`` when one of them is not among
+    ``feature_names`` (the loaded data's)."""
+    problem = _score_features_problem(cfg.model.log_features or None, feature_names)
+    if problem is not None:
+        raise ConfigError(problem, "model.log_features")
 
 
 def check_score_features(cfg: TrainConfig, feature_names: list[str]) -> list[str] | None:

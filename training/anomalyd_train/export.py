@@ -182,6 +182,7 @@ class ScoringFunction:
     bias: BiasScore | None = None  # score "bias": its constants; None: score "error"
     flat_floor: FloatArray | None = None  # flatline check floors per feature (0: off); None: no check
     peak: PeakScore | None = None  # score "peak": its constants
+    log_offset: FloatArray | None = None  # per feature, 0: own scale; None: no feature logged
 
     def __call__(self, windows: FloatArray, batch_size: int = 1024) -> tuple[FloatArray, FloatArray]:
         """Score raw windows ``(n, L, F)`` in TensorFlow; returns ``score (n,)``, ``contributions (n, F)``."""
@@ -221,13 +222,21 @@ def forecast_residuals(
 
 
 def squared_residuals(
-    model: Any, kind: str, windows_normalised: FloatArray, batch_size: int = 1024, burn_in: int | None = None
+    model: Any,
+    kind: str,
+    windows_normalised: FloatArray,
+    batch_size: int = 1024,
+    burn_in: int | None = None,
+    *,
+    noise: tuple[FloatArray, float] | None = None,
 ) -> FloatArray:
     """Per-window, per-feature mean squared residual in normalised units, ``(n, F)``.
 
     Forecast: ``(z_L - prediction)^2``, or with ``burn_in`` (a sequence forecaster, score
     ``bias``) the mean over the forecast steps; autoencoder: ``(z - reconstruction)^2``
-    averaged over the L steps. Used to estimate the residual scales.
+    averaged over the L steps. Used to estimate the residual scales. With ``noise`` (a
+    heteroscedastic forecaster: its ``noise_scales`` and ``noise_floor``) each residual is
+    divided by its predicted noise first (``models.predicted_noise``).
     """
     if burn_in is not None:
         residuals = forecast_residuals(model, windows_normalised, burn_in, batch_size)
@@ -237,7 +246,13 @@ def squared_residuals(
         z = windows_normalised[start : start + batch_size]
         if kind == "forecast":
             pred = np.asarray(model(z[:, :-1, :], training=False))
-            out.append(np.square(z[:, -1, :] - pred).astype(np.float32))
+            if noise is not None:
+                from anomalyd_train.models import predicted_noise
+
+                pred, sigma = predicted_noise(pred, *noise)
+                out.append(np.square((z[:, -1, :] - pred) / sigma).astype(np.float32))
+            else:
+                out.append(np.square(z[:, -1, :] - pred).astype(np.float32))
         else:
             rec = np.asarray(model(z, training=False))
             out.append(np.square(z - rec).mean(axis=1).astype(np.float32))
@@ -328,24 +343,45 @@ class PeakScore:
     ``steps``: how many of the window's newest steps are forecast (each from the
     ``window_length - steps`` steps before it) and scored. ``noise_reference``: per feature,
     the median of ``local_noise`` over the training windows (the scored residuals are divided
-    by ``max(1, local / reference)``); None: no local noise correction.
+    by ``max(1, local / reference)``); None: no local noise correction. ``predicted_noise``:
+    for a heteroscedastic forecaster, what turns its raw noise output into a noise level
+    (``models.predicted_noise``); each residual is divided by it.
     """
 
     steps: int
     noise_reference: FloatArray | None = None
+    # A heteroscedastic forecaster: each feature's sample-to-sample noise (``noise_scales``,
+    # the units of its predicted noise) and the floor of that prediction. None: not one.
+    predicted_noise: tuple[FloatArray, float] | None = None
 
     @classmethod
-    def measure(cls, windows_normalised: FloatArray, steps: int, local: bool) -> PeakScore:
+    def measure(
+        cls,
+        windows_normalised: FloatArray,
+        steps: int,
+        local: bool,
+        predicted_noise: tuple[FloatArray, float] | None = None,
+    ) -> PeakScore:
         """From full-length training windows ``(n, L, F)``."""
         if not local:
-            return cls(steps=steps)
+            return cls(steps=steps, predicted_noise=predicted_noise)
         n_in = windows_normalised.shape[1] - steps
         ref = np.median(local_noise(windows_normalised, n_in), axis=0)
-        return cls(steps=steps, noise_reference=np.maximum(ref, MIN_RESIDUAL_SCALE).astype(np.float32))
+        return cls(
+            steps=steps,
+            noise_reference=np.maximum(ref, MIN_RESIDUAL_SCALE).astype(np.float32),
+            predicted_noise=predicted_noise,
+        )
 
 
 def peak_score_definition(
-    features: list[str], scored: list[str] | None, *, steps: int, window_length: int, local: bool
+    features: list[str],
+    scored: list[str] | None,
+    *,
+    steps: int,
+    window_length: int,
+    local: bool,
+    noise_floor: float | None = None,
 ) -> str:
     """The contract's ``score`` text for a ``score = "peak"`` model."""
     names = scored if scored is not None else features
@@ -353,7 +389,9 @@ def peak_score_definition(
     n_in = window_length - steps
     text = (
         f"largest over the last {steps} steps t of the window and the {len(names)} scored features f "
-        f"({', '.join(names)}) of (r_t,f / s_f)^2"
+        f"({', '.join(names)}) of (r_t,f / (s_f"
+        + (" · sigma_t,f" if noise_floor is not None else "")
+        + "))^2"
         + (" / max(1, n_f / N_f)^2" if local else "")
         + f": r_t,f is step t's residual in normalised units ((x - mean) / std) against its forecast "
         f"from the {n_in} steps before it, s_f the feature's residual scale on training windows"
@@ -362,6 +400,13 @@ def peak_score_definition(
             "(1.4826 x the median absolute deviation of its first differences / sqrt 2) and N_f "
             "its median over training windows"
             if local
+            else ""
+        )
+        + (
+            "; sigma_t,f is the noise the network predicts for that forecast: u_f · exp(v / 2), "
+            f"v = 2 ln {noise_floor:g} + softplus(raw − 2 ln {noise_floor:g}) from its second F "
+            "outputs, u_f the feature's sample-to-sample noise on training windows"
+            if noise_floor is not None
             else ""
         )
         + "; contributions_f is feature f's largest term times score / (sum of the terms), so "
@@ -405,6 +450,7 @@ def build_scoring_function(
     std: FloatArray,
     residual_scale: FloatArray,
     n_lstm_layers: int,
+    log_offset: FloatArray | None = None,
     scored: npt.ArrayLike | None = None,
     bias: BiasScore | None = None,
     flat_floor: FloatArray | None = None,
@@ -425,8 +471,12 @@ def build_scoring_function(
     window's last ``peak.steps`` steps is forecast from the steps before it (the network runs
     once on the stacked sub-windows, so each LSTM stays one fused op); a scored feature's term is
     its largest squared standardised residual over those steps (divided by the local noise
-    factor when ``peak.noise_reference`` is set), the score the largest term, and the
-    contributions the terms rescaled to sum to the score.
+    factor when ``peak.noise_reference`` is set; by the forecast's predicted noise when
+    ``peak.predicted_noise`` is set), the score the largest term, and the contributions the
+    terms rescaled to sum to the score.
+
+    ``log_offset`` (per feature, 0 = own scale): a feature with an offset above 0 enters as
+    ``log(max(x, 0) + offset)`` before ``mean``/``std`` (``anomalyd_train.windows.log_scale``).
 
     ``flat_floor`` (per feature, 0 = off): the flatline check adds
     ``FLATLINE_SCORE * max(0, 1 - spread / floor)`` to a feature's contribution, ``spread``
@@ -471,6 +521,19 @@ def build_scoring_function(
         noise_k = peak_in // 2
         if peak.noise_reference is not None:
             inv_ref_c = (1.0 / np.asarray(peak.noise_reference, np.float64)).astype(np.float32)
+        if peak.predicted_noise is not None:
+            from anomalyd_train.models import noise_log_variance
+
+            noise_c = np.asarray(peak.predicted_noise[0], np.float32)
+            noise_floor = float(peak.predicted_noise[1])
+    log_any = log_offset is not None and bool(np.any(np.asarray(log_offset) > 0))
+    if log_any:
+        assert log_offset is not None
+        logged_c = (np.asarray(log_offset) > 0).reshape(1, 1, n_features)
+        # 1 where a feature keeps its scale: its log is computed and thrown away by the select.
+        log_offset_c = np.where(logged_c, np.asarray(log_offset, np.float32).reshape(1, 1, -1), 1.0).astype(
+            np.float32
+        )
     check_flat = flat_floor is not None and bool(np.any(flat_floor > 0))
     if check_flat:
         assert flat_floor is not None
@@ -484,13 +547,23 @@ def build_scoring_function(
         autograph=False,
     )
     def score_window(window: Any) -> dict[str, Any]:
+        if log_any:
+            window = tf.where(logged_c, tf.math.log(tf.maximum(window, 0.0) + log_offset_c), window)
         z = (window - mean_c) * inv_std_c
         if peak is not None:
             # Sub-window j holds steps j+1..j+peak_in and forecasts step j+peak_in+1; all of them
             # go through the network as one batch.
             subs = tf.stack([z[:, j : j + peak_in, :] for j in range(peak_k)], axis=1)
             pred = model(tf.reshape(subs, [-1, peak_in, n_features]), training=False)
-            r = (z[:, peak_in:, :] - tf.reshape(pred, [-1, peak_k, n_features])) * inv_scale_c
+            if peak.predicted_noise is not None:
+                # Forecast and raw noise level side by side; the residual is measured in the
+                # noise the network predicted for that forecast (models.predicted_noise).
+                out = tf.reshape(pred, [-1, peak_k, 2 * n_features])
+                lv = noise_log_variance(out[:, :, n_features:], noise_floor, tf.math)
+                sigma = tf.exp(0.5 * lv) * noise_c
+                r = (z[:, peak_in:, :] - out[:, :, :n_features]) * inv_scale_c / sigma
+            else:
+                r = (z[:, peak_in:, :] - tf.reshape(pred, [-1, peak_k, n_features])) * inv_scale_c
             if peak.noise_reference is not None:
                 # Noise from the oldest peak_in steps only: an event in the scored steps must
                 # not raise the yardstick it is measured with.
@@ -543,6 +616,7 @@ def build_scoring_function(
         bias=bias,
         flat_floor=None if flat_floor is None else np.asarray(flat_floor, np.float32),
         peak=peak,
+        log_offset=np.asarray(log_offset, np.float32) if log_any else None,
     )
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     import keras
 
@@ -98,7 +100,14 @@ def build_networks(
         out = _member(cfg, x, window_length, n_features, sequence=sequence, m=m)
         if sequence:
             out = out[:, cfg.burn_in :, :]
-        if level is not None:
+        if cfg.heteroscedastic:
+            # The first F outputs are the forecast, the last F each forecast's raw noise level
+            # (``predicted_noise``): only the forecast moves with the window's level.
+            mean, raw = out[..., :n_features], out[..., n_features:]
+            if level is not None:
+                mean = mean + keras.ops.squeeze(level, axis=1)
+            out = keras.ops.concatenate([mean, raw], axis=-1)
+        elif level is not None:
             out = out + (
                 keras.ops.squeeze(level, axis=1) if cfg.kind == "forecast" and not sequence else level
             )
@@ -138,13 +147,45 @@ def noise_scales(windows_normalised: Any) -> Any:
 NOISE_FLOOR = 1e-4
 
 
-def training_loss(kind: str, windows_normalised: Any, *, members: bool) -> Any:
+def noise_log_variance(raw: Any, floor: float, ops: Any) -> Any:
+    """A heteroscedastic forecaster's log-variance (in units of the feature's sample-to-sample
+    noise squared) from its raw noise output: ``2·log(floor) + softplus(raw − 2·log(floor))``,
+    which is ``raw`` well above the floor and never below it. ``ops`` is the module doing the
+    maths (``numpy``-like: ``keras.ops``, ``tf.math`` wrapped, or ``anomalyd_train.models.np_ops``)."""
+    floor_lv = float(2.0 * np.log(floor))
+    return floor_lv + ops.softplus(raw - floor_lv)
+
+
+class np_ops:  # noqa: N801 - used like a module
+    """``noise_log_variance``'s maths in numpy."""
+
+    @staticmethod
+    def softplus(x: Any) -> Any:
+        return np.logaddexp(0.0, x)
+
+
+def predicted_noise(out: Any, noise: Any, floor: float) -> tuple[Any, Any]:
+    """A heteroscedastic forecaster's output ``(..., 2F)`` (numpy) → its forecast ``(..., F)``
+    and each forecast's predicted noise in normalised units ``(..., F)``:
+    ``noise_f · exp(log_variance / 2)``, ``noise`` being ``noise_scales``."""
+    out = np.asarray(out)
+    f = out.shape[-1] // 2
+    lv = noise_log_variance(out[..., f:].astype(np.float64), floor, np_ops)
+    return out[..., :f], (np.asarray(noise, np.float64) * np.exp(0.5 * lv)).astype(np.float32)
+
+
+def training_loss(
+    kind: str, windows_normalised: Any, *, members: bool, noise_floor: float | None = None
+) -> Any:
     """The Keras loss for ``training.loss = kind`` (``"mse"`` or ``"noise_scaled"``), for a
     single network or (``members``) a seed ensemble's twin (``member_mse``).
 
     ``noise_scaled``: the squared error of feature f is divided by ``noise_scales(...)[f]**2``,
     so the loss is the mean squared residual in units of each feature's own noise: the same
-    units the score uses (its residual scales), instead of the global spread's.
+    units the score uses (its residual scales), instead of the global spread's. With
+    ``noise_floor`` (a heteroscedastic forecaster, output ``(batch, 2F)``): the Gaussian
+    negative log-likelihood in those units, ``lv + err / exp(lv)`` with ``lv`` the predicted
+    log-variance (``noise_log_variance``).
     """
     import keras
 
@@ -153,6 +194,18 @@ def training_loss(kind: str, windows_normalised: Any, *, members: bool) -> Any:
     if kind != "noise_scaled":
         raise ValueError(f"unknown loss {kind!r}")
     weights = (1.0 / noise_scales(windows_normalised) ** 2).astype("float32")
+    if noise_floor is not None:
+        floor = noise_floor
+
+        def gaussian_nll(y_true: Any, y_pred: Any) -> Any:
+            # -log N(y; forecast, (noise_f·sigma)^2) up to constants, sigma^2 = exp(lv): the
+            # squared error in noise units over the predicted variance, plus its log.
+            f = y_true.shape[-1]
+            lv = noise_log_variance(y_pred[..., f:], floor, keras.ops)
+            err = keras.ops.square(y_true - y_pred[..., :f]) * weights
+            return keras.ops.mean(lv + err * keras.ops.exp(-lv))
+
+        return gaussian_nll
 
     def noise_scaled_mse(y_true: Any, y_pred: Any) -> Any:
         # The features are the last axis of every target and output shape the models have.
@@ -178,6 +231,10 @@ def _member(cfg: ModelConfig, x: Any, window_length: int, n_features: int, *, se
                 dropout=cfg.dropout,
                 name=f"{tag}lstm_{i + 1}",
             )(x)
+        if cfg.heteroscedastic:
+            forecast = keras.layers.Dense(n_features, name=f"{tag}next_step")(x)
+            noise = keras.layers.Dense(n_features, name=f"{tag}noise_level")(x)
+            return keras.layers.Concatenate(name=f"{tag}next_step_and_noise")([forecast, noise])
         return keras.layers.Dense(n_features, name=f"{tag}next_step")(x)
 
     latent = cfg.latent_units or cfg.units

@@ -37,7 +37,13 @@ from anomalyd_train.calibration import (
     to_contract_threshold,
     training_quantile_threshold,
 )
-from anomalyd_train.config import ModelConfig, TrainConfig, check_score_features, config_to_dict
+from anomalyd_train.config import (
+    ModelConfig,
+    TrainConfig,
+    check_log_features,
+    check_score_features,
+    config_to_dict,
+)
 from anomalyd_train.data import Dataset, Segment, load_dataset
 from anomalyd_train.windows import (
     Scaler,
@@ -180,7 +186,12 @@ def fit_model(
     fitted_model = members if members is not None else model
     fitted_model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=cfg.training.learning_rate),
-        loss=training_loss(cfg.training.loss, train_z, members=members is not None),
+        loss=training_loss(
+            cfg.training.loss,
+            train_z,
+            members=members is not None,
+            noise_floor=cfg.model.noise_floor if cfg.model.heteroscedastic else None,
+        ),
     )
     x, y = _inputs_targets(cfg.model, train_z)
     validation = _inputs_targets(cfg.model, val_z) if val_z is not None and len(val_z) else None
@@ -290,6 +301,7 @@ def prepare(cfg: TrainConfig, echo: Callable[[str], None] = lambda _: None) -> P
     for note in dataset.notes:
         echo(f"  {note}")
     score_features = check_score_features(cfg, dataset.features)
+    check_log_features(cfg, dataset.features)
     if score_features is not None:
         echo(f"score: mean over {len(score_features)} of {len(dataset.features)} features: {score_features}")
 
@@ -307,8 +319,12 @@ def prepare(cfg: TrainConfig, echo: Callable[[str], None] = lambda _: None) -> P
     echo(f"split: {how}; rows: train {_rows(train_s)}, validation {_rows(val_s)}, calibration {_rows(cal_s)}")
     # Scaling statistics come from the training part only, so nothing about the held-out
     # parts (validation, calibration) leaks into the model.
-    scaler = Scaler.fit(train_s, dataset.features)
-    echo(f"scaler: mean and std of {len(dataset.features)} features from the {_rows(train_s)} training rows")
+    scaler = Scaler.fit(train_s, dataset.features, cfg.model.log_features)
+    logged = [n for n, on in zip(dataset.features, scaler.logged, strict=True) if on]
+    echo(
+        f"scaler: mean and std of {len(dataset.features)} features from the {_rows(train_s)} training rows"
+        + (f"; on a log scale: {', '.join(logged)}" if logged else "")
+    )
     train_ws, val_ws, cal_ws = _windows(cfg, train_s), _windows(cfg, val_s), _windows(cfg, cal_s)
     hint = f"(window.length = {cfg.window.length}; lower it, set window.padding = 'pre', or give more data)"
     if len(train_ws) == 0:
@@ -402,8 +418,15 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
 
     bias_score = cfg.model.score == "bias"
     burn_in = cfg.model.burn_in if bias_score else None
+    # A heteroscedastic forecaster's noise output is in units of each feature's
+    # sample-to-sample noise on the windows it was fitted on (the loss's units).
+    predicted_noise = None
+    if cfg.model.heteroscedastic:
+        from anomalyd_train.models import noise_scales
+
+        predicted_noise = (noise_scales(net_train_z), cfg.model.noise_floor)
     scale = export.residual_scales(
-        export.squared_residuals(model, cfg.model.kind, net_train_z, burn_in=burn_in)
+        export.squared_residuals(model, cfg.model.kind, net_train_z, burn_in=burn_in, noise=predicted_noise)
     )
     bias = None
     if bias_score:
@@ -429,13 +452,16 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         window_length=cfg.window.length,
         mean=scaler.mean,
         std=scaler.std,
+        log_offset=scaler.log_offset,
         residual_scale=scale,
         n_lstm_layers=len(lstm_layers(model)),
         scored=prep.scored,
         bias=bias,
         flat_floor=flat_floor,
         peak=(
-            export.PeakScore.measure(train_z, cfg.model.peak_steps, cfg.model.peak_local_noise)
+            export.PeakScore.measure(
+                train_z, cfg.model.peak_steps, cfg.model.peak_local_noise, predicted_noise
+            )
             if cfg.model.score == "peak"
             else None
         ),
@@ -476,7 +502,8 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         "score_features": prep.score_features,
         "threshold": to_contract_threshold(calibration).model_dump(mode="json"),
         "score": _score_text(cfg, dataset.features, prep.score_features, flat_floor),
-        "normalisation": {"mean": scaler.mean.tolist(), "std": scaler.std.tolist()},
+        "normalisation": {"mean": scaler.mean.tolist(), "std": scaler.std.tolist()}
+        | ({"log_offset": scaler.log_offset.tolist()} if any(scaler.logged) else {}),
         "training_data": {
             "source": dataset.source,
             "sha256": dataset_sha256(dataset.segments),
@@ -554,6 +581,7 @@ def _score_text(
             steps=cfg.model.peak_steps,
             window_length=cfg.window.length,
             local=cfg.model.peak_local_noise,
+            noise_floor=cfg.model.noise_floor if cfg.model.heteroscedastic else None,
         )
     elif cfg.model.score == "bias":
         text = export.bias_score_definition(
@@ -569,6 +597,12 @@ def _score_text(
             text += f"; the network's output is the mean of {cfg.model.members} networks' outputs"
     if flat_floor is not None:
         text += export.flatline_definition(flat_floor, features)
+    if cfg.model.log_features:
+        logged = [f for f in features if f in cfg.model.log_features]
+        text += (
+            f"; x is log(max(x, 0) + log_offset) for {', '.join(logged)} "
+            "(normalisation.log_offset), so mean and std are of the logged values"
+        )
     return text
 
 

@@ -17,7 +17,7 @@ import hashlib
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -72,19 +72,103 @@ def is_constant(std: float, mean: float) -> bool:
     return not std > _CONSTANT_RTOL * abs(mean)
 
 
+#: A log-scaled feature's noise is measured in this many bins of its level (see ``Scaler``).
+LOG_NOISE_BINS = 20
+#: ... and must grow by at least this factor from the level's 10th to its 90th percentile.
+LOG_MIN_NOISE_GROWTH = 1.2
+#: Its offset is never below this fraction of its 99th percentile.
+LOG_OFFSET_FLOOR = 1e-3
+
+
+def level_noise_offset(columns: Sequence[np.ndarray]) -> float:
+    """The offset ``c`` for which ``log(x + c)`` has the same noise at every level, from
+    time-ordered columns of one feature (one per segment).
+
+    A sensor's sample-to-sample noise is measured in ``LOG_NOISE_BINS`` bins of its level
+    (1.4826 x the median absolute deviation of first differences over sqrt 2, robust to load
+    changes) and fitted as ``a + b·x``: an additive part ``a`` and a part ``b`` proportional
+    to the level. ``log(x + a/b)`` turns that noise into the constant ``b``. Raises
+    ``ValueError`` when the fitted noise grows by less than ``LOG_MIN_NOISE_GROWTH`` from the
+    level's 10th to its 90th percentile, where a log scale would only stretch the quiet end.
+    """
+    level = np.concatenate([np.asarray(c, np.float64)[1:] for c in columns if len(c) > 1])
+    diffs = np.concatenate([np.diff(np.asarray(c, np.float64)) for c in columns if len(c) > 1])
+    if level.size < 10 * LOG_NOISE_BINS:
+        raise ValueError(f"{level.size} consecutive pairs are too few to measure the noise by level")
+    edges = np.quantile(level, np.linspace(0.0, 1.0, LOG_NOISE_BINS + 1))
+    which = np.clip(np.searchsorted(edges, level, side="right") - 1, 0, LOG_NOISE_BINS - 1)
+    xs: list[float] = []
+    sigmas: list[float] = []
+    for k in range(LOG_NOISE_BINS):
+        d = diffs[which == k]
+        if d.size < 10:
+            continue
+        xs.append(float(np.median(level[which == k])))
+        sigmas.append(1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0))
+    if len(xs) < 3:
+        raise ValueError("the level takes too few distinct values to measure the noise by level")
+    b, a = np.polyfit(np.asarray(xs), np.asarray(sigmas), 1)
+    x10, x90 = np.quantile(level, [0.1, 0.9])
+    growth = (a + b * x90) / (a + b * x10) if a + b * x10 > 0 else math.inf
+    if not (b > 0 and growth >= LOG_MIN_NOISE_GROWTH):
+        raise ValueError(
+            f"its noise does not grow with its level (fitted noise {a:.3g} + {b:.3g}·x: "
+            f"x {growth:.2f} from its 10th to its 90th percentile, under {LOG_MIN_NOISE_GROWTH})"
+        )
+    floor = LOG_OFFSET_FLOOR * float(np.quantile(np.maximum(level, 0.0), 0.99))
+    return max(float(a) / float(b), floor, 1e-12)
+
+
+def log_scale(x: np.ndarray, log_offset: np.ndarray) -> np.ndarray:
+    """``log(max(x, 0) + offset)`` on the features whose ``log_offset`` is above 0; the others
+    unchanged. The same formula the exported graph applies before its normalisation."""
+    x = np.asarray(x, dtype=np.float32)
+    logged = log_offset > 0
+    if not logged.any():
+        return x
+    safe = np.where(logged, log_offset, np.float32(1.0)).astype(np.float32)
+    out: np.ndarray = np.where(logged, np.log(np.maximum(x, np.float32(0.0)) + safe), x)
+    return out.astype(np.float32, copy=False)
+
+
 @dataclass
 class Scaler:
-    """Per-feature standardisation ``(x - mean) / std``, fitted on training rows only."""
+    """Per-feature standardisation ``(x - mean) / std``, fitted on training rows only.
+
+    A feature named in ``log_features`` is standardised on a log scale: ``x`` becomes
+    ``log(max(x, 0) + offset)`` first (``log_offset``; 0 for a feature on its own scale), and
+    ``mean``/``std`` are those of the logged values. For a signal whose noise grows with its
+    level (a vibration RMS: an additive sensor noise plus a few percent of whatever it reads),
+    the offset is fitted so that the logged noise is the same at every level
+    (``level_noise_offset``): a loud machine's noise is then no larger than a quiet one's.
+    """
 
     mean: np.ndarray  # float32 (F,)
     std: np.ndarray  # float32 (F,)
+    log_offset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (F,) or empty
+
+    def __post_init__(self) -> None:
+        if self.log_offset.size == 0:
+            self.log_offset = np.zeros_like(self.mean, dtype=np.float32)
+
+    @property
+    def logged(self) -> list[bool]:
+        """One flag per feature: is it standardised on a log scale?"""
+        return [bool(o > 0) for o in self.log_offset]
 
     @classmethod
-    def fit(cls, segments_or_values: Sequence[Segment] | np.ndarray, features: list[str]) -> Scaler:
+    def fit(
+        cls,
+        segments_or_values: Sequence[Segment] | np.ndarray,
+        features: list[str],
+        log_features: Sequence[str] = (),
+    ) -> Scaler:
         """Fit on training segments (or a values array ``(n, F)``).
 
         Raises ``DataError`` naming the feature when a column is constant: its std would be
-        zero and every normalised value infinite or meaningless.
+        zero and every normalised value infinite or meaningless; and when a feature in
+        ``log_features`` is below 0 in more than 1 % of the rows (a log scale needs values
+        that are mostly at or above 0, such as an RMS), or is not one of ``features``.
         """
         if isinstance(segments_or_values, np.ndarray):
             values = segments_or_values.reshape(-1, segments_or_values.shape[-1])
@@ -96,20 +180,43 @@ class Scaler:
             raise DataError("cannot fit the scaler: there are no training rows")
         if values.shape[1] != len(features):
             raise ValueError(f"values have {values.shape[1]} columns, features name {len(features)}")
+        unknown = [n for n in log_features if n not in features]
+        if unknown:
+            raise DataError(f"log-scaled features {unknown} are not among the features {features}")
+        log_offset = np.zeros(len(features), np.float32)
+        for j, name in enumerate(features):
+            if name not in log_features:
+                continue
+            below = float(np.mean(values[:, j] < 0))
+            if below > 0.01:
+                raise DataError(
+                    f"feature {name!r} is below 0 in {below:.1%} of the training rows: a log "
+                    "scale needs values at or above 0 (such as an RMS); leave it on its own scale"
+                )
+            columns = (
+                [segments_or_values[:, j]]
+                if isinstance(segments_or_values, np.ndarray)
+                else [s.values[:, j] for s in segments_or_values]
+            )
+            try:
+                log_offset[j] = level_noise_offset(columns)
+            except ValueError as exc:
+                raise DataError(f"feature {name!r} cannot be log-scaled: {exc}") from None
+        scaled = log_scale(values, log_offset)
         # float64 accumulation: a float32 sum over 10^5+ rows loses digits of the mean.
-        mean = values.mean(axis=0, dtype=np.float64)
-        std = values.std(axis=0, dtype=np.float64)
+        mean = scaled.mean(axis=0, dtype=np.float64)
+        std = scaled.std(axis=0, dtype=np.float64)
         for name, m, s in zip(features, mean, std, strict=True):
             if is_constant(float(s), float(m)):
                 raise DataError(
                     f"feature {name!r} is constant over the {values.shape[0]} training rows "
                     f"(value {m:.6g}): it cannot be standardised; remove it from the features"
                 )
-        return cls(mean=mean.astype(np.float32), std=std.astype(np.float32))
+        return cls(mean=mean.astype(np.float32), std=std.astype(np.float32), log_offset=log_offset)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Standardise an array whose last axis is the features (``(n, F)`` or ``(n, L, F)``)."""
-        out: np.ndarray = (np.asarray(x, dtype=np.float32) - self.mean) / self.std
+        out: np.ndarray = (log_scale(x, self.log_offset) - self.mean) / self.std
         return out.astype(np.float32, copy=False)
 
 
