@@ -54,7 +54,9 @@ def build_networks(
     layer per member).
 
     ``forecast``: input ``(batch, L-1, F)`` → ``layers`` stacked LSTMs → Dense(F), the
-    prediction of step L. With ``score = "bias"`` every step is forecast instead: the last
+    prediction of step L; with ``cfg.heteroscedastic`` a second Dense(F) beside it gives each
+    forecast's raw noise level, and the output is ``(batch, 2F)``: forecast, then noise
+    (``predicted_noise`` reads it). With ``score = "bias"`` every step is forecast instead: the last
     LSTM returns its sequence and the output ``(batch, L-1-burn_in, F)`` holds the forecasts
     of steps ``burn_in+2 .. L`` (each made from the steps before it only; the LSTM is causal).
     ``autoencoder``: input ``(batch, L, F)`` → ``layers`` encoder LSTMs (the last one
@@ -150,8 +152,8 @@ NOISE_FLOOR = 1e-4
 def noise_log_variance(raw: Any, floor: float, ops: Any) -> Any:
     """A heteroscedastic forecaster's log-variance (in units of the feature's sample-to-sample
     noise squared) from its raw noise output: ``2·log(floor) + softplus(raw − 2·log(floor))``,
-    which is ``raw`` well above the floor and never below it. ``ops`` is the module doing the
-    maths (``numpy``-like: ``keras.ops``, ``tf.math`` wrapped, or ``anomalyd_train.models.np_ops``)."""
+    which is ``raw`` well above the floor and never below it. ``ops`` is whatever provides
+    ``softplus``: ``keras.ops`` (the loss), ``tf.math`` (the exported graph) or ``np_ops``."""
     floor_lv = float(2.0 * np.log(floor))
     return floor_lv + ops.softplus(raw - floor_lv)
 
