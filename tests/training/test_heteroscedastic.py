@@ -84,7 +84,7 @@ def test_gaussian_nll_is_lowest_where_the_predicted_noise_matches_the_errors() -
     rng = np.random.default_rng(5)
     windows = rng.normal(0.0, 1.0, size=(400, 8, 2)).astype(np.float32)
     u = noise_scales(windows)
-    loss = training_loss("noise_scaled", windows, members=False, noise_floor=0.1)
+    loss = training_loss("noise_scaled", windows, members=False, predicted_noise=(u, 0.1))
     y = np.zeros((1000, 2), np.float32)
     # Errors of 3 noise units in feature 0 and 1 in feature 1.
     pred_mean = (rng.normal(0.0, 1.0, size=(1000, 2)) * np.array([3.0, 1.0]) * u).astype(np.float32)

@@ -405,10 +405,12 @@ class ModelConfig(_Section):
         default_factory=list,
         description=(
             "feature names (as in the contract) standardised on a log scale: the graph takes "
-            "log(max(x, 0) + offset) before the mean and std, offset being the feature's 1st "
-            "percentile in the training rows. For a signal whose noise grows with its level, such "
-            "as a vibration RMS, so a loud machine's noise is not scored as larger than a quiet "
-            "one's. Every feature named must be at or above 0 in at least 99 % of the training rows"
+            "log(max(x, 0) + offset) before the mean and std, the offset fitted on the training "
+            "rows so that the logged sample-to-sample noise is the same at every level. For a "
+            "signal whose noise grows with its level, such as a vibration RMS, so a loud "
+            "machine's noise is not scored as larger than a quiet one's. Every feature named "
+            "must be at or above 0 in at least 99 % of the training rows, and its noise must "
+            "grow with its level"
         ),
     )
 
@@ -445,17 +447,9 @@ class ModelConfig(_Section):
                 )
         return self
 
-    @field_validator("log_features")
+    @field_validator("score_features", "log_features")
     @classmethod
-    def _log_features_once(cls, v: list[str]) -> list[str]:
-        repeated = sorted({n for n in v if v.count(n) > 1})
-        if repeated:
-            raise ValueError(f"each feature may be named once; repeated: {repeated}")
-        return v
-
-    @field_validator("score_features")
-    @classmethod
-    def _score_features_once(cls, v: list[str] | None) -> list[str] | None:
+    def _features_named_once(cls, v: list[str] | None) -> list[str] | None:
         if v is not None:
             repeated = sorted({n for n in v if v.count(n) > 1})
             if repeated:

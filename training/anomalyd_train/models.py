@@ -177,7 +177,7 @@ def predicted_noise(out: Any, noise: Any, floor: float) -> tuple[Any, Any]:
 
 
 def training_loss(
-    kind: str, windows_normalised: Any, *, members: bool, noise_floor: float | None = None
+    kind: str, windows_normalised: Any, *, members: bool, predicted_noise: tuple[Any, float] | None = None
 ) -> Any:
     """The Keras loss for ``training.loss = kind`` (``"mse"`` or ``"noise_scaled"``), for a
     single network or (``members``) a seed ensemble's twin (``member_mse``).
@@ -185,9 +185,10 @@ def training_loss(
     ``noise_scaled``: the squared error of feature f is divided by ``noise_scales(...)[f]**2``,
     so the loss is the mean squared residual in units of each feature's own noise: the same
     units the score uses (its residual scales), instead of the global spread's. With
-    ``noise_floor`` (a heteroscedastic forecaster, output ``(batch, 2F)``): the Gaussian
-    negative log-likelihood in those units, ``lv + err / exp(lv)`` with ``lv`` the predicted
-    log-variance (``noise_log_variance``).
+    ``predicted_noise`` (a heteroscedastic forecaster, output ``(batch, 2F)``: the
+    ``noise_scales`` of ``windows_normalised`` and the noise floor, as the score gets them):
+    the Gaussian negative log-likelihood in those units, ``lv + err / exp(lv)`` with ``lv``
+    the predicted log-variance (``noise_log_variance``).
     """
     import keras
 
@@ -195,9 +196,10 @@ def training_loss(
         return member_mse if members else "mse"
     if kind != "noise_scaled":
         raise ValueError(f"unknown loss {kind!r}")
-    weights = (1.0 / noise_scales(windows_normalised) ** 2).astype("float32")
-    if noise_floor is not None:
-        floor = noise_floor
+    noise = noise_scales(windows_normalised) if predicted_noise is None else predicted_noise[0]
+    weights = (1.0 / np.asarray(noise) ** 2).astype("float32")
+    if predicted_noise is not None:
+        floor = predicted_noise[1]
 
         def gaussian_nll(y_true: Any, y_pred: Any) -> Any:
             # -log N(y; forecast, (noise_f·sigma)^2) up to constants, sigma^2 = exp(lv): the

@@ -167,8 +167,11 @@ def fit_model(
     train_z: FloatArray,
     val_z: FloatArray | None,
     echo: Callable[[str], None],
+    predicted_noise: tuple[FloatArray, float] | None = None,
 ) -> tuple[Any, History]:
     """Build and fit the network on normalised windows; returns it with its history.
+    ``predicted_noise``: a heteroscedastic forecaster's noise units and floor (``train``
+    measures them once, for the loss and the score alike).
 
     Early stopping watches the validation loss (the training loss when there is no
     validation part) and the best epoch's weights are restored at the end.
@@ -190,7 +193,7 @@ def fit_model(
             cfg.training.loss,
             train_z,
             members=members is not None,
-            noise_floor=cfg.model.noise_floor if cfg.model.heteroscedastic else None,
+            predicted_noise=predicted_noise,
         ),
     )
     x, y = _inputs_targets(cfg.model, train_z)
@@ -407,7 +410,14 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         net_train_z = train_z[:, first:, :]
         net_val_z = val_z[:, first:, :] if val_z is not None else None
     # --- end score "peak"
-    model, history = fit_model(cfg, net_train_z, net_val_z, echo)
+    # A heteroscedastic forecaster's noise output is in units of each feature's
+    # sample-to-sample noise on the windows it is fitted on: the loss and the score share them.
+    predicted_noise = None
+    if cfg.model.heteroscedastic:
+        from anomalyd_train.models import noise_scales
+
+        predicted_noise = (noise_scales(net_train_z), cfg.model.noise_floor)
+    model, history = fit_model(cfg, net_train_z, net_val_z, echo, predicted_noise)
     echo(
         f"training: {len(history.loss)} of {cfg.training.epochs} epochs in "
         f"{format_duration(history.seconds)}; early stopping "
@@ -418,13 +428,6 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
 
     bias_score = cfg.model.score == "bias"
     burn_in = cfg.model.burn_in if bias_score else None
-    # A heteroscedastic forecaster's noise output is in units of each feature's
-    # sample-to-sample noise on the windows it was fitted on (the loss's units).
-    predicted_noise = None
-    if cfg.model.heteroscedastic:
-        from anomalyd_train.models import noise_scales
-
-        predicted_noise = (noise_scales(net_train_z), cfg.model.noise_floor)
     scale = export.residual_scales(
         export.squared_residuals(model, cfg.model.kind, net_train_z, burn_in=burn_in, noise=predicted_noise)
     )

@@ -193,8 +193,9 @@ class Scaler:
                     f"feature {name!r} is below 0 in {below:.1%} of the training rows: a log "
                     "scale needs values at or above 0 (such as an RMS); leave it on its own scale"
                 )
+            # Differences within a segment only; a values array is one stretch.
             columns = (
-                [segments_or_values[:, j]]
+                [values[:, j]]
                 if isinstance(segments_or_values, np.ndarray)
                 else [s.values[:, j] for s in segments_or_values]
             )
