@@ -6,7 +6,10 @@ no smoothing, the contract's threshold, alert after 3 windows above, clear after
 Per seed, a fleet of ``--devices`` devices × ``--hours`` h; device k starts
 ``k · --stagger-h`` hours after 00:00 UTC of 2026-01-01 plus ``--start-hour`` (the default 8
 devices × 3 h staggered by 3 h cover every hour of the day once per seed). The training fleet
-uses seed 0; pick seeds for choosing, and report on other seeds.
+uses seed 0; pick seeds for choosing, and report on other seeds. Use many: a target of 0.02
+false alerts per device-hour is one alert in 50 device-hours, so the default 12 seeds (288
+device-hours, about 360 events) are the least that tells two models apart; 3 seeds have
+given 1 and 5 false alerts for the same model.
 
 What it prints, per device and pooled (definitions as in tests/e2e/test_daemon_e2e.py):
 
@@ -16,11 +19,15 @@ What it prints, per device and pooled (definitions as in tests/e2e/test_daemon_e
   sample and ``1.1 · (L-1)`` sample periods after its last is above the threshold;
   event recall (alert): the device's alert is on at some row in that interval;
 * clean alerts per device-hour: alert onsets (after hysteresis) outside every such interval
-  (``--clean-alerts`` prints each one with the contributions of the window that raised it).
+  (``--clean-alerts`` prints each one with the contributions of the window that raised it);
+* with ``--thresholds``: the pooled line again for each threshold given, from the same scores
+  decided again by the daemon's detector, so two models can be compared at equal false
+  alerts rather than each at its own calibrated threshold.
 
-Run (about 1 s per device-hour on one core):
+Run (about 1 s per device-hour on one core, plus a few seconds per threshold swept):
 
-    .venv/bin/python benchmarks/eval_default_model.py [--model PATH] [--seeds 101,102,103]
+    .venv/bin/python benchmarks/eval_default_model.py [--model PATH] [--seeds 101-112] \
+        [--thresholds 28,32,36,40]
     # the end-to-end test's stream, one line per seed:
     .venv/bin/python benchmarks/eval_default_model.py --devices 2 --hours 3 --stagger-h 0 \\
         --gaps-per-hour 0 --anomalies 3 --seeds 1-20 --per-seed
@@ -36,10 +43,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from anomalyd.config import Config
+from anomalyd.detector import Detector
 from anomalyd.model import DEFAULT_MODEL_PATH, LoadedModel, SessionOptions, load_model
-from anomalyd.replay import replay
+from anomalyd.replay import ReplayResult, replay
 from anomalyd.synthetic import DeviceSeries, FleetSpec, generate_fleet
 
 #: 2026-01-01T00:00:00Z, FleetSpec's default start.
@@ -79,10 +88,51 @@ def _intervals(dev: DeviceSeries, tail_s: float) -> list[tuple[float, float]]:
 
 def score_device(
     model: LoadedModel, config: Config, dev: DeviceSeries, seed: int, period_s: float
-) -> DeviceResult:
-    """Replay one device and count what an operator would see."""
-    length = model.window_length
+) -> tuple[DeviceResult, ReplayResult]:
+    """Replay one device and count what an operator would see; also returns the replay."""
     r = replay(model, config, dev.device, dev.ts, dev.values)
+    return count_device(dev, seed, model.window_length, period_s, r.ts, r, r.anomaly, r.alert), r
+
+
+def redecide(
+    model: LoadedModel, config: Config, r: ReplayResult, threshold: float
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """The window verdicts and alert states the daemon's detector would have reached on the
+    replayed scores ``r`` with ``threshold`` instead (the rest of ``[detector]`` as in
+    ``config``): a fresh ``anomalyd.detector.Detector``, fed the same windows in order."""
+    cfg = config.detector.model_copy(update={"threshold": threshold})
+    detector = Detector.from_config(
+        cfg, model.contract.threshold.value, len(model.contract.scored_feature_names)
+    )
+    rows = np.flatnonzero(~np.isnan(r.row_threshold))  # the rows that ended a window
+    decisions = detector.update(
+        ["device"] * len(rows),
+        r.ts[rows],
+        r.score[rows].astype(np.float32),
+        r.contributions[rows],
+        r.padded[rows],
+    )
+    anomaly = np.zeros(len(r.ts), np.bool_)
+    alert_at = np.full(len(r.ts), -1, np.int8)
+    anomaly[rows] = [d.anomaly for d in decisions]
+    alert_at[rows] = [d.alert for d in decisions]
+    # The alert state carries over rows that ended no window, as in the replay.
+    last = np.maximum.accumulate(np.where(alert_at >= 0, np.arange(len(r.ts)), -1))
+    return anomaly, (last >= 0) & (alert_at[np.maximum(last, 0)] == 1)
+
+
+def count_device(  # noqa: PLR0917 - one device's replay, taken apart
+    dev: DeviceSeries,
+    seed: int,
+    length: int,
+    period_s: float,
+    ts: npt.NDArray[np.float64],
+    r: ReplayResult,
+    anomaly: npt.NDArray[np.bool_],
+    alert: npt.NDArray[np.bool_],
+) -> DeviceResult:
+    """Count one device's outcome from its window verdicts ``anomaly`` and alert states
+    ``alert`` (per row, as ``ReplayResult`` has them; ``r`` gives the scores and contributions)."""
     scored = ~np.isnan(r.score)
     # A window ending at row i holds rows i-L+1..i (the buffers restart after a gap, so a
     # window never reaches back across one): dirty when any of them is labelled.
@@ -96,26 +146,26 @@ def score_device(
     missed: list[str] = []
     missed_alert: list[str] = []
     for (lo, hi), ev in zip(intervals, dev.events, strict=True):
-        inside = (r.ts >= lo) & (r.ts <= hi)
-        hit_w = bool((r.anomaly & inside).any())
-        hit_a = bool((r.alert & inside).any())
+        inside = (ts >= lo) & (ts <= hi)
+        hit_w = bool((anomaly & inside).any())
+        hit_a = bool((alert & inside).any())
         found_w += hit_w
         found_a += hit_a
         if not hit_w:
             missed.append(ev.kind)
         if not hit_a:
             missed_alert.append(ev.kind)
-    onsets = np.flatnonzero(r.alert & ~np.concatenate([[False], r.alert[:-1]]))
-    in_event = np.zeros(len(r.ts), bool)
+    onsets = np.flatnonzero(alert & ~np.concatenate([[False], alert[:-1]]))
+    in_event = np.zeros(len(ts), bool)
     for lo, hi in intervals:
-        in_event |= (r.ts >= lo) & (r.ts <= hi)
+        in_event |= (ts >= lo) & (ts <= hi)
     clean_onsets = onsets[~in_event[onsets]]
     return DeviceResult(
         seed=seed,
         device=dev.device,
         hours=float(dev.ts[-1] - dev.ts[0]) / 3600.0,
         clean_windows=int(clean.sum()),
-        clean_flagged=int((clean & r.anomaly).sum()),
+        clean_flagged=int((clean & anomaly).sum()),
         events=len(dev.events),
         found_window=found_w,
         found_alert=found_a,
@@ -124,7 +174,7 @@ def score_device(
         kinds=[e.kind for e in dev.events],
         kinds_missed_alert=missed_alert,
         clean_alert_onsets=[
-            (float(r.ts[i] - dev.ts[0]), [round(float(c), 3) for c in r.contributions[i]])
+            (float(ts[i] - dev.ts[0]), [round(float(c), 3) for c in r.contributions[i]])
             for i in clean_onsets.tolist()
         ],
     )
@@ -180,7 +230,7 @@ def _format(label: str, s: Summary) -> str:
         f"{s.clean_windows:<7} {s.clean_rate:.2e} (per device median {s.device_rate_median:.1e}, "
         f"max {s.device_rate_max:.1e}, >{NOISY_RATE:g}: {s.noisy_devices}) | events {s.events:>3} "
         f"recall win {s.recall_window:.2f} alert {s.recall_alert:.2f} | clean alerts {s.clean_alerts:>3} "
-        f"= {s.clean_alerts_per_device_hour:.2f}/dev-h"
+        f"= {s.clean_alerts_per_device_hour:.3f}/dev-h"
     )
 
 
@@ -208,6 +258,16 @@ def _detector_setting(text: str) -> tuple[str, object]:
     return key.strip(), tomllib.loads(f"v = {value.strip()}")["v"]
 
 
+def _thresholds(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"need numbers separated by commas, got {text!r}") from exc
+    if not values or not all(np.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"need positive numbers separated by commas, got {text!r}")
+    return values
+
+
 def _seeds(text: str) -> list[int]:
     out: list[int] = []
     for part in text.split(","):
@@ -219,7 +279,7 @@ def _seeds(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_PATH)
-    ap.add_argument("--seeds", type=_seeds, default=_seeds("101,102,103"), help="e.g. 101,102 or 1-20")
+    ap.add_argument("--seeds", type=_seeds, default=_seeds("101-112"), help="e.g. 101,102 or 1-20")
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--hours", type=float, default=3.0)
     ap.add_argument("--stagger-h", type=float, default=3.0, help="device k starts k * this later")
@@ -240,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         "--threshold",
         type=float,
         help="score threshold instead of the contract's (to compare calibrations of one network)",
+    )
+    ap.add_argument(
+        "--thresholds",
+        type=_thresholds,
+        default=[],
+        help="also decide the same scores at each of these thresholds (e.g. 30,35,40): one "
+        "pooled line each, so models compare at equal false alerts",
     )
     ap.add_argument(
         "--detector",
@@ -273,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.perf_counter()
     results: list[DeviceResult] = []
+    replays: list[tuple[int, DeviceSeries, ReplayResult]] = []  # kept for --thresholds only
     per_seed: dict[int, Summary] = {}
     for seed in args.seeds:
         spec = FleetSpec(
@@ -285,7 +353,12 @@ def main(argv: list[str] | None = None) -> int:
             start_ts=DAY0 + args.start_hour * 3600.0,
             start_stagger_s=args.stagger_h * 3600.0,
         )
-        seed_results = [score_device(model, config, dev, seed, period_s) for dev in generate_fleet(spec)]
+        seed_results = []
+        for dev in generate_fleet(spec):
+            outcome, replayed = score_device(model, config, dev, seed, period_s)
+            seed_results.append(outcome)
+            if args.thresholds:
+                replays.append((seed, dev, replayed))
         results += seed_results
         per_seed[seed] = summarise(seed_results)
         if args.per_device:
@@ -313,6 +386,19 @@ def main(argv: list[str] | None = None) -> int:
             missed[k] = missed.get(k, 0) + 1
     print(f"missed events by kind (window level): {dict(sorted(missed.items()))}")
     print(f"event recall by kind (alert level): {_recall_by_kind(results)}")
+    sweep: dict[str, dict[str, object]] = {}
+    for threshold in args.thresholds:
+        # The same scores, decided again by the daemon's detector at another threshold.
+        swept = []
+        for seed, dev, replayed in replays:
+            anomaly, alert = redecide(model, config, replayed, threshold)
+            swept.append(
+                count_device(dev, seed, model.window_length, period_s, replayed.ts, replayed, anomaly, alert)
+            )
+        at = summarise(swept)
+        print(_format(f"thr {threshold:g}", at))
+        print(f"  event recall by kind (alert level): {_recall_by_kind(swept)}", flush=True)
+        sweep[f"{threshold:g}"] = asdict(at) | {"recall_by_kind": _recall_by_kind(swept)}
     print(f"({time.perf_counter() - started:.0f} s)")
     if args.json:
         doc = {
@@ -322,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": asdict(total),
             "per_seed": {str(k): asdict(v) for k, v in per_seed.items()},
             "devices": [asdict(d) | {"clean_rate": d.clean_rate} for d in results],
+            "thresholds": sweep,
         }
         args.json.write_text(json.dumps(doc, indent=1))
     return 0
