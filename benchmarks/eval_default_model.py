@@ -8,7 +8,7 @@ Per seed, a fleet of ``--devices`` devices × ``--hours`` h; device k starts
 devices × 3 h staggered by 3 h cover every hour of the day once per seed). The training fleet
 uses seed 0; pick seeds for choosing, and report on other seeds. Use many: a target of 0.02
 false alerts per device-hour is one alert in 50 device-hours, so the default 12 seeds (288
-device-hours, about 360 events) are the least that tells two models apart; 3 seeds have
+device-hours, 400-460 events) are the least that tells two models apart; 3 seeds have
 given 1 and 5 false alerts for the same model.
 
 What it prints, per device and pooled (definitions as in tests/e2e/test_daemon_e2e.py):
@@ -26,7 +26,7 @@ What it prints, per device and pooled (definitions as in tests/e2e/test_daemon_e
 
 Run (about 1 s per device-hour on one core, plus a few seconds per threshold swept):
 
-    .venv/bin/python benchmarks/eval_default_model.py [--model PATH] [--seeds 101-112] \
+    .venv/bin/python benchmarks/eval_default_model.py [--model PATH] [--seeds 101-112] \\
         [--thresholds 28,32,36,40]
     # the end-to-end test's stream, one line per seed:
     .venv/bin/python benchmarks/eval_default_model.py --devices 2 --hours 3 --stagger-h 0 \\
@@ -91,7 +91,7 @@ def score_device(
 ) -> tuple[DeviceResult, ReplayResult]:
     """Replay one device and count what an operator would see; also returns the replay."""
     r = replay(model, config, dev.device, dev.ts, dev.values)
-    return count_device(dev, seed, model.window_length, period_s, r.ts, r, r.anomaly, r.alert), r
+    return count_device(dev, seed, model.window_length, period_s, r, r.anomaly, r.alert), r
 
 
 def redecide(
@@ -126,13 +126,14 @@ def count_device(  # noqa: PLR0917 - one device's replay, taken apart
     seed: int,
     length: int,
     period_s: float,
-    ts: npt.NDArray[np.float64],
     r: ReplayResult,
     anomaly: npt.NDArray[np.bool_],
     alert: npt.NDArray[np.bool_],
 ) -> DeviceResult:
     """Count one device's outcome from its window verdicts ``anomaly`` and alert states
-    ``alert`` (per row, as ``ReplayResult`` has them; ``r`` gives the scores and contributions)."""
+    ``alert`` (per row, as ``ReplayResult`` has them; ``r`` gives the rows' timestamps, scores
+    and contributions)."""
+    ts = r.ts
     scored = ~np.isnan(r.score)
     # A window ending at row i holds rows i-L+1..i (the buffers restart after a gap, so a
     # window never reaches back across one): dirty when any of them is labelled.
@@ -392,9 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         swept = []
         for seed, dev, replayed in replays:
             anomaly, alert = redecide(model, config, replayed, threshold)
-            swept.append(
-                count_device(dev, seed, model.window_length, period_s, replayed.ts, replayed, anomaly, alert)
-            )
+            swept.append(count_device(dev, seed, model.window_length, period_s, replayed, anomaly, alert))
         at = summarise(swept)
         print(_format(f"thr {threshold:g}", at))
         print(f"  event recall by kind (alert level): {_recall_by_kind(swept)}", flush=True)
