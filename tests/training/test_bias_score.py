@@ -20,7 +20,7 @@ from anomalyd_train import export
 from anomalyd_train.config import ModelConfig, TrainConfig
 from anomalyd_train.models import build_model, build_networks, lstm_layers, member_mse
 from anomalyd_train.pipeline import Prepared, TrainResult, _inputs_targets
-from tests.training.trained_model import ort_scores, trained_model_fixtures
+from tests.training.trained_model import ort_scores, tiny_forecaster_config, trained_model_fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -197,30 +197,23 @@ def test_flatline_floors() -> None:
 
 
 def bias_config() -> TrainConfig:
-    return TrainConfig.model_validate(
+    return tiny_forecaster_config(
+        "tiny-bias",
+        L,
         {
-            "name": "tiny-bias",
-            "data": {"synthetic": {"n_devices": 2, "duration_s": 1800.0, "seed": 3}},
-            "window": {"length": L},
-            # No calibration part: the validation windows are the only held-out ones.
-            "split": {"validation_fraction": 0.2, "calibration_fraction": 0.0},
-            "model": {
-                "kind": "forecast",
-                "layers": 1,
-                "units": 8,
-                "score": "bias",
-                "burn_in": BURN_IN,
-                "bias_decay": DECAY,
-                "members": 2,
-                "centering": "window_start",
-                "flatline": True,
-                "flatline_ratio": 0.1,
-                "score_features": SCORED,
-            },
-            "training": {"epochs": 2, "batch_size": 64, "max_train_windows": 1500},
-            "calibration": {"method": "training_quantile", "quantile": QUANTILE, "factor": FACTOR},
-            "report": {"enabled": False},
-        }
+            "score": "bias",
+            "burn_in": BURN_IN,
+            "bias_decay": DECAY,
+            "members": 2,
+            "centering": "window_start",
+            "flatline": True,
+            "flatline_ratio": 0.1,
+            "score_features": SCORED,
+        },
+        # No calibration part: the validation windows are the only held-out ones.
+        split={"validation_fraction": 0.2, "calibration_fraction": 0.0},
+        training={"epochs": 2, "batch_size": 64, "max_train_windows": 1500},
+        calibration={"method": "training_quantile", "quantile": QUANTILE, "factor": FACTOR},
     )
 
 

@@ -28,7 +28,7 @@ from anomalyd_train.models import (
     training_loss,
 )
 from anomalyd_train.pipeline import Prepared, TrainResult
-from tests.training.trained_model import ort_scores, trained_model_fixtures
+from tests.training.trained_model import ort_scores, tiny_forecaster_config, trained_model_fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -102,28 +102,18 @@ def test_gaussian_nll_is_lowest_where_the_predicted_noise_matches_the_errors() -
 
 
 def het_config() -> TrainConfig:
-    return TrainConfig.model_validate(
+    return tiny_forecaster_config(
+        "tiny-het",
+        L,
         {
-            "name": "tiny-het",
-            "data": {"synthetic": {"n_devices": 2, "duration_s": 1800.0, "seed": 3}},
-            "window": {"length": L},
-            "split": {"validation_fraction": 0.2, "calibration_fraction": 0.2},
-            "model": {
-                "kind": "forecast",
-                "layers": 1,
-                "units": 8,
-                "centering": "window_mean",
-                "score": "peak",
-                "peak_steps": STEPS,
-                "peak_local_noise": False,
-                "heteroscedastic": True,
-                "noise_floor": FLOOR,
-                "flatline": True,
-            },
-            "training": {"epochs": 2, "batch_size": 64, "max_train_windows": 1500, "loss": "noise_scaled"},
-            "calibration": {"target_false_alarm_rate": 0.01, "initial_quantile": 0.9, "min_peaks": 10},
-            "report": {"enabled": False},
-        }
+            "centering": "window_mean",
+            "score": "peak",
+            "peak_steps": STEPS,
+            "peak_local_noise": False,
+            "heteroscedastic": True,
+            "noise_floor": FLOOR,
+            "flatline": True,
+        },
     )
 
 

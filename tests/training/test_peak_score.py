@@ -21,7 +21,7 @@ from anomalyd_train.config import ModelConfig, TrainConfig, load_train_config
 from anomalyd_train.models import member_mse, noise_scales, training_loss
 from anomalyd_train.pipeline import Prepared, TrainResult
 from anomalyd_train.windows import log_scale
-from tests.training.trained_model import ort_scores, trained_model_fixtures
+from tests.training.trained_model import ort_scores, tiny_forecaster_config, trained_model_fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -117,28 +117,18 @@ def test_upper_median_and_local_noise() -> None:
 
 
 def peak_config() -> TrainConfig:
-    return TrainConfig.model_validate(
+    return tiny_forecaster_config(
+        "tiny-peak",
+        L,
         {
-            "name": "tiny-peak",
-            "data": {"synthetic": {"n_devices": 2, "duration_s": 1800.0, "seed": 3}},
-            "window": {"length": L},
-            "split": {"validation_fraction": 0.2, "calibration_fraction": 0.2},
-            "model": {
-                "kind": "forecast",
-                "layers": 1,
-                "units": 8,
-                "centering": "window_mean",
-                "score": "peak",
-                "peak_steps": STEPS,
-                "flatline": True,
-                "score_features": SCORED,
-                # Vibration on a log scale: the graph's log runs in every check below.
-                "log_features": ["vibration"],
-            },
-            "training": {"epochs": 2, "batch_size": 64, "max_train_windows": 1500, "loss": "noise_scaled"},
-            "calibration": {"target_false_alarm_rate": 0.01, "initial_quantile": 0.9, "min_peaks": 10},
-            "report": {"enabled": False},
-        }
+            "centering": "window_mean",
+            "score": "peak",
+            "peak_steps": STEPS,
+            "flatline": True,
+            "score_features": SCORED,
+            # Vibration on a log scale: the graph's log runs in every check below.
+            "log_features": ["vibration"],
+        },
     )
 
 

@@ -42,3 +42,23 @@ def ort_scores(session: Any, windows: np.ndarray) -> tuple[np.ndarray, np.ndarra
         [SCORE_OUTPUT, CONTRIBUTIONS_OUTPUT], {INPUT_NAME: np.ascontiguousarray(windows, np.float32)}
     )
     return np.asarray(score), np.asarray(contrib)
+
+
+def tiny_forecaster_config(
+    name: str, window_length: int, model: dict[str, Any], **sections: dict[str, Any]
+) -> TrainConfig:
+    """A forecaster that trains in seconds: 2 synthetic devices × 30 min (seed 3), one
+    LSTM(8), 2 epochs on at most 1,500 windows with the noise-scaled loss, 20 % validation and
+    20 % calibration, a POT threshold for 1e-2 per window, no report. ``model`` adds to the
+    model section; ``sections`` (``split``, ``training``, ``calibration``) replace whole ones."""
+    doc: dict[str, Any] = {
+        "name": name,
+        "data": {"synthetic": {"n_devices": 2, "duration_s": 1800.0, "seed": 3}},
+        "window": {"length": window_length},
+        "split": {"validation_fraction": 0.2, "calibration_fraction": 0.2},
+        "model": {"kind": "forecast", "layers": 1, "units": 8, **model},
+        "training": {"epochs": 2, "batch_size": 64, "max_train_windows": 1500, "loss": "noise_scaled"},
+        "calibration": {"target_false_alarm_rate": 0.01, "initial_quantile": 0.9, "min_peaks": 10},
+        "report": {"enabled": False},
+    }
+    return TrainConfig.model_validate(doc | sections)

@@ -51,6 +51,7 @@ from anomalyd.contract import (
     Contract,
 )
 from anomalyd.errors import AnomalydError
+from anomalyd_train import models
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -247,9 +248,7 @@ def squared_residuals(
         if kind == "forecast":
             pred = np.asarray(model(z[:, :-1, :], training=False))
             if noise is not None:
-                from anomalyd_train.models import predicted_noise
-
-                pred, sigma = predicted_noise(pred, *noise)
+                pred, sigma = models.predicted_noise(pred, *noise)
                 out.append(np.square((z[:, -1, :] - pred) / sigma).astype(np.float32))
             else:
                 out.append(np.square(z[:, -1, :] - pred).astype(np.float32))
@@ -522,8 +521,6 @@ def build_scoring_function(
         if peak.noise_reference is not None:
             inv_ref_c = (1.0 / np.asarray(peak.noise_reference, np.float64)).astype(np.float32)
         if peak.predicted_noise is not None:
-            from anomalyd_train.models import noise_log_variance
-
             noise_c = np.asarray(peak.predicted_noise[0], np.float32)
             noise_floor = float(peak.predicted_noise[1])
     log_any = log_offset is not None and bool(np.any(np.asarray(log_offset) > 0))
@@ -559,7 +556,7 @@ def build_scoring_function(
                 # Forecast and raw noise level side by side; the residual is measured in the
                 # noise the network predicted for that forecast (models.predicted_noise).
                 out = tf.reshape(pred, [-1, peak_k, 2 * n_features])
-                lv = noise_log_variance(out[:, :, n_features:], noise_floor, tf.math)
+                lv = models.noise_log_variance(out[:, :, n_features:], noise_floor, tf.math)
                 sigma = tf.exp(0.5 * lv) * noise_c
                 r = (z[:, peak_in:, :] - out[:, :, :n_features]) * inv_scale_c / sigma
             else:
