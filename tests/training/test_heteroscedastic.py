@@ -41,11 +41,9 @@ FLOOR = 0.5
 # ---------------------------------------------------------------------------------- config
 
 
-def test_heteroscedastic_needs_the_peak_score_and_one_member() -> None:
+def test_heteroscedastic_needs_the_peak_score() -> None:
     with pytest.raises(ValueError, match="needs score 'peak'"):
         ModelConfig.model_validate({"heteroscedastic": True, "score": "error"})
-    with pytest.raises(ValueError, match="members = 1"):
-        ModelConfig.model_validate({"heteroscedastic": True, "score": "peak", "members": 2})
     with pytest.raises(ValueError, match="greater than 0"):
         ModelConfig.model_validate({"heteroscedastic": True, "score": "peak", "noise_floor": 0})
     ModelConfig.model_validate({"heteroscedastic": True, "score": "peak"})

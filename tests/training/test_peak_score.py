@@ -52,6 +52,28 @@ def test_peak_steps_must_leave_the_network_two_steps(tmp_path: Any) -> None:
     assert load_train_config(path).model.peak_steps == 8
 
 
+def test_peak_span_must_fit_the_scored_steps() -> None:
+    with pytest.raises(ValueError, match="peak_span"):
+        ModelConfig.model_validate(
+            {"score": "peak", "centering": "window_mean", "peak_steps": 3, "peak_span": 4}
+        )
+    cfg = ModelConfig.model_validate(
+        {"score": "peak", "centering": "window_mean", "peak_steps": 4, "peak_span": 2}
+    )
+    assert cfg.peak_span == 2
+    with pytest.raises(ValueError, match=r"peak\.span"):
+        export.build_scoring_function(
+            None,
+            "forecast",
+            window_length=L,
+            mean=np.zeros(3, np.float32),
+            std=np.ones(3, np.float32),
+            residual_scale=np.ones(3, np.float32),
+            n_lstm_layers=1,
+            peak=export.PeakScore(steps=STEPS, span=STEPS + 1),
+        )
+
+
 # ---------------------------------------------------------------------- loss (numpy, Keras)
 
 
@@ -149,9 +171,28 @@ def _terms(s: export.ScoringFunction, windows: np.ndarray, *, local: bool = True
     if local and s.peak.noise_reference is not None:
         ratio = np.maximum(export.local_noise(z, N_IN) / s.peak.noise_reference, 1.0)
         r = r / ratio[:, None, :]
-    terms = np.square(r).max(axis=1)
+    squared = np.square(r)
+    runs = STEPS - s.peak.span + 1
+    terms = sum(squared[:, j : j + runs] for j in range(s.peak.span)).max(axis=1)
     terms[:, 0] = 0.0  # temperature: not scored
     return terms
+
+
+def _with_peak(s: export.ScoringFunction, peak: export.PeakScore) -> export.ScoringFunction:
+    """The same network and constants scored with another ``peak``."""
+    assert s.log_offset is not None
+    return export.build_scoring_function(
+        s.model,
+        s.kind,
+        window_length=L,
+        mean=s.mean,
+        std=s.std,
+        residual_scale=s.residual_scale,
+        n_lstm_layers=s.n_lstm_layers,
+        log_offset=s.log_offset,
+        scored=[False, True, True],
+        peak=peak,
+    )
 
 
 def test_network_sees_the_window_less_the_scored_steps(run: TrainResult) -> None:
@@ -229,6 +270,36 @@ def test_a_one_step_surprise_scores_in_peak_steps_consecutive_windows(
     np.testing.assert_allclose(score[holding], score[holding][0], rtol=1e-4)
     assert np.all(contrib[holding, 1] > 0.9 * score[holding])  # pressure's doing
     assert np.all(score[ends < p] < 0.1 * score[holding].min())
+
+
+def test_peak_span_sums_consecutive_steps_in_the_graph_and_in_onnx(run: TrainResult, prep: Prepared) -> None:
+    # span 2: each feature's term is the larger of (step 1 + step 2) and (step 2 + step 3)
+    # of its squared residuals, so a surprise that lasts two steps (a level shift the network
+    # follows after one step) adds up, where span 1 takes only the larger of the two.
+    s = run.scoring
+    assert s.peak is not None
+    paired = _with_peak(s, export.PeakScore(steps=STEPS, noise_reference=s.peak.noise_reference, span=2))
+    windows = _some(prep).copy()
+    windows[::2, -2:, 1] += 30.0 * s.residual_scale[1] * s.std[1]  # pressure up for the last 2 steps
+    terms = _terms(paired, windows)
+    score, contrib = paired(windows)
+    np.testing.assert_allclose(score, terms.max(axis=1), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(contrib.sum(axis=1), score, rtol=1e-5)
+    single = _terms(s, windows)
+    assert np.all(terms >= single * (1 - 1e-5))  # a sum of squares is never below its largest part
+    assert np.all(terms[::2, 1] > 1.2 * single[::2, 1])  # the two-step surprise added up
+    proto = export.convert(paired, opset=17)
+    assert export.op_counts(proto)["LSTM"] == 1
+    got_score, got_contrib = ort_scores(export._ort_session(proto.SerializeToString()), windows)
+    np.testing.assert_allclose(got_score, score, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_contrib, contrib, rtol=1e-4, atol=1e-5)
+    text = export.peak_score_definition(
+        ["temperature", "pressure", "vibration"], SCORED, steps=STEPS, window_length=L, local=True, span=2
+    )
+    assert text.startswith(
+        "largest over the 2 scored features f (pressure, vibration) and the 2 runs of 2 consecutive "
+        f"steps among the window's last {STEPS} of the sum over the run's steps t of (r_t,f / (s_f))^2"
+    )
 
 
 def test_local_noise_only_ever_lowers_the_terms(run: TrainResult, prep: Prepared) -> None:

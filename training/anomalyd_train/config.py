@@ -326,6 +326,18 @@ class ModelConfig(_Section):
             "detector.k_enter so a one-step surprise lasts long enough to raise an alert"
         ),
     )
+    peak_span: int = Field(
+        default=1,
+        ge=1,
+        le=100,
+        description=(
+            "score 'peak': each feature's term is the largest sum of this many consecutive "
+            "scored steps' squared residuals (1: the largest single one). A level shift is one "
+            "large residual and a smaller one or two after it while the network follows the new "
+            "level; 2 adds the second to the first. At most peak_steps; peak_steps - peak_span "
+            "+ 1 windows then hold each such run"
+        ),
+    )
     peak_local_noise: bool = Field(
         default=True,
         description=(
@@ -344,7 +356,10 @@ class ModelConfig(_Section):
             "log-likelihood, and each residual is divided by that predicted noise before it is "
             "scored. It learns where it cannot forecast well (load changes, resonances), so a "
             "miss there scores lower, and a surprise in steady running scores higher. Needs "
-            "training.loss 'noise_scaled' (the predicted noise is in those units) and one member"
+            "training.loss 'noise_scaled' (the predicted noise is in those units). With several "
+            "members: each is trained on its own likelihood and the graph scores their "
+            "combination (the mean forecast, in the mean predicted variance plus the spread "
+            "of the members' forecasts)"
         ),
     )
     noise_floor: float = Field(
@@ -416,11 +431,17 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _heteroscedastic_needs_peak(self) -> ModelConfig:
-        if self.heteroscedastic:
-            if self.score != "peak":
-                raise ValueError("heteroscedastic needs score 'peak' (a forecaster of each scored step)")
-            if self.members != 1:
-                raise ValueError("heteroscedastic needs members = 1: averaged noise levels mean nothing")
+        if self.heteroscedastic and self.score != "peak":
+            raise ValueError("heteroscedastic needs score 'peak' (a forecaster of each scored step)")
+        return self
+
+    @model_validator(mode="after")
+    def _peak_span_fits_peak_steps(self) -> ModelConfig:
+        if self.score == "peak" and self.peak_span > self.peak_steps:
+            raise ValueError(
+                f"peak_span ({self.peak_span}) must be at most peak_steps ({self.peak_steps}): "
+                "it sums that many of the scored steps"
+            )
         return self
 
     @model_validator(mode="after")

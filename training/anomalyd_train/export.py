@@ -344,7 +344,8 @@ class PeakScore:
     the median of ``local_noise`` over the training windows (the scored residuals are divided
     by ``max(1, local / reference)``); None: no local noise correction. ``predicted_noise``:
     for a heteroscedastic forecaster, what turns its raw noise output into a noise level
-    (``models.predicted_noise``); each residual is divided by it.
+    (``models.predicted_noise``); each residual is divided by it. ``span``: a feature's term is
+    the largest sum of ``span`` consecutive scored steps' squared residuals (1: the largest one).
     """
 
     steps: int
@@ -352,6 +353,7 @@ class PeakScore:
     # A heteroscedastic forecaster: each feature's sample-to-sample noise (``noise_scales``,
     # the units of its predicted noise) and the floor of that prediction. None: not one.
     predicted_noise: tuple[FloatArray, float] | None = None
+    span: int = 1
 
     @classmethod
     def measure(
@@ -360,16 +362,18 @@ class PeakScore:
         steps: int,
         local: bool,
         predicted_noise: tuple[FloatArray, float] | None = None,
+        span: int = 1,
     ) -> PeakScore:
         """From full-length training windows ``(n, L, F)``."""
         if not local:
-            return cls(steps=steps, predicted_noise=predicted_noise)
+            return cls(steps=steps, predicted_noise=predicted_noise, span=span)
         n_in = windows_normalised.shape[1] - steps
         ref = np.median(local_noise(windows_normalised, n_in), axis=0)
         return cls(
             steps=steps,
             noise_reference=np.maximum(ref, MIN_RESIDUAL_SCALE).astype(np.float32),
             predicted_noise=predicted_noise,
+            span=span,
         )
 
 
@@ -381,16 +385,23 @@ def peak_score_definition(
     window_length: int,
     local: bool,
     noise_floor: float | None = None,
+    members: int = 1,
+    span: int = 1,
 ) -> str:
     """The contract's ``score`` text for a ``score = "peak"`` model."""
     names = scored if scored is not None else features
     inputs_only = [f for f in features if f not in names]
     n_in = window_length - steps
+    term = "(r_t,f / (s_f" + (" · sigma_t,f" if noise_floor is not None else "") + "))^2"
     text = (
-        f"largest over the last {steps} steps t of the window and the {len(names)} scored features f "
-        f"({', '.join(names)}) of (r_t,f / (s_f"
-        + (" · sigma_t,f" if noise_floor is not None else "")
-        + "))^2"
+        (
+            f"largest over the last {steps} steps t of the window and the {len(names)} scored features f "
+            f"({', '.join(names)}) of {term}"
+            if span == 1
+            else f"largest over the {len(names)} scored features f ({', '.join(names)}) and the "
+            f"{steps - span + 1} runs of {span} consecutive steps among the window's last {steps} "
+            f"of the sum over the run's steps t of {term}"
+        )
         + (" / max(1, n_f / N_f)^2" if local else "")
         + f": r_t,f is step t's residual in normalised units ((x - mean) / std) against its forecast "
         f"from the {n_in} steps before it, s_f the feature's residual scale on training windows"
@@ -406,6 +417,17 @@ def peak_score_definition(
             f"v = 2 ln {noise_floor:g} + softplus(raw − 2 ln {noise_floor:g}) from its second F "
             "outputs, u_f the feature's sample-to-sample noise on training windows"
             if noise_floor is not None
+            else ""
+        )
+        + (
+            (
+                f"; with {members} networks, the forecast is the mean of theirs and sigma_t,f^2 the "
+                "mean of their predicted sigma^2 plus the variance of their forecasts (in units of "
+                "u_f^2), carried by the raw output that gives it"
+                if noise_floor is not None
+                else f"; the forecast is the mean of {members} networks' forecasts"
+            )
+            if members > 1
             else ""
         )
         + "; contributions_f is feature f's largest term times score / (sum of the terms), so "
@@ -471,8 +493,9 @@ def build_scoring_function(
     once on the stacked sub-windows, so each LSTM stays one fused op); a scored feature's term is
     its largest squared standardised residual over those steps (divided by the local noise
     factor when ``peak.noise_reference`` is set; by the forecast's predicted noise when
-    ``peak.predicted_noise`` is set), the score the largest term, and the contributions the
-    terms rescaled to sum to the score.
+    ``peak.predicted_noise`` is set), or with ``peak.span`` > 1 its largest sum over ``span``
+    consecutive steps; the score the largest term, and the contributions the terms rescaled to
+    sum to the score.
 
     ``log_offset`` (per feature, 0 = own scale): a feature with an offset above 0 enters as
     ``log(max(x, 0) + offset)`` before ``mean``/``std`` (``anomalyd_train.windows.log_scale``).
@@ -514,6 +537,9 @@ def build_scoring_function(
             raise ValueError("a scoring function has one score: bias or peak, not both")
         if not 1 <= peak.steps <= window_length - 2:
             raise ValueError(f"peak.steps must be between 1 and {window_length - 2}, got {peak.steps}")
+        if not 1 <= peak.span <= peak.steps:
+            raise ValueError(f"peak.span must be between 1 and peak.steps ({peak.steps}), got {peak.span}")
+        peak_runs = peak.steps - peak.span + 1  # runs of span consecutive scored steps
         peak_in = window_length - peak.steps  # steps each forecast sees
         peak_k = peak.steps
         # Median of the peak_in - 1 first differences: the ((n+1)//2)-th largest (upper_median).
@@ -569,7 +595,11 @@ def build_scoring_function(
                 mad = tf.math.top_k(tf.abs(d - med), k=noise_k).values[:, :, -1]
                 ratio = tf.maximum(mad * np.float32(NOISE_MAD_FACTOR) * inv_ref_c, 1.0)
                 r = r / tf.expand_dims(ratio, 1)
-            contributions = tf.reduce_max(tf.square(r), axis=1)
+            squared = tf.square(r)
+            if peak.span > 1:
+                # Each run of span consecutive steps: the sum of their squared residuals.
+                squared = tf.add_n([squared[:, j : j + peak_runs, :] for j in range(peak.span)])
+            contributions = tf.reduce_max(squared, axis=1)
         elif bias is not None:
             pred = model(z[:, :-1, :], training=False)
             r = (z[:, first_scored:, :] - pred) * inv_scale_c

@@ -47,7 +47,7 @@ def build_model(cfg: ModelConfig, window_length: int, n_features: int) -> keras.
 
 
 def build_networks(
-    cfg: ModelConfig, window_length: int, n_features: int
+    cfg: ModelConfig, window_length: int, n_features: int, noise: Any = None
 ) -> tuple[keras.Model, keras.Model | None]:
     """Build (uncompiled) the network that ``cfg`` names; ``cfg.members`` copies of it, with
     their own initial weights, averaged (a seed ensemble in one model, one fused LSTM op per
@@ -67,6 +67,15 @@ def build_networks(
     ``"window_start"`` uses the mean of the first ``burn_in`` steps instead (causal).
     Weight initialisation follows the global seed; set it with
     ``keras.utils.set_random_seed`` before calling (``pipeline.train`` does).
+
+    Several heteroscedastic members (``noise``: each feature's sample-to-sample noise,
+    ``noise_scales``, the units of the predicted noise) are combined as one Gaussian with the
+    members' mean and variance (moment matching): the forecast is the mean of their
+    forecasts, the variance the mean of their predicted variances plus the spread of their
+    forecasts. Where the members disagree (a state none was trained on) the forecast is
+    uncertain and a miss there counts for less; the combined variance goes back out as the
+    raw noise output that gives it (``ensemble_noise_output``), so the scorer reads one
+    network's output either way.
 
     Returns the model and, for several members, a twin sharing its layers that returns every
     member's output ``(batch, members, ...)``, to be trained with ``member_mse``: members
@@ -117,7 +126,13 @@ def build_networks(
     name = "lstm_autoencoder" if cfg.kind == "autoencoder" else "lstm_forecast"
     if len(outputs) == 1:
         return keras.Model(inputs, outputs[0], name=name), None
-    model = keras.Model(inputs, keras.ops.mean(keras.ops.stack(outputs, axis=0), axis=0), name=name)
+    if cfg.heteroscedastic:
+        if noise is None:
+            raise ValueError("several heteroscedastic members need the features' noise scales (noise)")
+        combined = ensemble_noise_output(keras.ops.stack(outputs, axis=0), noise, cfg.noise_floor, keras.ops)
+    else:
+        combined = keras.ops.mean(keras.ops.stack(outputs, axis=0), axis=0)
+    model = keras.Model(inputs, combined, name=name)
     return model, keras.Model(inputs, keras.ops.stack(outputs, axis=1), name=f"{name}_members")
 
 
@@ -159,11 +174,47 @@ def noise_log_variance(raw: Any, floor: float, ops: Any) -> Any:
 
 
 class np_ops:  # noqa: N801 - used like a module
-    """``noise_log_variance``'s maths in numpy."""
+    """``noise_log_variance``'s and ``ensemble_noise_output``'s maths in numpy."""
 
     @staticmethod
     def softplus(x: Any) -> Any:
         return np.logaddexp(0.0, x)
+
+    exp = staticmethod(np.exp)
+    log = staticmethod(np.log)
+    mean = staticmethod(np.mean)
+    square = staticmethod(np.square)
+    maximum = staticmethod(np.maximum)
+
+    @staticmethod
+    def concatenate(xs: Any, axis: int) -> Any:
+        return np.concatenate(xs, axis=axis)
+
+
+#: ``ensemble_noise_output`` keeps the combined log-variance at least this far above the
+#: floor, so that the inverse of the floor's softplus stays finite.
+ENSEMBLE_FLOOR_MARGIN = 1e-6
+
+
+def ensemble_noise_output(stacked: Any, noise: Any, floor: float, ops: Any) -> Any:
+    """Several heteroscedastic members' outputs ``(members, ..., 2F)`` → one output ``(..., 2F)``
+    of the same form: the mean forecast, then the raw noise level whose ``noise_log_variance``
+    is the log of the members' mean predicted variance plus the variance of their forecasts
+    (both in units of ``noise``, each feature's sample-to-sample noise squared).
+
+    The raw level inverts the floor's softplus: ``raw = fl + log(exp(lv - fl) - 1)`` with
+    ``fl = 2·log(floor)``; ``lv`` is never below ``fl`` (every member's variance is at least
+    the floor's) and is kept ``ENSEMBLE_FLOOR_MARGIN`` above it."""
+    f = stacked.shape[-1] // 2
+    means, raws = stacked[..., :f], stacked[..., f:]
+    forecast = ops.mean(means, axis=0)
+    within = ops.mean(ops.exp(noise_log_variance(raws, floor, ops)), axis=0)
+    inv_noise_sq = (1.0 / np.square(np.asarray(noise, np.float64))).astype(np.float32)
+    between = ops.mean(ops.square(means - forecast), axis=0) * inv_noise_sq
+    floor_lv = float(2.0 * np.log(floor))
+    excess = ops.maximum(ops.log(within + between) - floor_lv, ENSEMBLE_FLOOR_MARGIN)
+    raw = floor_lv + ops.log(ops.exp(excess) - 1.0)
+    return ops.concatenate([forecast, raw], axis=-1)
 
 
 def predicted_noise(out: Any, noise: Any, floor: float) -> tuple[Any, Any]:
@@ -203,8 +254,11 @@ def training_loss(
 
         def gaussian_nll(y_true: Any, y_pred: Any) -> Any:
             # -log N(y; forecast, (noise_f·sigma)^2) up to constants, sigma^2 = exp(lv): the
-            # squared error in noise units over the predicted variance, plus its log.
+            # squared error in noise units over the predicted variance, plus its log. Members:
+            # each member's own likelihood (the mean of them), not the combination's.
             f = y_true.shape[-1]
+            if members:
+                y_true = keras.ops.expand_dims(y_true, 1)
             lv = noise_log_variance(y_pred[..., f:], floor, keras.ops)
             err = keras.ops.square(y_true - y_pred[..., :f]) * weights
             return keras.ops.mean(lv + err * keras.ops.exp(-lv))

@@ -184,7 +184,9 @@ def fit_model(
 
     keras.utils.set_random_seed(cfg.training.seed)
     _, length, n_features = train_z.shape
-    model, members = build_networks(cfg.model, length, n_features)
+    model, members = build_networks(
+        cfg.model, length, n_features, noise=None if predicted_noise is None else predicted_noise[0]
+    )
     # Several members train through their twin (each on its own loss); the weights are shared.
     fitted_model = members if members is not None else model
     fitted_model.compile(
@@ -463,7 +465,11 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         flat_floor=flat_floor,
         peak=(
             export.PeakScore.measure(
-                train_z, cfg.model.peak_steps, cfg.model.peak_local_noise, predicted_noise
+                train_z,
+                cfg.model.peak_steps,
+                cfg.model.peak_local_noise,
+                predicted_noise,
+                cfg.model.peak_span,
             )
             if cfg.model.score == "peak"
             else None
@@ -585,6 +591,8 @@ def _score_text(
             window_length=cfg.window.length,
             local=cfg.model.peak_local_noise,
             noise_floor=cfg.model.noise_floor if cfg.model.heteroscedastic else None,
+            members=cfg.model.members,
+            span=cfg.model.peak_span,
         )
     elif cfg.model.score == "bias":
         text = export.bias_score_definition(
