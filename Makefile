@@ -21,7 +21,7 @@ lint: bootstrap
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## default-model: re-train and re-export exported_models/default (about 8 minutes on 2 cores)
+## default-model: re-train and re-export exported_models/default (about 15 minutes on 2 cores)
 default-model: bootstrap
 	$(BIN)/anomalyd-train train --config training/configs/default.toml --out exported_models/default
 
