@@ -107,6 +107,13 @@ def test_injected_anomalies_are_flagged_and_clean_data_mostly_is_not(
         # len() only: the predicate runs on every message received, under the subscriber's
         # lock, so anything that walks the whole list slows the subscriber quadratically.
         sub.wait_until(lambda ms: len(ms) >= published, 120, "every score and alert")
+        # The alert count was read while the last windows' alerts may still have been on their
+        # way, so len() can reach it a message early with a score still in flight: wait for
+        # every score itself (this scan runs only for the last few messages), then for the
+        # alerts counted once all scores are in.
+        sub.wait_until(lambda ms: sum(m.topic.endswith("/score") for m in ms) >= expected, 60, "every score")
+        published = expected + d.metric("anomalyd_published_total", kind="alert")
+        sub.wait_until(lambda ms: len(ms) >= published, 60, "every alert")
         msgs = sub.snapshot()
         metrics = d.scrape()
     finally:
