@@ -169,7 +169,7 @@ def test_committed_default_model_records_its_sample_period_and_spread() -> None:
     root = Path(__file__).resolve().parents[2]
     d = read_contract(root / "exported_models" / "default" / "model.onnx").training_data
     # The median of a 1 Hz series with uniform jitter: within 1e-4 s of 1 s (0.999998 for
-    # default-64bddca94a61's 440,581 rows).
+    # default-437dfa2f1e0f's 440,581 rows).
     assert d.sample_period_s == pytest.approx(1.0, abs=1e-4)
     assert d.sample_period_p05_s is not None
     assert d.sample_period_p95_s is not None

@@ -17,7 +17,7 @@ import pytest
 from anomalyd.errors import ConfigError
 from anomalyd.model import load_model, read_contract
 from anomalyd_train import export
-from anomalyd_train.config import ModelConfig, TrainConfig, load_train_config
+from anomalyd_train.config import ModelConfig, TrainConfig, check_peak_weights, load_train_config
 from anomalyd_train.models import member_mse, noise_scales, training_loss
 from anomalyd_train.pipeline import Prepared, TrainResult
 from anomalyd_train.windows import log_scale
@@ -72,6 +72,36 @@ def test_peak_span_must_fit_the_scored_steps() -> None:
             n_lstm_layers=1,
             peak=export.PeakScore(steps=STEPS, span=STEPS + 1),
         )
+
+
+def test_peak_weights_need_peak_and_positive_finite_numbers() -> None:
+    base = {"score": "peak", "centering": "window_mean"}
+    with pytest.raises(ValueError, match="needs score 'peak'"):
+        ModelConfig.model_validate({"peak_weights": {"pressure": 2.0}})
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="finite numbers above 0"):
+            ModelConfig.model_validate(base | {"peak_weights": {"pressure": bad}})
+    assert ModelConfig.model_validate(base | {"peak_weights": {"pressure": 1.4}}).peak_weights == {
+        "pressure": 1.4
+    }
+
+
+def test_peak_weights_must_name_scored_features() -> None:
+    names = ["temperature", "pressure", "vibration"]
+    cfg = TrainConfig.model_validate({"model": {"score": "peak", "peak_weights": {"pressure": 1.4}}})
+    assert check_peak_weights(cfg, names) == [1.0, 1.4, 1.0]
+    assert check_peak_weights(TrainConfig.model_validate({"model": {"score": "peak"}}), names) is None
+    unknown = TrainConfig.model_validate({"model": {"score": "peak", "peak_weights": {"presure": 2.0}}})
+    with pytest.raises(ConfigError) as err:
+        check_peak_weights(unknown, names)
+    assert err.value.key_path == "model.peak_weights"
+    assert "presure" in str(err.value)
+    unscored = TrainConfig.model_validate(
+        {"model": {"score": "peak", "score_features": SCORED, "peak_weights": {"temperature": 2.0}}}
+    )
+    with pytest.raises(ConfigError, match="input-only") as err:
+        check_peak_weights(unscored, names)
+    assert err.value.key_path == "model.peak_weights"
 
 
 # ---------------------------------------------------------------------- loss (numpy, Keras)
@@ -300,6 +330,40 @@ def test_peak_span_sums_consecutive_steps_in_the_graph_and_in_onnx(run: TrainRes
         "largest over the 2 scored features f (pressure, vibration) and the 2 runs of 2 consecutive "
         f"steps among the window's last {STEPS} of the sum over the run's steps t of (r_t,f / (s_f))^2"
     )
+
+
+def test_peak_weights_multiply_each_term_in_the_graph_and_in_onnx(run: TrainResult, prep: Prepared) -> None:
+    # Pressure's term counts 3 times: the score is the larger of 3 x pressure's and
+    # vibration's term; the flatline part is added after the weight, so it is not weighted.
+    s = run.scoring
+    assert s.peak is not None
+    weights = np.array([1.0, 3.0, 1.0], np.float32)
+    weighted = _with_peak(
+        s, export.PeakScore(steps=STEPS, noise_reference=s.peak.noise_reference, weights=weights)
+    )
+    windows = _some(prep)
+    terms = _terms(s, windows) * weights
+    score, contrib = weighted(windows)
+    np.testing.assert_allclose(score, terms.max(axis=1), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(contrib.sum(axis=1), score, rtol=1e-5)
+    share = contrib[:, 1] / np.maximum(contrib[:, 1] + contrib[:, 2], 1e-30)
+    np.testing.assert_allclose(share, terms[:, 1] / (terms[:, 1] + terms[:, 2]), rtol=1e-3, atol=1e-6)
+    assert np.all(score >= _terms(s, windows).max(axis=1) * (1 - 1e-5))
+    proto = export.convert(weighted, opset=17)
+    got_score, got_contrib = ort_scores(export._ort_session(proto.SerializeToString()), windows)
+    np.testing.assert_allclose(got_score, score, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_contrib, contrib, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"peak\.weights"):
+        _with_peak(s, export.PeakScore(steps=STEPS, weights=np.array([1.0, 0.0, 1.0], np.float32)))
+    text = export.peak_score_definition(
+        ["temperature", "pressure", "vibration"],
+        SCORED,
+        steps=STEPS,
+        window_length=L,
+        local=True,
+        weights=[1.0, 3.0, 1.0],
+    )
+    assert "multiplied by its weight (pressure 3, vibration 1) before the largest is taken" in text
 
 
 def test_local_noise_only_ever_lowers_the_terms(run: TrainResult, prep: Prepared) -> None:

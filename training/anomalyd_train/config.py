@@ -12,6 +12,7 @@ should answer in well under a second).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "TrainConfig",
     "TrainingConfig",
     "WindowConfig",
+    "check_peak_weights",
     "check_score_features",
     "config_to_dict",
     "error_from_validation",
@@ -338,6 +340,17 @@ class ModelConfig(_Section):
             "+ 1 windows then hold each such run"
         ),
     )
+    peak_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "score 'peak': feature name -> weight (unnamed scored features: 1). A feature's term "
+            "is multiplied by its weight before the largest is taken, so its surprises count "
+            "that many times more: its own threshold is the model's threshold / weight. The "
+            "threshold is calibrated on the weighted score. For a feature whose clean running "
+            "on unseen machines stays far below the threshold while its small faults are missed "
+            "(the default model: temperature and pressure 1.4, vibration 1)"
+        ),
+    )
     peak_local_noise: bool = Field(
         default=True,
         description=(
@@ -442,6 +455,15 @@ class ModelConfig(_Section):
                 f"peak_span ({self.peak_span}) must be at most peak_steps ({self.peak_steps}): "
                 "it sums that many of the scored steps"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _peak_weights_fit(self) -> ModelConfig:
+        if self.peak_weights and self.score != "peak":
+            raise ValueError("peak_weights needs score 'peak' (it weights each feature's peak term)")
+        bad = {n: w for n, w in self.peak_weights.items() if not (math.isfinite(w) and w > 0)}
+        if bad:
+            raise ValueError(f"peak_weights must be finite numbers above 0; got {bad}")
         return self
 
     @model_validator(mode="after")
@@ -673,6 +695,29 @@ def check_log_features(cfg: TrainConfig, feature_names: list[str]) -> None:
     problem = _score_features_problem(cfg.model.log_features or None, feature_names)
     if problem is not None:
         raise ConfigError(problem, "model.log_features")
+
+
+def check_peak_weights(cfg: TrainConfig, feature_names: list[str]) -> list[float] | None:
+    """``model.peak_weights`` as one weight per feature in input order (1 where unnamed), or
+    None when none is set.
+
+    Raises ``ConfigError`` naming ``model.peak_weights`` when a name is not among
+    ``feature_names`` (the loaded data's) or names a feature that is not scored.
+    """
+    weights = cfg.model.peak_weights
+    if not weights:
+        return None
+    problem = _score_features_problem(list(weights), feature_names)
+    if problem is not None:
+        raise ConfigError(problem, "model.peak_weights")
+    scored = cfg.model.score_features
+    unscored = [n for n in weights if scored is not None and n not in scored]
+    if unscored:
+        raise ConfigError(
+            f"{unscored} not in model.score_features: an input-only feature has no term to weight",
+            "model.peak_weights",
+        )
+    return [float(weights.get(n, 1.0)) for n in feature_names]
 
 
 def check_score_features(cfg: TrainConfig, feature_names: list[str]) -> list[str] | None:

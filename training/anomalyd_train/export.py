@@ -346,6 +346,8 @@ class PeakScore:
     for a heteroscedastic forecaster, what turns its raw noise output into a noise level
     (``models.predicted_noise``); each residual is divided by it. ``span``: a feature's term is
     the largest sum of ``span`` consecutive scored steps' squared residuals (1: the largest one).
+    ``weights``: per feature, what its term is multiplied by before the largest is taken (its
+    threshold is then the model's / weight); None: 1 for every feature.
     """
 
     steps: int
@@ -354,6 +356,7 @@ class PeakScore:
     # the units of its predicted noise) and the floor of that prediction. None: not one.
     predicted_noise: tuple[FloatArray, float] | None = None
     span: int = 1
+    weights: FloatArray | None = None
 
     @classmethod
     def measure(
@@ -363,10 +366,13 @@ class PeakScore:
         local: bool,
         predicted_noise: tuple[FloatArray, float] | None = None,
         span: int = 1,
+        *,
+        weights: npt.ArrayLike | None = None,
     ) -> PeakScore:
         """From full-length training windows ``(n, L, F)``."""
+        w = None if weights is None else np.asarray(weights, np.float32)
         if not local:
-            return cls(steps=steps, predicted_noise=predicted_noise, span=span)
+            return cls(steps=steps, predicted_noise=predicted_noise, span=span, weights=w)
         n_in = windows_normalised.shape[1] - steps
         ref = np.median(local_noise(windows_normalised, n_in), axis=0)
         return cls(
@@ -374,6 +380,7 @@ class PeakScore:
             noise_reference=np.maximum(ref, MIN_RESIDUAL_SCALE).astype(np.float32),
             predicted_noise=predicted_noise,
             span=span,
+            weights=w,
         )
 
 
@@ -387,8 +394,10 @@ def peak_score_definition(
     noise_floor: float | None = None,
     members: int = 1,
     span: int = 1,
+    weights: list[float] | None = None,
 ) -> str:
-    """The contract's ``score`` text for a ``score = "peak"`` model."""
+    """The contract's ``score`` text for a ``score = "peak"`` model (``weights``: per feature
+    in ``features`` order, None for none)."""
     names = scored if scored is not None else features
     inputs_only = [f for f in features if f not in names]
     n_in = window_length - steps
@@ -428,6 +437,13 @@ def peak_score_definition(
                 else f"; the forecast is the mean of {members} networks' forecasts"
             )
             if members > 1
+            else ""
+        )
+        + (
+            "; each feature's term is multiplied by its weight ("
+            + ", ".join(f"{f} {w:g}" for f, w in zip(features, weights, strict=True) if f in names)
+            + ") before the largest is taken"
+            if weights is not None
             else ""
         )
         + "; contributions_f is feature f's largest term times score / (sum of the terms), so "
@@ -494,8 +510,8 @@ def build_scoring_function(
     its largest squared standardised residual over those steps (divided by the local noise
     factor when ``peak.noise_reference`` is set; by the forecast's predicted noise when
     ``peak.predicted_noise`` is set), or with ``peak.span`` > 1 its largest sum over ``span``
-    consecutive steps; the score the largest term, and the contributions the terms rescaled to
-    sum to the score.
+    consecutive steps, times its weight when ``peak.weights`` is set; the score the largest
+    term, and the contributions the terms rescaled to sum to the score.
 
     ``log_offset`` (per feature, 0 = own scale): a feature with an offset above 0 enters as
     ``log(max(x, 0) + offset)`` before ``mean``/``std`` (``anomalyd_train.windows.log_scale``).
@@ -542,6 +558,10 @@ def build_scoring_function(
         peak_runs = peak.steps - peak.span + 1  # runs of span consecutive scored steps
         peak_in = window_length - peak.steps  # steps each forecast sees
         peak_k = peak.steps
+        if peak.weights is not None:
+            peak_weights_c = np.asarray(peak.weights, np.float32).reshape(n_features)
+            if not np.all(np.isfinite(peak_weights_c) & (peak_weights_c > 0)):
+                raise ValueError(f"peak.weights must be finite and above 0, got {peak.weights}")
         # Median of the peak_in - 1 first differences: the ((n+1)//2)-th largest (upper_median).
         noise_k = peak_in // 2
         if peak.noise_reference is not None:
@@ -600,6 +620,9 @@ def build_scoring_function(
                 # Each run of span consecutive steps: the sum of their squared residuals.
                 squared = tf.add_n([squared[:, j : j + peak_runs, :] for j in range(peak.span)])
             contributions = tf.reduce_max(squared, axis=1)
+            if peak.weights is not None:
+                # Before the flatline part, which stays FLATLINE_SCORE whatever the weight.
+                contributions = contributions * peak_weights_c
         elif bias is not None:
             pred = model(z[:, :-1, :], training=False)
             r = (z[:, first_scored:, :] - pred) * inv_scale_c

@@ -41,6 +41,7 @@ from anomalyd_train.config import (
     ModelConfig,
     TrainConfig,
     check_log_features,
+    check_peak_weights,
     check_score_features,
     config_to_dict,
 )
@@ -254,6 +255,7 @@ class Prepared:
     calibration_windows: WindowSet
     calibration_source: str  # "calibration", or "validation" when calibration_fraction = 0
     score_features: list[str] | None = None  # scored features in input order; None: all
+    peak_weights: list[float] | None = None  # model.peak_weights per feature in input order; None: none
 
     @property
     def scored(self) -> list[bool]:
@@ -307,6 +309,7 @@ def prepare(cfg: TrainConfig, echo: Callable[[str], None] = lambda _: None) -> P
         echo(f"  {note}")
     score_features = check_score_features(cfg, dataset.features)
     check_log_features(cfg, dataset.features)
+    peak_weights = check_peak_weights(cfg, dataset.features)
     if score_features is not None:
         echo(f"score: mean over {len(score_features)} of {len(dataset.features)} features: {score_features}")
 
@@ -359,6 +362,7 @@ def prepare(cfg: TrainConfig, echo: Callable[[str], None] = lambda _: None) -> P
         calibration_windows=cal_ws,
         calibration_source=calibration_source,
         score_features=score_features,
+        peak_weights=peak_weights,
     )
     w = prepared.window_counts
     dropped = prepared.dropped_segments
@@ -470,6 +474,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
                 cfg.model.peak_local_noise,
                 predicted_noise,
                 cfg.model.peak_span,
+                weights=prep.peak_weights,
             )
             if cfg.model.score == "peak"
             else None
@@ -593,6 +598,7 @@ def _score_text(
             noise_floor=cfg.model.noise_floor if cfg.model.heteroscedastic else None,
             members=cfg.model.members,
             span=cfg.model.peak_span,
+            weights=check_peak_weights(cfg, features),
         )
     elif cfg.model.score == "bias":
         text = export.bias_score_definition(
