@@ -24,19 +24,27 @@ of it. ``--flood`` adds 60 s at three times the sustainable rate to the first sc
 A last daemon gets 10,000 devices for its memory. Every reading offered is accounted for
 (accepted, rejected by reason, or lost).
 
+Ctrl-C, SIGTERM or SIGHUP stop the bench with its cleanup: the daemon, the load processes
+and the private broker are stopped and the temporary folder removed (exit 130, 143, 129).
+
 ``anomalyd bench --instances`` (several instances sharing a fleet through NATS partitions)
 is ``anomalyd.benchcluster``; it reuses the phases' helpers and the child processes here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 import numpy as np
@@ -435,12 +443,32 @@ class Bench(Phases):
         return result
 
 
+@contextlib.contextmanager
+def _stopped_like_ctrl_c() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the bench as Ctrl-C does, as an exception, so that every
+    ``finally`` runs: Python's default for them ends the process at once and leaves the
+    private broker and the daemon running. Only the main thread can set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_bench(settings: BenchSettings, json_path: Path | None, out: TextIO | None = None) -> int:
     """The ``anomalyd bench`` command: run, print the table, write the JSON. Exit code."""
     import orjson
 
     out = out or sys.stdout
-    with tempfile.TemporaryDirectory(prefix="anomalyd-bench-") as tmp:
+    with _stopped_like_ctrl_c(), tempfile.TemporaryDirectory(prefix="anomalyd-bench-") as tmp:
         bench = Bench(settings, Path(tmp), out)
         try:
             result = bench.run(settings.broker)

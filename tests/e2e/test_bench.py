@@ -427,6 +427,48 @@ def test_an_interrupted_hosts_bench_removes_its_hosts(sig: signal.Signals, code:
         assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"instance {pid} still runs"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGHUP, 128 + signal.SIGHUP)]
+)
+def test_a_stopped_bench_stops_its_broker_and_daemon(sig: signal.Signals, code: int) -> None:
+    """SIGTERM (``timeout``, ``kill``) or SIGHUP while a scenario's daemon runs: the bench
+    stops the daemon and its private Mosquitto and removes its temporary folder, instead of
+    dying at once and leaving them behind."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anomalyd", "bench", "--quick"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "daemon ready" in line:
+                break
+        else:
+            raise AssertionError(f"the bench ended before a daemon was ready (exit {proc.wait()})")
+        started = children_of(proc.pid)
+        commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in started}
+        brokers = [pid for pid, argv in commands.items() if any(b"mosquitto" in a for a in argv)]
+        assert brokers, f"no private broker among the bench's children: {commands}"
+        folders = {
+            Path(a.decode()).parents[1] for argv in commands.values() for a in argv if b"anomalyd-bench-" in a
+        }
+        assert folders, "the broker's configuration is not in the bench's temporary folder"
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert proc.returncode == code, stderr[-2000:]
+    for pid in started:
+        assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), f"{commands[pid]} still runs"
+    for folder in folders:
+        assert not folder.exists(), f"{folder} was left behind"
+
+
 #: ``python -c`` this, then HOSTS_BENCH's arguments after ``-m anomalyd``: the bench with
 #: Python's own SIGINT handler (KeyboardInterrupt), whatever the test run inherited.
 _WITH_CTRL_C = (
