@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -452,9 +454,7 @@ def test_a_stopped_bench_stops_its_broker_and_daemon(sig: signal.Signals, code: 
         commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in started}
         brokers = [pid for pid, argv in commands.items() if any(b"mosquitto" in a for a in argv)]
         assert brokers, f"no private broker among the bench's children: {commands}"
-        folders = {
-            Path(a.decode()).parents[1] for argv in commands.values() for a in argv if b"anomalyd-bench-" in a
-        }
+        folders = bench_folders(started)
         assert folders, "the broker's configuration is not in the bench's temporary folder"
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
@@ -509,9 +509,12 @@ def test_what_a_killed_hosts_bench_left_is_removed_by_the_next_one() -> None:
     require_root()
     proc = subprocess.Popen(HOSTS_BENCH, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started: list[int] = []
+    folders: set[Path] = set()
     try:
         instance = wait_for_instance_in_host0(proc)
         started = children_of(proc.pid)  # nats-server and the instance: this test ends them
+        # ... and removes the temporary folder they run in, which a killed bench cannot.
+        folders = bench_folders(started)
         proc.kill()
         proc.communicate(timeout=30)
         assert what_is_left(proc.pid) != []
@@ -529,6 +532,24 @@ def test_what_a_killed_hosts_bench_left_is_removed_by_the_next_one() -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         remove_stale(CpuController.find())
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def bench_folders(pids: list[int]) -> set[Path]:
+    """The bench's temporary folders (``/tmp/anomalyd-bench-*``) named on these processes'
+    command lines."""
+    folders = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                path = Path(arg.decode(errors="replace"))
+                for parent in (path, *path.parents):
+                    if parent.name.startswith("anomalyd-bench-") and parent.parent == Path(
+                        tempfile.gettempdir()
+                    ):
+                        folders.add(parent)
+    return folders
 
 
 def _is_zombie(pid: int) -> bool:
