@@ -25,7 +25,8 @@ A last daemon gets 10,000 devices for its memory. Every reading offered is accou
 (accepted, rejected by reason, or lost).
 
 Ctrl-C, SIGTERM or SIGHUP stop the bench with its cleanup: the daemon, the load processes
-and the private broker are stopped and the temporary folder removed (exit 130, 143, 129).
+and the private broker are stopped and the temporary folder removed (exit 130, 143, 129;
+``stopped_like_ctrl_c``, which the command wraps around every mode, ``--instances`` too).
 
 ``anomalyd bench --instances`` (several instances sharing a fleet through NATS partitions)
 is ``anomalyd.benchcluster``; it reuses the phases' helpers and the child processes here.
@@ -62,7 +63,7 @@ from anomalyd.benchrun import (
     summarise_publishers,
 )
 
-__all__ = ["Bench", "BenchSettings", "run_bench"]
+__all__ = ["Bench", "BenchSettings", "run_bench", "stopped_like_ctrl_c"]
 
 
 def scenario_table(array: int) -> dict[str, dict[str, Any]]:
@@ -444,10 +445,12 @@ class Bench(Phases):
 
 
 @contextlib.contextmanager
-def _stopped_like_ctrl_c() -> Iterator[None]:
+def stopped_like_ctrl_c() -> Iterator[None]:
     """SIGTERM and SIGHUP end the bench as Ctrl-C does, as an exception, so that every
     ``finally`` runs: Python's default for them ends the process at once and leaves the
-    private broker and the daemon running. Only the main thread can set signal handlers."""
+    private broker, the daemons and the temporary folder behind. For every ``anomalyd
+    bench`` (``--instances`` too; ``--hosts`` adds its own handlers inside this and restores
+    these). Only the main thread can set signal handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -468,7 +471,7 @@ def run_bench(settings: BenchSettings, json_path: Path | None, out: TextIO | Non
     import orjson
 
     out = out or sys.stdout
-    with _stopped_like_ctrl_c(), tempfile.TemporaryDirectory(prefix="anomalyd-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="anomalyd-bench-") as tmp:
         bench = Bench(settings, Path(tmp), out)
         try:
             result = bench.run(settings.broker)

@@ -490,6 +490,13 @@ def _check_bench_hosts(cpus: float, hosts: int, pin: bool) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from anomalyd.bench import stopped_like_ctrl_c
+
+    with stopped_like_ctrl_c():
+        return _run_bench_command(args)
+
+
+def _run_bench_command(args: argparse.Namespace) -> int:
     from anomalyd.bench import BenchSettings, run_bench
     from anomalyd.config import Config
 

@@ -431,14 +431,21 @@ def test_an_interrupted_hosts_bench_removes_its_hosts(sig: signal.Signals, code:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("sig", "code"), [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGHUP, 128 + signal.SIGHUP)]
+    ("sig", "code", "mode", "started_line", "server"),
+    [
+        (signal.SIGTERM, 128 + signal.SIGTERM, [], "daemon ready", b"mosquitto"),
+        (signal.SIGHUP, 128 + signal.SIGHUP, [], "daemon ready", b"mosquitto"),
+        (signal.SIGTERM, 128 + signal.SIGTERM, ["--instances", "1"], "nats-server", b"nats-server"),
+    ],
 )
-def test_a_stopped_bench_stops_its_broker_and_daemon(sig: signal.Signals, code: int) -> None:
-    """SIGTERM (``timeout``, ``kill``) or SIGHUP while a scenario's daemon runs: the bench
-    stops the daemon and its private Mosquitto and removes its temporary folder, instead of
-    dying at once and leaving them behind."""
+def test_a_stopped_bench_stops_its_broker_and_daemon(
+    sig: signal.Signals, code: int, mode: list[str], started_line: str, server: bytes
+) -> None:
+    """SIGTERM (``timeout``, ``kill``) or SIGHUP while a scenario's daemon runs (or, with
+    ``--instances``, once its nats-server runs): the bench stops the daemons and its private
+    broker and removes its temporary folder, instead of dying at once and leaving them behind."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "anomalyd", "bench", "--quick"],
+        [sys.executable, "-m", "anomalyd", "bench", "--quick", *mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -446,13 +453,13 @@ def test_a_stopped_bench_stops_its_broker_and_daemon(sig: signal.Signals, code: 
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            if "daemon ready" in line:
+            if started_line in line:
                 break
         else:
-            raise AssertionError(f"the bench ended before a daemon was ready (exit {proc.wait()})")
+            raise AssertionError(f"the bench ended before {started_line!r} (exit {proc.wait()})")
         started = children_of(proc.pid)
         commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in started}
-        brokers = [pid for pid, argv in commands.items() if any(b"mosquitto" in a for a in argv)]
+        brokers = [pid for pid, argv in commands.items() if any(server in a for a in argv)]
         assert brokers, f"no private broker among the bench's children: {commands}"
         folders = bench_folders(started)
         assert folders, "the broker's configuration is not in the bench's temporary folder"

@@ -515,7 +515,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         "window_length": cfg.window.length,
         "score_features": prep.score_features,
         "threshold": to_contract_threshold(calibration).model_dump(mode="json"),
-        "score": _score_text(cfg, dataset.features, prep.score_features, flat_floor),
+        "score": _score_text(cfg, dataset.features, prep.score_features, prep.peak_weights, flat_floor),
         "normalisation": {"mean": scaler.mean.tolist(), "std": scaler.std.tolist()}
         | ({"log_offset": scaler.log_offset.tolist()} if any(scaler.logged) else {}),
         "training_data": {
@@ -583,7 +583,11 @@ def _per_feature(features: list[str], values: FloatArray) -> str:
 
 
 def _score_text(
-    cfg: TrainConfig, features: list[str], score_features: list[str] | None, flat_floor: FloatArray | None
+    cfg: TrainConfig,
+    features: list[str],
+    score_features: list[str] | None,
+    peak_weights: list[float] | None,
+    flat_floor: FloatArray | None,
 ) -> str:
     """The contract's ``score``: what the graph computes, for people."""
     from anomalyd_train import export
@@ -598,7 +602,7 @@ def _score_text(
             noise_floor=cfg.model.noise_floor if cfg.model.heteroscedastic else None,
             members=cfg.model.members,
             span=cfg.model.peak_span,
-            weights=check_peak_weights(cfg, features),
+            weights=peak_weights,
         )
     elif cfg.model.score == "bias":
         text = export.bias_score_definition(
