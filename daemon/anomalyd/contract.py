@@ -111,6 +111,13 @@ class Normalisation(_Strict):
             "std (which are then of the logged values); 0 or absent: the feature's own scale"
         ),
     )
+    input_clip: list[float] | None = Field(
+        default=None,
+        description=(
+            "per feature: above 0, the graph clips the normalised value to +- this before the "
+            "network (features that are inputs only); 0 or absent: not clipped"
+        ),
+    )
 
 
 class TrainingData(_Strict):
@@ -194,6 +201,18 @@ class Contract(_Strict):
         offsets = self.normalisation.log_offset
         if offsets is not None and (len(offsets) != f or any(not o >= 0 for o in offsets)):
             raise ValueError(f"normalisation: log_offset needs {f} values at or above 0, one per feature")
+        clips = self.normalisation.input_clip
+        if clips is not None and (len(clips) != f or any(not c >= 0 for c in clips)):
+            raise ValueError(f"normalisation: input_clip needs {f} values at or above 0, one per feature")
+        if clips is not None and any(c > 0 for c in clips):
+            # Clipping a scored feature would hide the very departures its score is for.
+            scored_names = self.score_features if self.score_features is not None else names
+            both = [n for n, c in zip(names, clips, strict=True) if c > 0 and n in scored_names]
+            if both:
+                raise ValueError(
+                    f"normalisation: input_clip clips the scored features {both}; only features "
+                    "that are inputs only may be clipped"
+                )
         if self.score_features is not None:
             scored = self.score_features
             repeated = sorted({n for n in scored if scored.count(n) > 1})

@@ -99,6 +99,10 @@ _DELETE = object()
         ("normalisation.std", [1.0], "normalisation"),
         ("normalisation.log_offset", [0.0, 0.05], "normalisation"),
         ("normalisation.log_offset", [0.0, 0.0, -0.05], "normalisation"),
+        ("normalisation.input_clip", [0.0, 3.0], "normalisation"),
+        ("normalisation.input_clip", [0.0, 0.0, -3.0], "normalisation"),
+        # Every feature is scored (no score_features): clipping one would hide its departures.
+        ("normalisation.input_clip", [3.0, 0.0, 0.0], "normalisation"),
         ("surprise", 1, "surprise"),
     ],
 )
@@ -213,6 +217,17 @@ def test_bad_score_features_are_refused_naming_the_field(score_features: Any, me
     with pytest.raises(ModelContractError, match=re.escape(message)) as info:
         Contract.from_json(orjson.dumps(doc))
     assert info.value.field == "score_features"
+
+
+def test_input_clip_is_optional_and_only_for_inputs_only_features() -> None:
+    doc = valid_contract_dict()
+    assert Contract.from_json(orjson.dumps(doc)).normalisation.input_clip is None
+    doc["score_features"] = ["pressure", "vibration"]
+    doc["normalisation"]["input_clip"] = [3.0, 0.0, 0.0]
+    assert Contract.from_json(orjson.dumps(doc)).normalisation.input_clip == [3.0, 0.0, 0.0]
+    doc["normalisation"]["input_clip"] = [3.0, 3.0, 0.0]
+    with pytest.raises(ModelContractError, match=r"clips the scored features \['pressure'\]"):
+        Contract.from_json(orjson.dumps(doc))
 
 
 def test_log_offsets_are_optional_and_per_feature() -> None:

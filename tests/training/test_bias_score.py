@@ -2,7 +2,8 @@
 training-quantile threshold, from the Keras model to the exported file.
 
 One tiny model is trained once for the module (2 members of 1 LSTM layer of 8 units, L = 16,
-2 epochs on a small synthetic fleet, temperature an input only).
+2 epochs on a small synthetic fleet, temperature an input only, clipped to +-CLIP training
+standard deviations before the network).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from anomalyd_train import export
 from anomalyd_train.config import ModelConfig, TrainConfig
 from anomalyd_train.models import build_model, build_networks, lstm_layers, member_mse
 from anomalyd_train.pipeline import Prepared, TrainResult, _inputs_targets
+from anomalyd_train.windows import clip_limits
 from tests.training.trained_model import ort_scores, tiny_forecaster_config, trained_model_fixtures
 
 pytestmark = pytest.mark.slow
@@ -28,6 +30,7 @@ L = 16
 BURN_IN = 3
 DECAY = 0.3
 SCORED = ["pressure", "vibration"]  # temperature: an input only
+CLIP = 2.0  # model.input_only_clip: temperature's normalised value is clipped to +-CLIP
 QUANTILE = 0.95
 FACTOR = 1.5
 
@@ -209,6 +212,7 @@ def bias_config() -> TrainConfig:
             "flatline": True,
             "flatline_ratio": 0.1,
             "score_features": SCORED,
+            "input_only_clip": CLIP,
         },
         # No calibration part: the validation windows are the only held-out ones.
         split={"validation_fraction": 0.2, "calibration_fraction": 0.0},
@@ -253,7 +257,9 @@ def test_onnx_runtime_matches_tensorflow(run: TrainResult, prep: Prepared, sessi
 def _branches(s: export.ScoringFunction, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each feature's weighted-mean and last-step residual in residual-scale units, outside the graph."""
     assert s.bias is not None
+    assert s.input_clip is not None
     z = ((windows - s.mean) / s.std).astype(np.float32)
+    z = np.clip(z, -clip_limits(s.input_clip), clip_limits(s.input_clip))
     r = (z[:, BURN_IN + 1 :] - _call(s.model, z[:, :-1])) / s.residual_scale
     return np.abs(np.einsum("nsf,s->nf", r, s.bias.weights)), np.abs(r[:, -1])
 
@@ -284,7 +290,7 @@ def test_branch_scales_put_the_training_quantile_at_one(run: TrainResult, prep: 
         worst = branch[:, 1:].max(axis=1) / scale  # over the scored features
         assert float(np.quantile(worst, export.BRANCH_QUANTILE)) == pytest.approx(1.0, rel=1e-3)
     # Residual scales: a training forecast's squared residual averages 1 per feature.
-    z = (prep.train_used.windows - s.mean) / s.std
+    z = prep.scaler.transform(prep.train_used.windows)
     sq = export.squared_residuals(s.model, "forecast", z.astype(np.float32), burn_in=BURN_IN)
     np.testing.assert_allclose((sq / s.residual_scale**2).mean(axis=0), 1.0, rtol=1e-3)
 
@@ -319,7 +325,54 @@ def test_contract_score_names_scored_features_members_and_flatline_check(run: Tr
     assert f"alpha {DECAY:g}" in text
     assert "0 for the inputs that are not scored: temperature" in text
     assert "flatline check on pressure, vibration:" in text
+    assert f"the network sees temperature (inputs only) clipped to +-{CLIP:g}" in text
     assert contract.training_config["model"]["score"] == "bias"
+
+
+# ------------------------------------------------------------------- inputs-only clipping
+
+
+def test_contract_and_scaler_carry_the_input_only_clip(run: TrainResult, prep: Prepared) -> None:
+    assert read_contract(run.model_path).normalisation.input_clip == [CLIP, 0.0, 0.0]
+    assert prep.scaler.clipped == [True, False, False]
+    # The network was fitted on clipped windows: no training input of temperature beyond CLIP.
+    z = prep.scaler.transform(prep.train_used.windows)
+    assert float(np.abs(z[:, :, 0]).max()) <= CLIP
+    raw = (prep.train_used.windows - prep.scaler.mean) / prep.scaler.std
+    assert float(np.abs(raw[:, :, 1:]).max()) == pytest.approx(float(np.abs(z[:, :, 1:]).max()), rel=1e-6)
+
+
+def test_an_input_only_feature_beyond_the_clip_scores_as_at_the_clip(
+    run: TrainResult, prep: Prepared, session: Any
+) -> None:
+    windows = _some(prep, 16).copy()
+    mean, std = run.scoring.mean[0], run.scoring.std[0]
+
+    def temperature_at(z: float) -> np.ndarray:
+        # Temperature, the input only: at its training mean, then z training stds away for the
+        # window's second half (a step: with window_start centering a constant level would
+        # look the same to the network wherever it is).
+        w = windows.copy()
+        w[:, :, 0] = mean
+        w[:, L // 2 :, 0] = mean + z * std
+        return w
+
+    at_clip, far = ort_scores(session, temperature_at(CLIP)), ort_scores(session, temperature_at(20 * CLIP))
+    # The network sees CLIP either way: the same scores and contributions.
+    np.testing.assert_allclose(far[0], at_clip[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(far[1], at_clip[1], rtol=1e-6, atol=1e-7)
+    below, at_minus_clip = (
+        ort_scores(session, temperature_at(-20 * CLIP)),
+        ort_scores(session, temperature_at(-CLIP)),
+    )
+    np.testing.assert_allclose(below[0], at_minus_clip[0], rtol=1e-6, atol=1e-7)
+    # Inside the clip temperature still reaches the network: its forecasts change.
+    inside = ort_scores(session, temperature_at(0.0))
+    assert not np.allclose(inside[0], at_clip[0], rtol=1e-4)
+    # A scored feature is never clipped: pressure far out scores far higher.
+    w = windows.copy()
+    w[:, -5:, 1] += 20 * CLIP * run.scoring.std[1]
+    assert np.all(ort_scores(session, w)[0] > 5 * ort_scores(session, windows)[0])
 
 
 # -------------------------------------------------------------------------------- flatline

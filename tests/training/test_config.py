@@ -19,6 +19,7 @@ from anomalyd_train.config import (
     SyntheticDataConfig,
     TrainConfig,
     config_to_dict,
+    input_only_clip,
     load_train_config,
     sanitise_feature_name,
 )
@@ -285,6 +286,28 @@ def test_score_features_must_be_a_non_empty_list_without_repeats(
     err = load_error(tmp_path, CSV_TABLE + f"[model]\nscore_features = {value}\n")
     assert err.key_path == "model.score_features"
     assert message in str(err)
+
+
+def test_input_only_clip_is_one_limit_per_feature_for_the_inputs_only(tmp_path: Path) -> None:
+    features = ["temperature", "volume_flow_rate_rms"]
+    assert input_only_clip(load_train_config(write(tmp_path, CSV_TABLE)), features) is None
+    text = CSV_TABLE + '[model]\nscore_features = ["volume_flow_rate_rms"]\ninput_only_clip = 3.0\n'
+    assert input_only_clip(load_train_config(write(tmp_path, text)), features) == [3.0, 0.0]
+
+
+@pytest.mark.parametrize("scored", ["", 'score_features = ["temperature", "volume_flow_rate_rms"]\n'])
+def test_input_only_clip_needs_an_input_only_feature(tmp_path: Path, scored: str) -> None:
+    cfg = load_train_config(write(tmp_path, CSV_TABLE + f"[model]\n{scored}input_only_clip = 3.0\n"))
+    with pytest.raises(ConfigError) as info:
+        input_only_clip(cfg, ["temperature", "volume_flow_rate_rms"])
+    assert info.value.key_path == "model.input_only_clip"
+    assert "every feature is scored" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["0.0", "-1.0", '"3"'])
+def test_input_only_clip_is_a_positive_float(tmp_path: Path, value: str) -> None:
+    err = load_error(tmp_path, CSV_TABLE + f"[model]\ninput_only_clip = {value}\n")
+    assert err.key_path == "model.input_only_clip"
 
 
 def test_bias_score_and_training_quantile_options_default_to_the_old_behaviour() -> None:

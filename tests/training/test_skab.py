@@ -332,6 +332,8 @@ def test_without_config_the_command_uses_the_committed_benchmark_config() -> Non
     # training data's scores.
     assert committed.train_config(repo / "x.csv", 60.0).model.score == "bias"
     assert committed.train_config(repo / "x.csv", 60.0).calibration.method == "training_quantile"
+    # The thermal inputs, not scored, are clipped before the network.
+    assert committed.train_config(repo / "x.csv", 60.0).model.input_only_clip == 3.0
     assert committed.daemon_config().detector.k_exit == 30
     assert committed != load_skab_config(None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -233,6 +234,22 @@ def test_scaler_standardises_training_rows() -> None:
     # Works on windows (n, L, F) too: the last axis is the features.
     w = x[:40].reshape(4, 10, 3)
     np.testing.assert_allclose(sc.transform(w), z[:40].reshape(4, 10, 3), rtol=1e-6)
+
+
+def test_scaler_clips_only_the_features_with_a_limit() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 2)).astype(np.float32)
+    plain = Scaler.fit(x, ["a", "b"])
+    assert plain.clipped == [False, False]
+    clipped = dataclasses.replace(plain, clip=np.array([1.5, 0.0], np.float32))
+    assert clipped.clipped == [True, False]
+    far = np.array([[40.0, 40.0], [-40.0, -40.0], [0.1, 0.1]], np.float32)
+    z, z_plain = clipped.transform(far), plain.transform(far)
+    np.testing.assert_array_equal(z[:, 0], [1.5, -1.5, z_plain[2, 0]])
+    np.testing.assert_array_equal(z[:, 1], z_plain[:, 1])
+    for bad in ([1.0], [1.0, -1.0], [np.nan, 0.0]):
+        with pytest.raises(ValueError, match="clip needs 2 limits"):
+            dataclasses.replace(plain, clip=np.array(bad, np.float32))
 
 
 def test_scaler_from_segments_equals_from_values() -> None:

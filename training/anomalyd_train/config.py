@@ -52,6 +52,7 @@ __all__ = [
     "check_score_features",
     "config_to_dict",
     "error_from_validation",
+    "input_only_clip",
     "load_train_config",
     "sanitise_feature_name",
 ]
@@ -429,6 +430,18 @@ class ModelConfig(_Section):
         ),
     )
 
+    input_only_clip: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "for the features that are inputs only (not in score_features): after "
+            "normalisation the graph clips them to +- this many training standard deviations. "
+            "Such a channel (a slow temperature) may drift far beyond anything the training "
+            "rows showed; the network was never fitted there and would extrapolate, biasing "
+            "its forecasts of the scored channels. Clipped, it still tells the network which "
+            "side of its training range the machine is on. Unset: no clipping"
+        ),
+    )
     log_features: list[str] = Field(
         default_factory=list,
         description=(
@@ -718,6 +731,28 @@ def check_peak_weights(cfg: TrainConfig, feature_names: list[str]) -> list[float
             "model.peak_weights",
         )
     return [float(weights.get(n, 1.0)) for n in feature_names]
+
+
+def input_only_clip(cfg: TrainConfig, feature_names: list[str]) -> list[float] | None:
+    """``model.input_only_clip`` as one limit per feature in input order (0: not clipped, the
+    scored features), or None when it is not set.
+
+    Raises ``ConfigError`` naming ``model.input_only_clip`` when every feature is scored:
+    there is then no input-only feature to clip, and clipping a scored one would hide the
+    very departures its score is for.
+    """
+    limit = cfg.model.input_only_clip
+    if limit is None:
+        return None
+    scored = cfg.model.score_features
+    inputs_only = [n for n in feature_names if scored is not None and n not in scored]
+    if not inputs_only:
+        raise ConfigError(
+            f"{limit} clips the features that are inputs only, and every feature is scored "
+            "(set model.score_features to the features the score is over, or remove this key)",
+            "model.input_only_clip",
+        )
+    return [limit if n in inputs_only else 0.0 for n in feature_names]
 
 
 def check_score_features(cfg: TrainConfig, feature_names: list[str]) -> list[str] | None:

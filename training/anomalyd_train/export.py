@@ -52,6 +52,7 @@ from anomalyd.contract import (
 )
 from anomalyd.errors import AnomalydError
 from anomalyd_train import models
+from anomalyd_train.windows import clip_limits
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -184,6 +185,7 @@ class ScoringFunction:
     flat_floor: FloatArray | None = None  # flatline check floors per feature (0: off); None: no check
     peak: PeakScore | None = None  # score "peak": its constants
     log_offset: FloatArray | None = None  # per feature, 0: own scale; None: no feature logged
+    input_clip: FloatArray | None = None  # per feature, 0: not clipped; None: none clipped
 
     def __call__(self, windows: FloatArray, batch_size: int = 1024) -> tuple[FloatArray, FloatArray]:
         """Score raw windows ``(n, L, F)`` in TensorFlow; returns ``score (n,)``, ``contributions (n, F)``."""
@@ -492,6 +494,7 @@ def build_scoring_function(
     bias: BiasScore | None = None,
     flat_floor: FloatArray | None = None,
     peak: PeakScore | None = None,
+    input_clip: FloatArray | None = None,
 ) -> ScoringFunction:
     """Wrap ``model`` in a ``tf.function``: raw window → normalise → network → score.
 
@@ -515,6 +518,10 @@ def build_scoring_function(
 
     ``log_offset`` (per feature, 0 = own scale): a feature with an offset above 0 enters as
     ``log(max(x, 0) + offset)`` before ``mean``/``std`` (``anomalyd_train.windows.log_scale``).
+
+    ``input_clip`` (per feature, 0 = none): a feature with a limit above 0 is clipped to
+    ``[-limit, limit]`` right after normalisation (``Scaler.clip``, ``model.input_only_clip``),
+    so the network and everything after it see the clipped value.
 
     ``flat_floor`` (per feature, 0 = off): the flatline check adds
     ``FLATLINE_SCORE * max(0, 1 - spread / floor)`` to a feature's contribution, ``spread``
@@ -577,6 +584,10 @@ def build_scoring_function(
         log_offset_c = np.where(logged_c, np.asarray(log_offset, np.float32).reshape(1, 1, -1), 1.0).astype(
             np.float32
         )
+    clip_any = input_clip is not None and bool(np.any(np.asarray(input_clip) > 0))
+    if clip_any:
+        assert input_clip is not None
+        clip_limit_c = clip_limits(np.asarray(input_clip, np.float32)).reshape(1, 1, n_features)
     check_flat = flat_floor is not None and bool(np.any(flat_floor > 0))
     if check_flat:
         assert flat_floor is not None
@@ -593,6 +604,8 @@ def build_scoring_function(
         if log_any:
             window = tf.where(logged_c, tf.math.log(tf.maximum(window, 0.0) + log_offset_c), window)
         z = (window - mean_c) * inv_std_c
+        if clip_any:
+            z = tf.minimum(tf.maximum(z, -clip_limit_c), clip_limit_c)
         if peak is not None:
             # Sub-window j holds steps j+1..j+peak_in and forecasts step j+peak_in+1; all of them
             # go through the network as one batch.
@@ -667,6 +680,7 @@ def build_scoring_function(
         flat_floor=None if flat_floor is None else np.asarray(flat_floor, np.float32),
         peak=peak,
         log_offset=np.asarray(log_offset, np.float32) if log_any else None,
+        input_clip=np.asarray(input_clip, np.float32) if clip_any else None,
     )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from anomalyd_train.config import (
     check_peak_weights,
     check_score_features,
     config_to_dict,
+    input_only_clip,
 )
 from anomalyd_train.data import Dataset, Segment, load_dataset
 from anomalyd_train.windows import (
@@ -310,6 +311,7 @@ def prepare(cfg: TrainConfig, echo: Callable[[str], None] = lambda _: None) -> P
     score_features = check_score_features(cfg, dataset.features)
     check_log_features(cfg, dataset.features)
     peak_weights = check_peak_weights(cfg, dataset.features)
+    clip = input_only_clip(cfg, dataset.features)
     if score_features is not None:
         echo(f"score: mean over {len(score_features)} of {len(dataset.features)} features: {score_features}")
 
@@ -328,10 +330,14 @@ def prepare(cfg: TrainConfig, echo: Callable[[str], None] = lambda _: None) -> P
     # Scaling statistics come from the training part only, so nothing about the held-out
     # parts (validation, calibration) leaks into the model.
     scaler = Scaler.fit(train_s, dataset.features, cfg.model.log_features)
+    if clip is not None:
+        scaler = replace(scaler, clip=np.asarray(clip, np.float32))
     logged = [n for n, on in zip(dataset.features, scaler.logged, strict=True) if on]
+    clipped = [n for n, on in zip(dataset.features, scaler.clipped, strict=True) if on]
     echo(
         f"scaler: mean and std of {len(dataset.features)} features from the {_rows(train_s)} training rows"
         + (f"; on a log scale: {', '.join(logged)}" if logged else "")
+        + (f"; clipped to +-{cfg.model.input_only_clip:g} std: {', '.join(clipped)}" if clipped else "")
     )
     train_ws, val_ws, cal_ws = _windows(cfg, train_s), _windows(cfg, val_s), _windows(cfg, cal_s)
     hint = f"(window.length = {cfg.window.length}; lower it, set window.padding = 'pre', or give more data)"
@@ -462,6 +468,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         mean=scaler.mean,
         std=scaler.std,
         log_offset=scaler.log_offset,
+        input_clip=scaler.clip,
         residual_scale=scale,
         n_lstm_layers=len(lstm_layers(model)),
         scored=prep.scored,
@@ -517,7 +524,8 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         "threshold": to_contract_threshold(calibration).model_dump(mode="json"),
         "score": _score_text(cfg, dataset.features, prep.score_features, prep.peak_weights, flat_floor),
         "normalisation": {"mean": scaler.mean.tolist(), "std": scaler.std.tolist()}
-        | ({"log_offset": scaler.log_offset.tolist()} if any(scaler.logged) else {}),
+        | ({"log_offset": scaler.log_offset.tolist()} if any(scaler.logged) else {})
+        | ({"input_clip": scaler.clip.tolist()} if any(scaler.clipped) else {}),
         "training_data": {
             "source": dataset.source,
             "sha256": dataset_sha256(dataset.segments),
@@ -623,6 +631,13 @@ def _score_text(
         text += (
             f"; x is log(max(x, 0) + log_offset) for {', '.join(logged)} "
             "(normalisation.log_offset), so mean and std are of the logged values"
+        )
+    if cfg.model.input_only_clip is not None:
+        scored = score_features or features
+        clipped = [f for f in features if f not in scored]
+        text += (
+            f"; the network sees {', '.join(clipped)} (inputs only) clipped to "
+            f"+-{cfg.model.input_only_clip:g} after normalisation (normalisation.input_clip)"
         )
     return text
 

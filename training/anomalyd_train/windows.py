@@ -131,6 +131,13 @@ def log_scale(x: np.ndarray, log_offset: np.ndarray) -> np.ndarray:
     return out.astype(np.float32, copy=False)
 
 
+def clip_limits(clip: np.ndarray) -> np.ndarray:
+    """Per-feature clipping limits in standardised units: ``clip`` where above 0, else the
+    largest float32 (no finite value is clipped). The exported graph uses the same array."""
+    out: np.ndarray = np.where(clip > 0, clip, np.finfo(np.float32).max).astype(np.float32)
+    return out
+
+
 @dataclass
 class Scaler:
     """Per-feature standardisation ``(x - mean) / std``, fitted on training rows only.
@@ -141,15 +148,29 @@ class Scaler:
     level (a vibration RMS: an additive sensor noise plus a few percent of whatever it reads),
     the offset is fitted so that the logged noise is the same at every level
     (``level_noise_offset``): a loud machine's noise is then no larger than a quiet one's.
+
+    ``clip`` (per feature, 0 = none): a feature with a limit above 0 is clipped to
+    ``[-clip, clip]`` after standardising (``model.input_only_clip``; the exported graph does
+    the same), so the network never sees it further out than that.
     """
 
     mean: np.ndarray  # float32 (F,)
     std: np.ndarray  # float32 (F,)
     log_offset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (F,) or empty
+    clip: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (F,) or empty
 
     def __post_init__(self) -> None:
         if self.log_offset.size == 0:
             self.log_offset = np.zeros_like(self.mean, dtype=np.float32)
+        if self.clip.size == 0:
+            self.clip = np.zeros_like(self.mean, dtype=np.float32)
+        if self.clip.shape != self.mean.shape or np.any(~(self.clip >= 0)):
+            raise ValueError(f"clip needs {self.mean.size} limits at or above 0, got {self.clip}")
+
+    @property
+    def clipped(self) -> list[bool]:
+        """One flag per feature: is it clipped after standardising?"""
+        return [bool(c > 0) for c in self.clip]
 
     @property
     def logged(self) -> list[bool]:
@@ -218,6 +239,9 @@ class Scaler:
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Standardise an array whose last axis is the features (``(n, F)`` or ``(n, L, F)``)."""
         out: np.ndarray = (log_scale(x, self.log_offset) - self.mean) / self.std
+        if any(self.clipped):
+            limit = clip_limits(self.clip)
+            out = np.minimum(np.maximum(out, -limit), limit)
         return out.astype(np.float32, copy=False)
 
 
