@@ -17,7 +17,7 @@ import pytest
 
 from anomalyd.model import load_model, read_contract
 from anomalyd.synthetic import FEATURES
-from anomalyd_train import export
+from anomalyd_train import export, scoring
 from anomalyd_train.config import ModelConfig, TrainConfig
 from anomalyd_train.models import build_model, build_networks, lstm_layers, member_mse
 from anomalyd_train.pipeline import Prepared, TrainResult, _inputs_targets
@@ -115,11 +115,11 @@ def test_targets_are_the_steps_the_forecasts_are_of() -> None:
     keras.utils.set_random_seed(0)
     model = build_model(cfg, L, 3)
     assert _call(model, x).shape == y.shape
-    residuals = export.forecast_residuals(model, z, BURN_IN, batch_size=4)  # two batches
+    residuals = scoring.forecast_residuals(model, z, BURN_IN, batch_size=4)  # two batches
     np.testing.assert_allclose(residuals, y - _call(model, x), atol=1e-6)
     # rtol 1e-6: the two run the network in batches of different sizes (float32 rounding).
     np.testing.assert_allclose(
-        export.squared_residuals(model, "forecast", z, burn_in=BURN_IN),
+        scoring.squared_residuals(model, "forecast", z, burn_in=BURN_IN),
         np.square(residuals).mean(axis=1),
         rtol=1e-6,
     )
@@ -159,26 +159,26 @@ def test_member_mse_is_the_mean_of_the_members_losses() -> None:
 
 
 def test_bias_weights_are_an_ewma_summing_to_one() -> None:
-    w = export.bias_weights(8, 0.2)
+    w = scoring.bias_weights(8, 0.2)
     assert w.dtype == np.float32
     assert w.shape == (8,)
     assert float(w.sum()) == pytest.approx(1.0, rel=1e-6)
     assert np.all(np.diff(w) > 0)  # oldest first, newest heaviest
     np.testing.assert_allclose(w[:-1] / w[1:], 0.8, rtol=1e-5)
-    np.testing.assert_allclose(export.bias_weights(4, 1.0), [0.0, 0.0, 0.0, 1.0])
-    np.testing.assert_allclose(export.bias_weights(1, 0.5), [1.0])
+    np.testing.assert_allclose(scoring.bias_weights(4, 1.0), [0.0, 0.0, 0.0, 1.0])
+    np.testing.assert_allclose(scoring.bias_weights(1, 0.5), [1.0])
 
 
 def test_window_spread_is_the_population_std_over_steps() -> None:
     rng = np.random.default_rng(6)
     z = rng.normal(size=(5, 9, 3)).astype(np.float32)
     z[2, :, 1] = 4.25
-    spread = export.window_spread(z)
+    spread = scoring.window_spread(z)
     assert spread.shape == (5, 3)
     np.testing.assert_allclose(spread, z.std(axis=1), rtol=1e-5)
     assert spread[2, 1] == 0.0
     np.testing.assert_allclose(
-        export.window_spread(np.array([[[1.0], [2.0], [3.0], [4.0]]], np.float32)), [[1.25**0.5]]
+        scoring.window_spread(np.array([[[1.0], [2.0], [3.0], [4.0]]], np.float32)), [[1.25**0.5]]
     )
 
 
@@ -186,14 +186,14 @@ def test_flatline_floors() -> None:
     rng = np.random.default_rng(7)
     z = rng.normal(size=(20, 8, 4)).astype(np.float32)
     z[5, :, 2] = -0.3  # feature 2 was flat once in training: flat is normal for it
-    floors = export.flatline_floors(z, [False, True, True, True], 0.1)
+    floors = scoring.flatline_floors(z, [False, True, True, True], 0.1)
     assert floors.dtype == np.float32
     smallest = z.std(axis=1).min(axis=0)
     assert floors[0] == 0.0  # not scored
     np.testing.assert_allclose(floors[[1, 3]], 0.1 * smallest[[1, 3]], rtol=1e-5)
     assert floors[2] == 0.0
     assert np.all(floors[[1, 3]] > 0)
-    np.testing.assert_array_equal(export.flatline_floors(z[:0], [True] * 4, 0.1), np.zeros(4))
+    np.testing.assert_array_equal(scoring.flatline_floors(z[:0], [True] * 4, 0.1), np.zeros(4))
 
 
 # ------------------------------------------------------------------- trained end to end
@@ -254,7 +254,7 @@ def test_onnx_runtime_matches_tensorflow(run: TrainResult, prep: Prepared, sessi
         np.testing.assert_allclose(loaded_score, got_score, rtol=1e-6)
 
 
-def _branches(s: export.ScoringFunction, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _branches(s: scoring.ScoringFunction, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each feature's weighted-mean and last-step residual in residual-scale units, outside the graph."""
     assert s.bias is not None
     assert s.input_clip is not None
@@ -283,15 +283,15 @@ def test_score_follows_the_documented_definition(run: TrainResult, prep: Prepare
 def test_branch_scales_put_the_training_quantile_at_one(run: TrainResult, prep: Prepared) -> None:
     s = run.scoring
     assert s.bias is not None
-    np.testing.assert_allclose(s.bias.weights, export.bias_weights(L - 1 - BURN_IN, DECAY))
+    np.testing.assert_allclose(s.bias.weights, scoring.bias_weights(L - 1 - BURN_IN, DECAY))
     assert s.bias.burn_in == BURN_IN
     lasting, spike = _branches(s, prep.train_used.windows)
     for branch, scale in ((lasting, s.bias.bias_scale), (spike, s.bias.spike_scale)):
         worst = branch[:, 1:].max(axis=1) / scale  # over the scored features
-        assert float(np.quantile(worst, export.BRANCH_QUANTILE)) == pytest.approx(1.0, rel=1e-3)
+        assert float(np.quantile(worst, scoring.BRANCH_QUANTILE)) == pytest.approx(1.0, rel=1e-3)
     # Residual scales: a training forecast's squared residual averages 1 per feature.
     z = prep.scaler.transform(prep.train_used.windows)
-    sq = export.squared_residuals(s.model, "forecast", z.astype(np.float32), burn_in=BURN_IN)
+    sq = scoring.squared_residuals(s.model, "forecast", z.astype(np.float32), burn_in=BURN_IN)
     np.testing.assert_allclose((sq / s.residual_scale**2).mean(axis=0), 1.0, rtol=1e-3)
 
 
@@ -385,7 +385,7 @@ def test_trained_floors_are_a_fraction_of_the_smallest_training_spread(
     assert floors is not None
     assert floors[0] == 0.0  # temperature: not scored, never checked
     z = prep.scaler.transform(prep.train_used.windows)
-    expected = 0.1 * export.window_spread(z).min(axis=0)
+    expected = 0.1 * scoring.window_spread(z).min(axis=0)
     np.testing.assert_allclose(floors[1:], expected[1:], rtol=1e-5)
     assert np.all(floors[1:] > 0)
 
@@ -398,13 +398,13 @@ def test_a_stuck_scored_feature_scores_the_flatline_score(
     stuck = windows.copy()
     stuck[:, :, feature] = stuck[:, -1:, feature]  # frozen at its last reading
     for score, contrib in (ort_scores(session, stuck), run.scoring(stuck)):
-        assert np.all(contrib[:, feature] >= export.FLATLINE_SCORE * 0.99)
+        assert np.all(contrib[:, feature] >= scoring.FLATLINE_SCORE * 0.99)
         assert np.all(score > run.threshold)
         np.testing.assert_array_equal(contrib[:, 0], 0.0)
     # The same windows, moving: no flatline term anywhere.
     score, contrib = ort_scores(session, windows)
-    assert np.all(score < export.FLATLINE_SCORE)
-    assert np.all(contrib < 0.5 * export.FLATLINE_SCORE)
+    assert np.all(score < scoring.FLATLINE_SCORE)
+    assert np.all(contrib < 0.5 * scoring.FLATLINE_SCORE)
 
 
 def test_a_feature_without_a_floor_gets_no_flatline_term(
@@ -416,13 +416,13 @@ def test_a_feature_without_a_floor_gets_no_flatline_term(
     stuck[:, :, 0] = stuck[:, -1:, 0]
     score, contrib = ort_scores(session, stuck)
     np.testing.assert_array_equal(contrib[:, 0], 0.0)
-    assert np.all(score < export.FLATLINE_SCORE)
+    assert np.all(score < scoring.FLATLINE_SCORE)
     # A scored feature whose floor is 0 (its training held a flat window) scores as without the check.
     s = run.scoring
     assert s.flat_floor is not None
 
-    def scoring(flat_floor: np.ndarray | None) -> export.ScoringFunction:
-        return export.build_scoring_function(
+    def rebuilt(flat_floor: np.ndarray | None) -> scoring.ScoringFunction:
+        return scoring.build_scoring_function(
             s.model,
             s.kind,
             window_length=s.window_length,
@@ -433,15 +433,16 @@ def test_a_feature_without_a_floor_gets_no_flatline_term(
             scored=s.weights > 0,
             bias=s.bias,
             flat_floor=flat_floor,
+            input_clip=s.input_clip,
         )
 
     floors = s.flat_floor.copy()
     floors[1] = 0.0  # pressure unchecked, vibration still checked
     stuck = windows.copy()
     stuck[:, :, 1:] = stuck[:, -1:, 1:]
-    _, with_zero_floor = scoring(floors)(stuck)
-    _, unchecked = scoring(None)(stuck)
+    _, with_zero_floor = rebuilt(floors)(stuck)
+    _, unchecked = rebuilt(None)(stuck)
     np.testing.assert_allclose(with_zero_floor[:, 1], unchecked[:, 1], rtol=1e-5, atol=1e-6)
-    assert np.all(with_zero_floor[:, 1] < export.FLATLINE_SCORE)
-    assert np.all(with_zero_floor[:, 2] >= export.FLATLINE_SCORE * 0.99)
-    assert np.all(unchecked[:, 2] < export.FLATLINE_SCORE)
+    assert np.all(with_zero_floor[:, 1] < scoring.FLATLINE_SCORE)
+    assert np.all(with_zero_floor[:, 2] >= scoring.FLATLINE_SCORE * 0.99)
+    assert np.all(unchecked[:, 2] < scoring.FLATLINE_SCORE)

@@ -22,7 +22,7 @@ import pytest
 from anomalyd.contract import CONTRIBUTIONS_OUTPUT, INPUT_NAME, METADATA_KEY, SCORE_OUTPUT, Contract
 from anomalyd.model import load_model, read_contract
 from anomalyd.synthetic import FEATURES, UNITS
-from anomalyd_train import export
+from anomalyd_train import export, scoring
 from anomalyd_train.config import TrainConfig, config_to_dict
 from anomalyd_train.export import ExportCheckError
 from anomalyd_train.pipeline import TrainResult, train
@@ -170,7 +170,7 @@ def test_residual_scale_makes_training_windows_score_one_per_feature(run: TrainR
     train_windows = prepare(run.config).train_used.windows
     _, contrib = run.scoring(train_windows)
     per_feature = contrib.mean(axis=0) * 3
-    floored = run.residual_scale <= export.MIN_RESIDUAL_SCALE
+    floored = run.residual_scale <= scoring.MIN_RESIDUAL_SCALE
     np.testing.assert_allclose(per_feature[~floored], 1.0, rtol=1e-3)
 
 
@@ -190,7 +190,7 @@ def partial(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     return train(cfg, tmp_path_factory.mktemp("partial"), progress=False)
 
 
-def _terms(s: export.ScoringFunction, windows: np.ndarray) -> np.ndarray:
+def _terms(s: scoring.ScoringFunction, windows: np.ndarray) -> np.ndarray:
     """Each feature's scaled squared residual, computed outside the graph, ``(n, F)``."""
     z = (windows - s.mean) / s.std
     if s.kind == "forecast":
@@ -248,7 +248,7 @@ def test_partial_threshold_is_calibrated_on_the_graphs_scores(partial: TrainResu
 
 def test_scoring_every_feature_builds_the_graph_of_before(run: TrainResult) -> None:
     s = run.scoring
-    flagged = export.build_scoring_function(
+    flagged = scoring.build_scoring_function(
         s.model,
         s.kind,
         window_length=s.window_length,
@@ -269,16 +269,16 @@ def test_scoring_every_feature_builds_the_graph_of_before(run: TrainResult) -> N
     assert not any(c.shape == (3,) and np.allclose(c, 1 / 3) for c in consts)
     metadata = {p.key: p.value for p in exported.metadata_props}[METADATA_KEY]
     assert "score_features" not in json.loads(metadata)
-    assert read_contract(run.model_path).score == export.SCORE_DEFINITION
+    assert read_contract(run.model_path).score == scoring.SCORE_DEFINITION
 
 
 def test_score_weights() -> None:
-    np.testing.assert_array_equal(export.score_weights(3), np.full(3, np.float32(1 / 3)))
-    np.testing.assert_array_equal(export.score_weights(3, [True, False, True]), [0.5, 0.0, 0.5])
+    np.testing.assert_array_equal(scoring.score_weights(3), np.full(3, np.float32(1 / 3)))
+    np.testing.assert_array_equal(scoring.score_weights(3, [True, False, True]), [0.5, 0.0, 0.5])
     with pytest.raises(ValueError, match="one flag per feature"):
-        export.score_weights(3, [True, False])
+        scoring.score_weights(3, [True, False])
     with pytest.raises(ValueError, match="at least one feature"):
-        export.score_weights(2, [False, False])
+        scoring.score_weights(2, [False, False])
 
 
 # ------------------------------------------------------------------ checks that must fail
@@ -295,9 +295,9 @@ def _tiny_keras(variant: str) -> Any:
     return keras.Sequential(layers)
 
 
-def _scoring(model: Any) -> export.ScoringFunction:
+def _scoring(model: Any) -> scoring.ScoringFunction:
     one = np.ones(2, np.float32)
-    return export.build_scoring_function(
+    return scoring.build_scoring_function(
         model,
         "forecast",
         window_length=8,
@@ -379,7 +379,7 @@ def test_loader_check_fails_when_the_contract_disagrees_with_the_graph(
     assert info.value.check == "daemon_loader"
 
 
-class _OffByOne(export.ScoringFunction):
+class _OffByOne(scoring.ScoringFunction):
     """A reference that disagrees with the graph it was built from."""
 
     def __call__(self, windows: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -388,7 +388,7 @@ class _OffByOne(export.ScoringFunction):
 
 
 def test_a_failed_check_fails_the_export_and_writes_nothing(run: TrainResult, tmp_path: Path) -> None:
-    scoring = _OffByOne(**{f.name: getattr(run.scoring, f.name) for f in dataclasses.fields(run.scoring)})
+    off_by_one = _OffByOne(**{f.name: getattr(run.scoring, f.name) for f in dataclasses.fields(run.scoring)})
     out = tmp_path / "model.onnx"
     contract = read_contract(run.model_path)
     fields = contract.model_dump(
@@ -396,7 +396,7 @@ def test_a_failed_check_fails_the_export_and_writes_nothing(run: TrainResult, tm
     )
     with pytest.raises(ExportCheckError, match="'parity' failed"):
         export.export_model(
-            scoring,
+            off_by_one,
             name="off",
             contract_fields=fields,
             out_path=out,

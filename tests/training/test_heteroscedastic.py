@@ -17,7 +17,7 @@ import pytest
 
 from anomalyd.errors import ConfigError
 from anomalyd.model import load_model, read_contract
-from anomalyd_train import export
+from anomalyd_train import export, scoring
 from anomalyd_train.config import ModelConfig, TrainConfig, load_train_config
 from anomalyd_train.models import (
     build_networks,
@@ -118,7 +118,7 @@ def het_config() -> TrainConfig:
 run, prep, session = trained_model_fixtures(het_config, "het")
 
 
-def _terms(s: export.ScoringFunction, windows: np.ndarray) -> np.ndarray:
+def _terms(s: scoring.ScoringFunction, windows: np.ndarray) -> np.ndarray:
     """Each feature's term outside the graph, from the documented definition (no flatline)."""
     assert s.peak is not None
     assert s.peak.predicted_noise is not None
@@ -184,7 +184,7 @@ def test_the_same_miss_scores_lower_where_the_network_expects_larger_ones(
     model.set_weights(s.model.get_weights())
     kernel, bias = model.get_layer("noise_level").get_weights()
     model.get_layer("noise_level").set_weights([30.0 * kernel, bias + 2.0])  # above the floor
-    s = export.build_scoring_function(
+    s = scoring.build_scoring_function(
         model,
         s.kind,
         window_length=L,

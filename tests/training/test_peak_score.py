@@ -16,7 +16,7 @@ import pytest
 
 from anomalyd.errors import ConfigError
 from anomalyd.model import load_model, read_contract
-from anomalyd_train import export
+from anomalyd_train import export, scoring
 from anomalyd_train.config import ModelConfig, TrainConfig, check_peak_weights, load_train_config
 from anomalyd_train.models import member_mse, noise_scales, training_loss
 from anomalyd_train.pipeline import Prepared, TrainResult
@@ -62,7 +62,7 @@ def test_peak_span_must_fit_the_scored_steps() -> None:
     )
     assert cfg.peak_span == 2
     with pytest.raises(ValueError, match=r"peak\.span"):
-        export.build_scoring_function(
+        scoring.build_scoring_function(
             None,
             "forecast",
             window_length=L,
@@ -70,7 +70,7 @@ def test_peak_span_must_fit_the_scored_steps() -> None:
             std=np.ones(3, np.float32),
             residual_scale=np.ones(3, np.float32),
             n_lstm_layers=1,
-            peak=export.PeakScore(steps=STEPS, span=STEPS + 1),
+            peak=scoring.PeakScore(steps=STEPS, span=STEPS + 1),
         )
 
 
@@ -144,21 +144,21 @@ def test_noise_scaled_loss_weighs_each_feature_by_its_noise() -> None:
 
 def test_upper_median_and_local_noise() -> None:
     v = np.array([[3.0, 1.0, 2.0, 10.0], [4.0, 4.0, -1.0, 0.0]], np.float32)
-    np.testing.assert_array_equal(export.upper_median(v, axis=1), [3.0, 4.0])  # 2nd largest of 4
-    np.testing.assert_array_equal(export.upper_median(v[:, :3], axis=1), [2.0, 4.0])  # median of 3
+    np.testing.assert_array_equal(scoring.upper_median(v, axis=1), [3.0, 4.0])  # 2nd largest of 4
+    np.testing.assert_array_equal(scoring.upper_median(v[:, :3], axis=1), [2.0, 4.0])  # median of 3
     rng = np.random.default_rng(2)
     z = rng.normal(0.0, [0.2, 3.0], size=(300, 41, 2)).astype(np.float32)
-    noise = export.local_noise(z, 40)  # the first 40 steps only
+    noise = scoring.local_noise(z, 40)  # the first 40 steps only
     assert noise.shape == (300, 2)
     np.testing.assert_allclose(np.median(noise, axis=0), [0.2, 3.0], rtol=0.05)
     # The step after the first 40 is not looked at; a spike among them barely moves it.
     changed = z.copy()
     changed[:, 40, :] += 100.0
-    np.testing.assert_array_equal(export.local_noise(changed, 40), noise)
+    np.testing.assert_array_equal(scoring.local_noise(changed, 40), noise)
     changed[:, 20, :] += 1000.0
     # Two outlying differences among 39: a median moves by an order statistic or two, where a
     # standard deviation of the differences would grow many times over.
-    moved = np.abs(export.local_noise(changed, 40) - noise) / noise
+    moved = np.abs(scoring.local_noise(changed, 40) - noise) / noise
     assert moved.max() < 1.0
     assert float(np.mean(moved)) < 0.1
     plain = np.diff(changed[:, :40], axis=1).std(axis=1) / np.sqrt(2.0)
@@ -191,7 +191,7 @@ def _some(prep: Prepared, n: int = 64) -> np.ndarray:
     return prep.validation_windows.windows[:n]
 
 
-def _terms(s: export.ScoringFunction, windows: np.ndarray, *, local: bool = True) -> np.ndarray:
+def _terms(s: scoring.ScoringFunction, windows: np.ndarray, *, local: bool = True) -> np.ndarray:
     """Each feature's term outside the graph, from the documented definition (no flatline)."""
     assert s.peak is not None
     assert s.log_offset is not None
@@ -199,7 +199,7 @@ def _terms(s: export.ScoringFunction, windows: np.ndarray, *, local: bool = True
     pred = np.stack([np.asarray(s.model(z[:, j : j + N_IN], training=False)) for j in range(STEPS)], axis=1)
     r = (z[:, N_IN:] - pred) / s.residual_scale
     if local and s.peak.noise_reference is not None:
-        ratio = np.maximum(export.local_noise(z, N_IN) / s.peak.noise_reference, 1.0)
+        ratio = np.maximum(scoring.local_noise(z, N_IN) / s.peak.noise_reference, 1.0)
         r = r / ratio[:, None, :]
     squared = np.square(r)
     runs = STEPS - s.peak.span + 1
@@ -208,10 +208,10 @@ def _terms(s: export.ScoringFunction, windows: np.ndarray, *, local: bool = True
     return terms
 
 
-def _with_peak(s: export.ScoringFunction, peak: export.PeakScore) -> export.ScoringFunction:
+def _with_peak(s: scoring.ScoringFunction, peak: scoring.PeakScore) -> scoring.ScoringFunction:
     """The same network and constants scored with another ``peak``."""
     assert s.log_offset is not None
-    return export.build_scoring_function(
+    return scoring.build_scoring_function(
         s.model,
         s.kind,
         window_length=L,
@@ -277,7 +277,7 @@ def test_a_one_step_surprise_scores_in_peak_steps_consecutive_windows(
     # each) step p's residual, and with it the score, is the same in all of them although
     # their later steps differ: no forecast sees the step it forecasts or any after it.
     s = run.scoring
-    no_local = export.build_scoring_function(
+    no_local = scoring.build_scoring_function(
         s.model,
         s.kind,
         window_length=L,
@@ -286,7 +286,7 @@ def test_a_one_step_surprise_scores_in_peak_steps_consecutive_windows(
         residual_scale=s.residual_scale,
         n_lstm_layers=s.n_lstm_layers,
         scored=[False, True, True],
-        peak=export.PeakScore(steps=STEPS),
+        peak=scoring.PeakScore(steps=STEPS),
     )
     rows = prep.validation_segments[0].values[: L + 2 * STEPS].astype(np.float32).copy()
     p = L + STEPS - 2
@@ -308,7 +308,7 @@ def test_peak_span_sums_consecutive_steps_in_the_graph_and_in_onnx(run: TrainRes
     # follows after one step) adds up, where span 1 takes only the larger of the two.
     s = run.scoring
     assert s.peak is not None
-    paired = _with_peak(s, export.PeakScore(steps=STEPS, noise_reference=s.peak.noise_reference, span=2))
+    paired = _with_peak(s, scoring.PeakScore(steps=STEPS, noise_reference=s.peak.noise_reference, span=2))
     windows = _some(prep).copy()
     windows[::2, -2:, 1] += 30.0 * s.residual_scale[1] * s.std[1]  # pressure up for the last 2 steps
     terms = _terms(paired, windows)
@@ -323,7 +323,7 @@ def test_peak_span_sums_consecutive_steps_in_the_graph_and_in_onnx(run: TrainRes
     got_score, got_contrib = ort_scores(export._ort_session(proto.SerializeToString()), windows)
     np.testing.assert_allclose(got_score, score, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got_contrib, contrib, rtol=1e-4, atol=1e-5)
-    text = export.peak_score_definition(
+    text = scoring.peak_score_definition(
         ["temperature", "pressure", "vibration"], SCORED, steps=STEPS, window_length=L, local=True, span=2
     )
     assert text.startswith(
@@ -339,7 +339,7 @@ def test_peak_weights_multiply_each_term_in_the_graph_and_in_onnx(run: TrainResu
     assert s.peak is not None
     weights = np.array([1.0, 3.0, 1.0], np.float32)
     weighted = _with_peak(
-        s, export.PeakScore(steps=STEPS, noise_reference=s.peak.noise_reference, weights=weights)
+        s, scoring.PeakScore(steps=STEPS, noise_reference=s.peak.noise_reference, weights=weights)
     )
     windows = _some(prep)
     terms = _terms(s, windows) * weights
@@ -354,8 +354,8 @@ def test_peak_weights_multiply_each_term_in_the_graph_and_in_onnx(run: TrainResu
     np.testing.assert_allclose(got_score, score, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got_contrib, contrib, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=r"peak\.weights"):
-        _with_peak(s, export.PeakScore(steps=STEPS, weights=np.array([1.0, 0.0, 1.0], np.float32)))
-    text = export.peak_score_definition(
+        _with_peak(s, scoring.PeakScore(steps=STEPS, weights=np.array([1.0, 0.0, 1.0], np.float32)))
+    text = scoring.peak_score_definition(
         ["temperature", "pressure", "vibration"],
         SCORED,
         steps=STEPS,
@@ -372,7 +372,7 @@ def test_local_noise_only_ever_lowers_the_terms(run: TrainResult, prep: Prepared
     assert s.peak.noise_reference is not None
     z = prep.scaler.transform(prep.train_used.windows)
     np.testing.assert_allclose(
-        s.peak.noise_reference, np.median(export.local_noise(z, N_IN), axis=0), rtol=1e-6
+        s.peak.noise_reference, np.median(scoring.local_noise(z, N_IN), axis=0), rtol=1e-6
     )
     windows = _some(prep, 32)
     # Noise six times the reference in pressure's older steps: its terms are divided by the
@@ -382,7 +382,7 @@ def test_local_noise_only_ever_lowers_the_terms(run: TrainResult, prep: Prepared
     extra = 6.0 * s.peak.noise_reference[1] * s.std[1]
     noisy[:, :N_IN, 1] += rng.normal(0.0, extra, size=(len(noisy), N_IN)).astype(np.float32)
     zn = ((noisy - s.mean) / s.std).astype(np.float32)
-    ratio = np.maximum(export.local_noise(zn, N_IN) / s.peak.noise_reference, 1.0)
+    ratio = np.maximum(scoring.local_noise(zn, N_IN) / s.peak.noise_reference, 1.0)
     assert np.all(ratio[:, 1] > 1.5)
     local = _terms(s, noisy)
     np.testing.assert_allclose(local[:, 1], _terms(s, noisy, local=False)[:, 1] / ratio[:, 1] ** 2, rtol=1e-4)
@@ -400,7 +400,7 @@ def test_a_stuck_scored_feature_scores_the_flatline_score(
     stuck = _some(prep, 32).copy()
     stuck[:, :, feature] = stuck[:, -1:, feature]
     score, contrib = ort_scores(session, stuck)
-    assert np.all(score >= export.FLATLINE_SCORE * 0.99)
+    assert np.all(score >= scoring.FLATLINE_SCORE * 0.99)
     assert np.all(score > run.threshold)
     np.testing.assert_allclose(contrib.sum(axis=1), score, rtol=1e-5)
     np.testing.assert_array_equal(contrib[:, 0], 0.0)

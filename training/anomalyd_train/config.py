@@ -414,7 +414,7 @@ class ModelConfig(_Section):
         description=(
             "add a stuck-sensor check to the score: a scored feature whose spread over the window "
             "falls below flatline_ratio times the smallest spread of any training window scores "
-            "up to FLATLINE_SCORE (anomalyd_train.export), far above any threshold"
+            "up to FLATLINE_SCORE (anomalyd_train.scoring), far above any threshold"
         ),
     )
     flatline_ratio: float = Field(

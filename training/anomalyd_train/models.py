@@ -1,9 +1,9 @@
 """Keras models: a stacked-LSTM forecaster and an LSTM encoder-decoder.
 
 Both work in *normalised* units; normalisation and scoring are added around the
-network at export (``anomalyd_train.export``). Every LSTM layer is built so that
-tf2onnx turns it into one fused ONNX ``LSTM`` op (each rule below was checked against
-tf2onnx's output on this TensorFlow version):
+network at export (``anomalyd_train.scoring``, converted by ``anomalyd_train.export``).
+Every LSTM layer is built so that tf2onnx turns it into one fused ONNX ``LSTM`` op (each
+rule below was checked against tf2onnx's output on this TensorFlow version):
 
 - ``use_cudnn=False``: the cuDNN-only path exports as ``CudnnRNNV3``, which has no
   fused ONNX equivalent;

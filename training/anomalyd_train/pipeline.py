@@ -10,7 +10,7 @@ each feature's noise; early stopping on validation loss, best weights restored) 
 residual scales from training windows → scores on the held-out calibration windows →
 threshold (``anomalyd_train.calibration``) → export with checks → report.
 
-Every score here comes from the TensorFlow scoring function (``anomalyd_train.export``) or
+Every score here comes from the TensorFlow scoring function (``anomalyd_train.scoring``) or
 the exported file, never from a second formula, so ``model.score_features`` (a score over
 some of the inputs) reaches the threshold, the summary and the report exactly as the daemon
 will compute it.
@@ -92,7 +92,7 @@ class TrainResult:
     validation_scores: FloatArray
     calibration_scores: FloatArray
     export: Any  # anomalyd_train.export.ExportResult
-    scoring: Any  # anomalyd_train.export.ScoringFunction: the TensorFlow twin of the ONNX graph
+    scoring: Any  # anomalyd_train.scoring.ScoringFunction: the TensorFlow twin of the ONNX graph
     report_files: list[Path] = field(default_factory=list)
     report_numbers: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -390,7 +390,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
     ``report.devices`` a device it lacks (both before training),
     ``anomalyd_train.export.ExportCheckError`` when an export check fails.
     """
-    from anomalyd_train import export
+    from anomalyd_train import export, scoring
 
     started = time.perf_counter()
     echo = _echo(progress, started)
@@ -440,20 +440,22 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
 
     bias_score = cfg.model.score == "bias"
     burn_in = cfg.model.burn_in if bias_score else None
-    scale = export.residual_scales(
-        export.squared_residuals(model, cfg.model.kind, net_train_z, burn_in=burn_in, noise=predicted_noise)
+    scale = scoring.residual_scales(
+        scoring.squared_residuals(model, cfg.model.kind, net_train_z, burn_in=burn_in, noise=predicted_noise)
     )
     bias = None
     if bias_score:
-        bias = export.BiasScore.measure(
-            export.forecast_residuals(model, train_z, cfg.model.burn_in),
+        bias = scoring.BiasScore.measure(
+            scoring.forecast_residuals(model, train_z, cfg.model.burn_in),
             scale,
             prep.scored,
             cfg.model.burn_in,
             cfg.model.bias_decay,
         )
     flat_floor = (
-        export.flatline_floors(train_z, prep.scored, cfg.model.flatline_ratio) if cfg.model.flatline else None
+        scoring.flatline_floors(train_z, prep.scored, cfg.model.flatline_ratio)
+        if cfg.model.flatline
+        else None
     )
     echo(
         f"residual scales (normalised units) from the {len(train_z)} training windows: "
@@ -461,7 +463,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         + ("; bias branches measured" if bias is not None else "")
         + ("; flatline floors measured" if flat_floor is not None else "")
     )
-    scoring = export.build_scoring_function(
+    score_fn = scoring.build_scoring_function(
         model,
         cfg.model.kind,
         window_length=cfg.window.length,
@@ -475,7 +477,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         bias=bias,
         flat_floor=flat_floor,
         peak=(
-            export.PeakScore.measure(
+            scoring.PeakScore.measure(
                 train_z,
                 cfg.model.peak_steps,
                 cfg.model.peak_local_noise,
@@ -488,14 +490,14 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         ),
     )
     echo(f"calibration: scoring {len(val_ws)} validation and {len(cal_ws)} calibration windows ...")
-    val_scores = scoring(val_ws.windows)[0] if len(val_ws) else np.zeros(0, np.float32)
-    cal_scores = scoring(cal_ws.windows)[0] if len(cal_ws) else val_scores
+    val_scores = score_fn(val_ws.windows)[0] if len(val_ws) else np.zeros(0, np.float32)
+    cal_scores = score_fn(cal_ws.windows)[0] if len(cal_ws) else val_scores
     if cfg.calibration.method == "training_quantile":
         # Every window of the training data: the training part (all of it, not only the
         # subsample fitted on) and both held-out parts.
         # (cal_scores is val_scores again when there is no calibration part: count it once.)
         held_out = [val_scores, cal_scores] if len(cal_ws) else [val_scores]
-        all_scores = np.concatenate([scoring(prep.train_windows.windows)[0], *held_out])
+        all_scores = np.concatenate([score_fn(prep.train_windows.windows)[0], *held_out])
         calibration = training_quantile_threshold(
             all_scores.astype(np.float64), cfg.calibration.quantile, cfg.calibration.factor
         )
@@ -542,7 +544,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
     }
     echo(f"export: converting to ONNX (opset {cfg.export.opset}) and checking it ...")
     exported = export.export_model(
-        scoring,
+        score_fn,
         name=cfg.name,
         contract_fields=contract_fields,
         out_path=out_dir / MODEL_FILE,
@@ -570,7 +572,7 @@ def train(cfg: TrainConfig, out_dir: Path, progress: bool = True) -> TrainResult
         validation_scores=val_scores,
         calibration_scores=cal_scores,
         export=exported,
-        scoring=scoring,
+        scoring=score_fn,
     )
     if cfg.report.enabled:
         from anomalyd_train.report import write_report
@@ -598,10 +600,10 @@ def _score_text(
     flat_floor: FloatArray | None,
 ) -> str:
     """The contract's ``score``: what the graph computes, for people."""
-    from anomalyd_train import export
+    from anomalyd_train import scoring
 
     if cfg.model.score == "peak":
-        text = export.peak_score_definition(
+        text = scoring.peak_score_definition(
             features,
             score_features,
             steps=cfg.model.peak_steps,
@@ -613,7 +615,7 @@ def _score_text(
             weights=peak_weights,
         )
     elif cfg.model.score == "bias":
-        text = export.bias_score_definition(
+        text = scoring.bias_score_definition(
             features,
             score_features,
             decay=cfg.model.bias_decay,
@@ -621,11 +623,11 @@ def _score_text(
             members=cfg.model.members,
         )
     else:
-        text = export.score_definition(features, score_features)
+        text = scoring.score_definition(features, score_features)
         if cfg.model.members > 1:
             text += f"; the network's output is the mean of {cfg.model.members} networks' outputs"
     if flat_floor is not None:
-        text += export.flatline_definition(flat_floor, features)
+        text += scoring.flatline_definition(flat_floor, features)
     if cfg.model.log_features:
         logged = [f for f in features if f in cfg.model.log_features]
         text += (
