@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -41,7 +40,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from anomalyd import __version__
-from anomalyd.config_addresses import BrokerAddress, parse_broker_address
+from anomalyd.cli_bench import add_bench_parser
+from anomalyd.cli_values import (
+    broker_address,
+    non_negative_float,
+    non_negative_int,
+    parse_address,
+    plain_broker,
+    positive_float,
+    positive_int,
+)
 from anomalyd.errors import EX_SOFTWARE, AnomalydError, ConfigError, ModelContractError, UsageError
 
 if TYPE_CHECKING:
@@ -53,21 +61,6 @@ PROG = "anomalyd"
 log = logging.getLogger("anomalyd")
 
 
-def parse_address(text: str, what: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6addr]:PORT`` too) → (host, port); ``ConfigError`` naming ``what``."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"expected HOST:PORT, got {text!r}", what)
-    host = host.removeprefix("[").removesuffix("]")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"expected a port number after ':', got {port_text!r}", what) from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"expected a port between 0 and 65535, got {port}", what)
-    return host, port
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, except that a usage error exits 64 (EX_USAGE, sysexits.h) instead
     of argparse's 2, which sysexits does not define. Subcommand parsers inherit it."""
@@ -75,65 +68,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(UsageError.exit_code, f"{self.prog}: error: {message}\n")
-
-
-def broker_address(text: str, what: str) -> BrokerAddress:
-    """``text`` as a broker address (see the module docstring); ``ConfigError`` naming ``what``."""
-    try:
-        return parse_broker_address(text)
-    except ValueError as exc:
-        raise ConfigError(str(exc), what) from None
-
-
-def _plain_broker(text: str, what: str) -> tuple[str, int]:
-    """(host, port) of a broker reached over plain TCP (the simulator's, the demo's and the
-    benchmark's clients do not do TLS)."""
-    address = broker_address(text, what)
-    if address.tls:
-        raise ConfigError(
-            f"this command connects without TLS: give HOST:PORT or mqtt://HOST:PORT, got {text!r}", what
-        )
-    return address.host, address.port or address.default_port
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if math.isnan(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- run
@@ -351,7 +285,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if csv_only:
         raise UsageError(f"{', '.join(csv_only)}: only with --from-csv")
     settings = _simulation_settings(args)
-    host, port = _plain_broker(args.broker, "--broker")
+    host, port = plain_broker(args.broker, "--broker")
     return simulate(settings, host, port, start_ts=args.start_ts)
 
 
@@ -376,7 +310,7 @@ def _simulate_csv(args: argparse.Namespace) -> int:
     options = _csv_options(args)
     if options.feature_columns is None:
         raise UsageError("--from-csv needs --feature-columns COL,...: the columns to publish")
-    host, port = _plain_broker(args.broker, "--broker")
+    host, port = plain_broker(args.broker, "--broker")
     recording = read_csv(args.from_csv, options)  # DataError: 65, before any connection
     for line in recording.notes():
         log.info("%s", line)
@@ -402,128 +336,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # The daemon's own log lines would drown the live view: warnings and errors only.
     configure("WARNING", "text")
     settings = _simulation_settings(args)
-    broker = _plain_broker(args.broker, "--broker") if args.broker else None
+    broker = plain_broker(args.broker, "--broker") if args.broker else None
     metrics = parse_address(args.metrics_addr, "--metrics-addr")
     return run_demo(settings, broker, args.model, metrics)
-
-
-#: ``anomalyd bench`` options copied onto ``BenchSettings`` when given (else the full or
-#: the quick run's own value stands).
-_BENCH_TUNABLES = (
-    "publishers",
-    "rate",
-    "array",
-    "seconds_per_step",
-    "max_steps",
-    "probe_devices",
-    "probe_rate",
-    "flood_seconds",
-    "rss_devices",
-)
-_BENCH_SCENARIOS = ("arrays", "single", "every-window")
-#: Options of the single-daemon bench that mean nothing to ``--instances`` (refused with it),
-#: and the options of ``--instances`` alone, as argparse destinations.
-_BENCH_NOT_FOR_INSTANCES = (
-    "broker",
-    "scenarios",
-    "flood",
-    "rate",
-    "seconds_per_step",
-    "max_steps",
-    "probe_devices",
-    "probe_rate",
-    "flood_seconds",
-    "rss_devices",
-)
-_BENCH_INSTANCES_ONLY = ("partitions", "repeats", "pin", "burst_readings", "hosts")
-
-
-def _cmd_bench_instances(args: argparse.Namespace, model: Path) -> int:
-    from anomalyd.benchcluster import ClusterSettings, instance_counts, run_cluster_bench
-    from anomalyd.benchphases import BenchSettings
-
-    given = [n for n in _BENCH_NOT_FOR_INSTANCES if getattr(args, n) not in (None, False)]
-    if given:
-        options = ", ".join("--" + n.replace("_", "-") for n in given)
-        raise UsageError(f"--instances: not with {options} (the single-daemon bench's)")
-    try:
-        counts = instance_counts(args.instances)
-    except ValueError as exc:
-        raise ConfigError(str(exc), "--instances") from None
-    cluster = ClusterSettings.quick_variant() if args.quick else ClusterSettings()
-    cluster.instances, cluster.pin = counts, args.pin
-    for name in ("partitions", "repeats", "burst_readings"):
-        if getattr(args, name) is not None:
-            setattr(cluster, name, getattr(args, name))
-    if max(counts) > cluster.partitions:
-        raise ConfigError(
-            f"expected at most {cluster.partitions} instances (one partition each), got {max(counts)}",
-            "--instances",
-        )
-    if args.hosts is not None:
-        _check_bench_hosts(args.hosts, max(counts), args.pin)
-        cluster.host_cpus = args.hosts
-    settings = BenchSettings.quick_variant(model) if args.quick else BenchSettings(model)
-    for name in ("publishers", "array"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
-    return run_cluster_bench(settings, cluster, args.json)
-
-
-def _check_bench_hosts(cpus: float, hosts: int, pin: bool) -> None:
-    """``--hosts CPUS``: the options first (a budget per host that fits the cores), then
-    what the machine must offer (root, ``ip``, a CPU cgroup controller: exit 69)."""
-    from anomalyd.benchhosts import MIN_QUOTA_US, PERIOD_US, check_hosts_possible
-
-    if pin:
-        raise UsageError("--hosts: not with --pin (a host's budget is its CPU quota, on any core)")
-    cores = len(os.sched_getaffinity(0))
-    if hosts * cpus > cores:
-        raise ConfigError(
-            f"{hosts} hosts of {cpus:g} CPUs need {hosts * cpus:g} cores, this machine has {cores}: "
-            "the budgets could not all be given",
-            "--hosts",
-        )
-    if round(cpus * PERIOD_US) < MIN_QUOTA_US:
-        raise ConfigError(f"expected at least 0.01 CPUs (the kernel's least quota), got {cpus:g}", "--hosts")
-    check_hosts_possible()
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from anomalyd.bench import stopped_like_ctrl_c
-
-    with stopped_like_ctrl_c():
-        return _run_bench_command(args)
-
-
-def _run_bench_command(args: argparse.Namespace) -> int:
-    from anomalyd.bench import BenchSettings, run_bench
-    from anomalyd.config import Config
-
-    model = args.model or Config().model.path
-    if args.instances is not None:
-        return _cmd_bench_instances(args, model)
-    given = [n for n in _BENCH_INSTANCES_ONLY if getattr(args, n) not in (None, False)]
-    if given:
-        options = ", ".join("--" + n.replace("_", "-") for n in given)
-        raise UsageError(f"{options}: only with --instances")
-    settings = BenchSettings.quick_variant(model) if args.quick else BenchSettings(model)
-    if args.flood and args.quick:
-        raise UsageError("--flood: it runs for minutes; it is not part of --quick")
-    settings.flood = args.flood
-    settings.broker = _plain_broker(args.broker, "--broker") if args.broker else None
-    for name in _BENCH_TUNABLES:
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
-    if args.scenarios:
-        names = tuple(n.strip() for n in args.scenarios.split(",") if n.strip())
-        bad = [n for n in names if n not in _BENCH_SCENARIOS]
-        if bad or not names:
-            raise ConfigError(
-                f"expected some of {', '.join(_BENCH_SCENARIOS)}, got {args.scenarios!r}", "--scenarios"
-            )
-        settings.scenarios = names
-    return run_bench(settings, args.json)
 
 
 # --------------------------------------------------------------------------- score / CSV files
@@ -611,30 +426,30 @@ def _add_csv_args(p: argparse.ArgumentParser, title: str, columns_help: str) -> 
         "sanitised as training does, 'Volume Flow RateRMS' -> volume_flow_rate_rms)",
     )
     g.add_argument("--label-column", metavar="NAME", help="0/1 anomaly label column (default: none)")
-    g.add_argument("--first-rows", type=_positive_int, metavar="N", help="read only the first N data rows")
+    g.add_argument("--first-rows", type=positive_int, metavar="N", help="read only the first N data rows")
     g.add_argument("--encoding", metavar="NAME", help="text encoding of the file (utf-8)")
 
 
 def _add_simulation_args(p: argparse.ArgumentParser, speed: float, anomalies: float, devices: int) -> None:
-    p.add_argument("--devices", type=_positive_int, default=devices, help=f"devices (default {devices})")
+    p.add_argument("--devices", type=positive_int, default=devices, help=f"devices (default {devices})")
     p.add_argument(
-        "--rate", type=_positive_float, help="readings per second per device (default: the simulated fleet's)"
+        "--rate", type=positive_float, help="readings per second per device (default: the simulated fleet's)"
     )
     p.add_argument(
-        "--duration", type=_positive_float, help="seconds of data per device (default: the simulated fleet's)"
+        "--duration", type=positive_float, help="seconds of data per device (default: the simulated fleet's)"
     )
     p.add_argument(
         "--seed", type=int, help="random seed (default: not the one the default model was trained on)"
     )
     p.add_argument(
         "--anomalies",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=anomalies,
         help=f"injected anomalies per device-hour of data ({anomalies:g}; 0: none)",
     )
     p.add_argument(
         "--speed",
-        type=_positive_float,
+        type=positive_float,
         default=speed,
         help=f"data seconds per real second ({speed:g}; 'inf': as fast as possible)",
     )
@@ -664,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--instance",
-        type=_non_negative_int,
+        type=non_negative_int,
         metavar="N",
         help="run as instance N of the file's [cluster] (overrides cluster.instance) and serve metrics "
         "on metrics.port + N (unless --metrics-addr): what anomalyd@N.service runs",
@@ -690,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit", type=Path, metavar="UNIT", help="the unit file for --as-service (implies it)")
     p.add_argument(
         "--instance",
-        type=_non_negative_int,
+        type=non_negative_int,
         metavar="N",
         help="check as instance N of the file's [cluster], as `run --instance N` (anomalyd@N.service: "
         "with --as-service, the template unit anomalyd@.service) runs it",
@@ -783,70 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulation_args(p, speed=30.0, anomalies=4.0, devices=4)
     p.set_defaults(run=_cmd_demo)
 
-    p = sub.add_parser(
-        "bench",
-        help="benchmark the daemon end to end",
-        description="Run the real daemon behind a private mosquitto (or --broker) with publisher "
-        "processes and a probe device; print throughput, latency, memory and start-up as ratios of "
-        "limits measured in the same run (raw ONNX Runtime, a bare subscriber, a naive daemon). "
-        "About 10 minutes; --quick: under a minute, small loads, for correctness only.",
-    )
-    p.add_argument("--quick", action="store_true", help="small loads, under a minute (CI)")
-    p.add_argument("--json", type=Path, metavar="PATH", help="also write every figure as JSON")
-    p.add_argument(
-        "--broker", metavar="ADDRESS", help="use this broker, HOST[:PORT] (default: a private mosquitto)"
-    )
-    p.add_argument("--model", type=Path, metavar="PATH", help="model file (default: the shipped model)")
-    p.add_argument("--publishers", type=_positive_int, help="publisher processes (2)")
-    p.add_argument("--rate", type=_positive_float, help="readings/s per device in paced steps (10; quick 50)")
-    p.add_argument("--array", type=_positive_int, help="readings per message in the array scenarios (20)")
-    p.add_argument(
-        "--scenarios", metavar="LIST", help=f"comma-separated, of {', '.join(_BENCH_SCENARIOS)} (all)"
-    )
-    p.add_argument(
-        "--seconds-per-step", type=_positive_float, help="measured seconds per load step (10; quick 1.5)"
-    )
-    p.add_argument("--max-steps", type=_positive_int, help="load steps per sweep at most (6; quick 2)")
-    p.add_argument("--probe-devices", type=_positive_int, help="probe devices (8; quick 4)")
-    p.add_argument(
-        "--probe-rate", type=_positive_float, help="readings per second per probe device (5; quick 10)"
-    )
-    p.add_argument("--flood", action="store_true", help="add a flood at 3x the sustainable rate")
-    p.add_argument("--flood-seconds", type=_positive_float, help="length of the flood (60)")
-    p.add_argument(
-        "--rss-devices", type=_positive_int, help="devices in the memory phase (10000; quick 1000)"
-    )
-    p.add_argument(
-        "--instances",
-        metavar="N[,N...]",
-        help="instead: throughput of N daemon instances sharing one fleet through NATS partitions, for "
-        "each N (1 always: the ratios' baseline), on the same load, e.g. 1,2,4",
-    )
-    p.add_argument(
-        "--partitions", type=_positive_int, help="with --instances: partitions of the NATS mapping (16)"
-    )
-    p.add_argument(
-        "--repeats", type=_positive_int, help="with --instances: bursts per N, median kept (3; quick 1)"
-    )
-    p.add_argument(
-        "--burst-readings",
-        type=_positive_int,
-        help="with --instances: readings per burst (400000; quick 24000)",
-    )
-    p.add_argument(
-        "--pin",
-        action="store_true",
-        help="with --instances: keep instance i on core i %% cores (one core each)",
-    )
-    p.add_argument(
-        "--hosts",
-        type=_positive_float,
-        metavar="CPUS",
-        help="with --instances: run each instance as a host of its own: its own network namespace "
-        "(a veth link to the broker) and CPUS cores' worth of CPU time (a cgroup quota), e.g. 0.4; "
-        "needs root",
-    )
-    p.set_defaults(run=_cmd_bench)
+    add_bench_parser(sub)
     return parser
 
 
